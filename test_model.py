@@ -1,0 +1,189 @@
+"""
+model.py against its definition, HuggingFace transformers, on the same weights (CPU, fp32).
+
+    pytest test_model.py
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from model import ModelConfig, Transformer, default_model_dir
+
+HERE = Path(__file__).parent
+TINY = dict(vocab_size=311, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+            max_position_embeddings=1024, rms_norm_eps=1e-5)
+
+
+def tiny_checkpoint(tmp_path, kind):
+    """A tiny random HuggingFace model saved as sharded safetensors; norms randomised too, so that they matter."""
+    if kind == "llama3":  # llama3 rope scaling, GQA 6:2, untied
+        config = LlamaConfig(**TINY, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
+                             rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                    high_freq_factor=4.0,
+                                                                    original_max_position_embeddings=64))
+        cls = LlamaForCausalLM
+    elif kind == "qwen3":  # q/k norms, head_dim != hidden/heads, GQA 4:1, tied
+        config = Qwen3Config(**TINY, num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
+        cls = Qwen3ForCausalLM
+    elif kind == "qwen2":  # q/k/v biases, GQA 6:3, untied
+        config = Qwen2Config(**TINY, num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False)
+        cls = Qwen2ForCausalLM
+    torch.manual_seed(0)
+    hf = cls(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    out = tmp_path / kind
+    hf.save_pretrained(out, max_shard_size="100KB")
+    assert (out / "model.safetensors.index.json").is_file(), "expected a sharded checkpoint"
+    return out, hf
+
+
+def max_logit_error(ours, hf, idx):
+    with torch.no_grad():
+        a, b = ours(idx), hf(idx).logits
+    return (a - b).abs().max().item(), b.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen3", "qwen2"])
+def test_tiny_logits_match_transformers(tmp_path, kind):
+    path, hf = tiny_checkpoint(tmp_path, kind)
+    model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32)
+    assert model.config.model_type == kind[:5] if kind != "llama3" else model.config.model_type == "llama"
+    idx = torch.randint(0, TINY["vocab_size"], (2, 300))  # 300 > 64: llama3 scaling's long wavelengths matter
+    err, scale = max_logit_error(model, hf, idx)
+    print(f"{kind}: max |logit diff| {err:.3e}, logit scale {scale:.3e}")
+    assert err < 1e-4 * scale, f"{kind}: max |logit diff| {err:.3e} vs scale {scale:.3e}"
+
+
+def test_config_reads_both_rope_layouts(tmp_path):
+    """transformers 4 wrote rope_theta / rope_scaling at the top level, transformers 5 writes rope_parameters."""
+    old = dict(model_type="llama", vocab_size=10, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+               num_attention_heads=4, rope_theta=500000.0,
+               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192))
+    new = {k: v for k, v in old.items() if k not in ("rope_theta", "rope_scaling")}
+    new["rope_parameters"] = dict(old["rope_scaling"], rope_theta=500000.0)
+    cfgs = []
+    for i, hf in enumerate([old, new]):
+        (tmp_path / f"{i}.json").write_text(json.dumps(hf))
+        cfgs.append(ModelConfig.from_json(tmp_path / f"{i}.json"))
+    assert cfgs[0] == cfgs[1]
+    assert cfgs[0].rope_theta == 500000.0 and cfgs[0].rope_scaling["factor"] == 8.0
+    assert cfgs[0].head_dim == 16 and cfgs[0].num_key_value_heads == 4  # derived when absent
+
+
+# -----------------------------------------------------------------------------
+# the real default model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = default_model_dir()
+    ours = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, ours, hf, AutoTokenizer.from_pretrained(path)
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+    path, ours, hf, tok = smollm2
+    text = (HERE / "prompts" / "capital.txt").read_text() * 4
+    idx = torch.stack([tok(text, return_tensors="pt").input_ids[0, :150]] * 2)
+    idx[1] = idx[1].flip(0)  # two different rows in one batch
+    err, scale = max_logit_error(ours, hf, idx)
+    print(f"SmolLM2: max |logit diff| {err:.3e}, logit scale {scale:.3e}")
+    assert err < 1e-4 * scale, f"max |logit diff| {err:.3e} vs scale {scale:.3e}"
+
+
+def test_smollm2_greedy_generation_matches_transformers(smollm2):
+    path, ours, hf, tok = smollm2
+    text = (HERE / "prompts" / "sky.txt").read_text()
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True).input_ids
+    want = hf.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    got = list(ours.generate(ids, 20, eos_token_id=tok.eos_token_id))
+    print("ours:", repr(tok.decode(got)), "\nhf:  ", repr(tok.decode(want)))
+    assert len(want) == 20 and got == want
+
+
+def test_sample_py_answers(smollm2):
+    r = subprocess.run([sys.executable, "sample.py", "--prompt", "prompts/capital.txt", "--max-new-tokens", "16"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout, r.stdout
+    assert "prompt tokens:" in r.stderr and "tokens/s" in r.stderr
+
+
+@pytest.mark.parametrize("prompt, message", [("/no/such/file.txt", "does not exist"), ("EMPTY", "is empty")])
+def test_sample_py_prompt_errors(tmp_path, prompt, message):
+    if prompt == "EMPTY":
+        prompt = tmp_path / "empty.txt"
+        prompt.write_text("  \n")
+    r = subprocess.run([sys.executable, "sample.py", "--prompt", str(prompt)], cwd=HERE, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
+def test_sample_py_prompt_longer_than_context(smollm2, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 9000)  # SmolLM2's context is 8192 tokens
+    r = subprocess.run([sys.executable, "sample.py", "--prompt", str(long)], cwd=HERE, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "context is 8192 tokens" in r.stderr, r.stderr
+
+
+# -----------------------------------------------------------------------------
+# clear errors
+
+
+def test_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Transformer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="'gpt2' is not supported; supported: llama, qwen2, qwen3"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def rewrite_single_file(path, edit):
+    """Merges a sharded checkpoint into one model.safetensors, edited by edit(state)."""
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    state = {}
+    for shard in set(index["weight_map"].values()):
+        state.update(load_file(path / shard))
+        (path / shard).unlink()
+    (path / "model.safetensors.index.json").unlink()
+    edit(state)
+    save_file(state, path / "model.safetensors")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path, _ = tiny_checkpoint(tmp_path, "llama3")
+    rewrite_single_file(path, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+        Transformer.from_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    path, _ = tiny_checkpoint(tmp_path, "llama3")
+    rewrite_single_file(path, lambda s: s.update({"model.layers.9.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected tensors \['model.layers.9.extra.weight'\]"):
+        Transformer.from_pretrained(path)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    path, _ = tiny_checkpoint(tmp_path, "qwen3")
+    rewrite_single_file(path, lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 96)}))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(64, 96\), "
+                                         r"the config implies \(32, 96\)"):
+        Transformer.from_pretrained(path)
