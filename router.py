@@ -1,0 +1,249 @@
+"""
+The Attention Router of Elastic Attention (arXiv 2601.17367; METHOD.md sections 2 and 3).
+
+One small router per layer looks at the layer's key states *before RoPE*, pooled over the two ends of
+the prompt, and sends each KV head (a GQA group) either to a retrieval mode (full attention, class 0)
+or to a sparse mode (streaming sink+window or XAttention, class 1). The router is the only thing that
+trains, together with two Lagrange multipliers per task class that hold the model sparsity ratio Omega
+(the fraction of sparse heads) near a per-task target (paper Eq. 8).
+
+This file holds:
+    ElasticConfig         how routed heads run (mode pair, SSA sink/window, XA threshold/stride, pooling)
+    boundary_pool         mean of the first and last `boundary` prompt tokens, fp32     [B, T, G, D] -> [B, G, D]
+    AttentionRouter       Task MLP -> Router MLP, one per layer, shared by its KV heads [B, T, G, D] -> [B, G, 2]
+    route                 Gumbel-softmax straight-through (training) or argmax (inference) [B, G, 2] -> z
+    tau_schedule          the Gumbel temperature over training
+    sparsity_ratio        Omega per sample from every layer's z
+    SparsityConstraint    the Lagrangian penalty of Eq. 8, lambdas per task class
+
+Convention (used everywhere in the project): class 0 = retrieval (full) mode, class 1 = sparse mode,
+so z[..., 1] = 1 means "this KV head runs sparse". Task classes: 0 = sparsity-sensitive, 1 = robust.
+
+model.py builds one AttentionRouter per layer and calls it at prefill; train.py calls route() with the
+tau of tau_schedule() and adds SparsityConstraint's penalty to the cross-entropy. Nothing here runs on
+its own; `pytest test_router.py` checks it.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Attention modes as kernel.py numbers them in its per-(batch, KV head) mode table (METHOD.md section 4).
+FA, SSA, XA = 0, 1, 2
+MODE_IDS = {"FA": FA, "SSA": SSA, "XA": XA}
+# "{retrieval mode}-{sparse mode}": what class 0 and class 1 of the router mean (METHOD.md section 4).
+MODE_PAIRS = ("FA-SSA", "FA-XA", "XA-SSA")
+XA_BLOCK = 128  # XAttention scores 128x128 blocks from S x S antidiagonal cells, so S must divide 128
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ElasticConfig:
+    """How routed heads run. Saved as elastic.json next to trained routers so sample.py runs them as trained.
+
+    mode_pair:    "{retrieval mode}-{sparse mode}", one of MODE_PAIRS (paper: FA-SSA, FA-XA, XA-SSA).
+    sink, window: SSA keeps key j for query i iff j <= i and (j < sink or i - j < window); token-exact.
+                  Paper: 128 and 2048 at 8K-64K tokens; size them to the model's context.
+    xa_threshold, xa_stride: XAttention's cumulative block-mass threshold and antidiagonal stride.
+    boundary:     tokens pooled at each end of the prompt by the router.
+    """
+    mode_pair: str = "FA-SSA"
+    sink: int = 128
+    window: int = 2048
+    xa_threshold: float = 0.9
+    xa_stride: int = 16
+    boundary: int = 100
+
+    def __post_init__(self):
+        if self.mode_pair not in MODE_PAIRS:
+            raise ValueError(f"unknown mode_pair {self.mode_pair!r}; expected one of {', '.join(MODE_PAIRS)}")
+        for name, low in (("sink", 0), ("window", 1), ("xa_stride", 1), ("boundary", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if XA_BLOCK % self.xa_stride != 0:
+            raise ValueError(f"xa_stride must divide the XA block size {XA_BLOCK}, got {self.xa_stride}")
+        if not 0.0 < self.xa_threshold <= 1.0:
+            raise ValueError(f"xa_threshold must lie in (0, 1], got {self.xa_threshold!r}")
+
+    @property
+    def modes(self) -> tuple[int, int]:
+        """Kernel modes (FA=0, SSA=1, XA=2) of router class 0 (retrieval) and class 1 (sparse)."""
+        retrieval, sparse = self.mode_pair.split("-")
+        return MODE_IDS[retrieval], MODE_IDS[sparse]
+
+    def head_modes(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-head kernel modes from router decisions z [B, G, 2] -> int32 [B, G], the kernel's mode table."""
+        retrieval, sparse = self.modes
+        return torch.where(z[..., 1] > 0.5, sparse, retrieval).to(torch.int32)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> "ElasticConfig":
+        with open(path) as f:
+            d = json.load(f)
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(d) - known):
+            raise ValueError(f"{path}: unknown ElasticConfig keys {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+# -----------------------------------------------------------------------------
+# Router
+
+
+def boundary_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: int = 100) -> torch.Tensor:
+    """Boundary pooling of the router input (METHOD.md section 2), in fp32.
+
+    k:           key states before RoPE, [B, T, G, D]; samples are left-aligned (right padding).
+    prompt_lens: LongTensor [B], the prompt span of each sample (1 <= len <= T); the answer after it is
+                 not pooled. None: the whole sequence is prompt.
+    Returns [B, G, D] = (mean of the first m prompt tokens + mean of the last m prompt tokens) / 2, with
+    m = min(n, prompt_len). That is the mean over the concatenation of both ends, so when the prompt is
+    shorter than 2n the tokens in the overlap count twice, and a prompt of n tokens or fewer pools to
+    its plain mean. (The released training code pooled the whole prompt; ours pools the boundaries in
+    training and inference alike.)
+    """
+    B, T, G, D = k.shape
+    if prompt_lens is None:
+        prompt_lens = torch.full((B,), T, dtype=torch.long, device=k.device)
+    prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long, device=k.device)
+    if prompt_lens.shape != (B,):
+        raise ValueError(f"prompt_lens must have shape [B]=[{B}], got {list(prompt_lens.shape)}")
+    if bool(((prompt_lens < 1) | (prompt_lens > T)).any()):
+        raise ValueError(f"prompt_lens must lie in [1, T={T}], got {prompt_lens.tolist()}")
+    if n < 1:
+        raise ValueError(f"n (tokens pooled at each end) must be >= 1, got {n}")
+    pos = torch.arange(n, device=k.device)                               # [n]
+    m = prompt_lens.clamp(max=n)                                          # [B] tokens at each end
+    # Positions beyond the first m of each end get weight 0 and are clamped into the prompt, so padding
+    # (whatever it holds) is never read.
+    first = torch.minimum(pos, prompt_lens[:, None] - 1)                  # [B, n] positions 0..m-1
+    last = (prompt_lens[:, None] - 1 - pos).clamp(min=0)                  # [B, n] positions len-1 down to len-m
+    idx = torch.cat([first, last], dim=1)                                 # [B, 2n]
+    valid = (pos < m[:, None]).repeat(1, 2)                               # [B, 2n] the first m of each end
+    weight = valid.float() / (2 * m[:, None]).float()                     # [B, 2n] sums to 1 per sample
+    ends = k[torch.arange(B, device=k.device)[:, None], idx].float()      # [B, 2n, G, D]
+    return torch.einsum("bn,bngd->bgd", weight, ends)                     # [B, G, D]
+
+
+class AttentionRouter(nn.Module):
+    """The per-layer Attention Router (METHOD.md section 2): boundary pooling, Task MLP, Router MLP.
+
+    Task MLP:   Linear(D, 4D) -> SiLU -> Linear(4D, D)                         (8D^2 + 5D parameters)
+    Router MLP: Linear(D, 4D) -> SiLU -> Linear(4D, D) -> SiLU -> Linear(D, 2) (8D^2 + 7D + 2)
+    Both act on each KV head's pooled vector on its own (no head embedding), so one router serves all KV
+    heads of its layer. 16D^2 + 12D + 2 parameters: 263,682 for D = 128 (paper: "0.27M"), 66,306 for 64.
+    forward(k [B, T, G, D], prompt_lens [B]) -> logits [B, G, 2] in fp32; class 0 retrieval, 1 sparse.
+    """
+
+    def __init__(self, head_dim: int, hidden_mult: int = 4, boundary: int = 100):
+        super().__init__()
+        d, h = head_dim, hidden_mult * head_dim
+        self.head_dim, self.boundary = head_dim, boundary
+        self.task_mlp = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, d))
+        self.router_mlp = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, d), nn.SiLU(), nn.Linear(d, 2))
+
+    def forward(self, k: torch.Tensor, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+        if k.ndim != 4 or k.shape[-1] != self.head_dim:
+            raise ValueError(f"expected pre-RoPE keys [B, T, G, D={self.head_dim}], got {list(k.shape)}")
+        x = boundary_pool(k, prompt_lens, self.boundary)                  # [B, G, D] fp32
+        x = x.to(self.router_mlp[0].weight.dtype)
+        return self.router_mlp(self.task_mlp(x)).float()                 # [B, G, 2]
+
+
+def route(logits: torch.Tensor, tau: float | None = None, hard: bool = True,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Turn router logits [B, G, 2] into mode weights z [B, G, 2] (METHOD.md section 2).
+
+    Training (tau given): 2-way Gumbel-softmax, g = -log(-log(u + 1e-8) + 1e-8), u ~ U[0, 1),
+      soft = softmax((logits + g) / tau). hard=True: straight-through estimator,
+      z = one_hot(argmax(soft)) + (soft - soft.detach()): exactly one-hot forward, soft gradient backward.
+      hard=False: z = soft.
+    Inference (tau None): z = one_hot(argmax(logits)), no noise, no gradient.
+    z[..., 1] = 1 means the KV head runs its sparse mode.
+    """
+    if tau is None:
+        if not hard:
+            raise ValueError("route(tau=None) is inference and always hard; pass a tau for soft routing")
+        return F.one_hot(logits.argmax(-1), 2).to(logits.dtype)
+    if not tau > 0:
+        raise ValueError(f"Gumbel temperature tau must be > 0, got {tau!r}")
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    g = -torch.log(-torch.log(u + 1e-8) + 1e-8)
+    soft = torch.softmax((logits + g) / tau, dim=-1)
+    if not hard:
+        return soft
+    hard_z = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+    return hard_z + (soft - soft.detach())   # parenthesised: soft - soft.detach() is exactly 0, so z is exactly one-hot
+
+
+def tau_schedule(step: int, total_steps: int, start: float = 1.5, end: float = 1.0, frac: float = 0.6) -> float:
+    """Gumbel temperature at `step`: cosine from `start` to `end` over the first `frac` of the steps, then `end`.
+
+    The paper names an exponential decay without values; these numbers are the released code's.
+    """
+    if total_steps < 1 or not 0.0 < frac <= 1.0:
+        raise ValueError(f"need total_steps >= 1 and 0 < frac <= 1, got total_steps={total_steps}, frac={frac}")
+    anneal = frac * total_steps
+    if step >= anneal:
+        return end
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * max(step, 0) / anneal))
+
+# -----------------------------------------------------------------------------
+# Sparsity objective
+
+
+def sparsity_ratio(zs: list[torch.Tensor]) -> torch.Tensor:
+    """Model sparsity ratio Omega [B] (METHOD.md section 2): mean over layers and KV heads of z[..., 1].
+
+    zs: one z [B, G, 2] per routed layer. Hard values forward, soft gradient backward (through route()).
+    """
+    return torch.stack(list(zs), dim=1)[..., 1].mean(dim=(1, 2))        # [B, L, G] -> [B]
+
+
+class SparsityConstraint(nn.Module):
+    """The Lagrangian sparsity penalty of paper Eq. 8, with Lagrange multipliers per task class.
+
+    penalty = mean_b( lambda1[c_b] * (Omega_b - t[c_b]) + lambda2[c_b] * (Omega_b - t[c_b])^2 ),
+    c_b the task class of sample b (0 sensitive, 1 robust), t = targets[c] (paper: 0.7 and 1.0).
+    abs_linear=True uses |Omega - t| in the linear term, as the released code did.
+
+    A min-max problem: the routers *minimise* CE + penalty, the lambdas *maximise* it. Give the lambdas a
+    separate optimizer doing gradient ascent, e.g. AdamW(constraint.parameters(), lr=1e-3,
+    betas=(0.9, 0.95), weight_decay=0.0, maximize=True), and step it on the same backward pass as the
+    router optimizer. Ascent moves lambda1 by +(Omega - t) (up while a class is too sparse, down and
+    possibly negative while it is too dense) and lambda2 by +(Omega - t)^2 (up whenever violated), so the
+    price of violating the target rises until the routers meet it. Weight decay would pull the lambdas
+    back to 0 and soften the constraint: keep it at 0 for them.
+    """
+
+    def __init__(self, targets: tuple[float, ...] = (0.7, 1.0), abs_linear: bool = False,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if not all(0.0 <= t <= 1.0 for t in targets):
+            raise ValueError(f"sparsity targets must lie in [0, 1], got {targets}")
+        n = len(targets)
+        self.register_buffer("targets", torch.tensor(targets, dtype=torch.float32))
+        self.lambda1 = nn.Parameter(0.5 * torch.rand(n, generator=generator))   # U[0, 0.5) as in the paper
+        self.lambda2 = nn.Parameter(0.5 * torch.rand(n, generator=generator))
+        self.abs_linear = abs_linear
+
+    def forward(self, omega: torch.Tensor, task_class: torch.Tensor) -> torch.Tensor:
+        """omega [B] (from sparsity_ratio), task_class LongTensor [B] -> scalar penalty."""
+        n = len(self.targets)
+        if omega.shape != task_class.shape:
+            raise ValueError(f"omega {list(omega.shape)} and task_class {list(task_class.shape)} must match")
+        if bool(((task_class < 0) | (task_class >= n)).any()):
+            raise ValueError(f"task_class must lie in [0, {n}), got {task_class.tolist()}")
+        gap = omega.float() - self.targets[task_class]                     # [B]
+        linear = gap.abs() if self.abs_linear else gap
+        return (self.lambda1[task_class] * linear + self.lambda2[task_class] * gap ** 2).mean()

@@ -1,0 +1,255 @@
+"""Tests of router.py (METHOD.md sections 2-3) on the CPU: `pytest test_router.py`."""
+
+import math
+
+import pytest
+import torch
+
+from router import (FA, SSA, XA, AttentionRouter, ElasticConfig, SparsityConstraint, boundary_pool, route,
+                    sparsity_ratio, tau_schedule)
+
+
+def mlp_params(d, mult=4):
+    # Task MLP Linear(d,4d) Linear(4d,d); Router MLP Linear(d,4d) Linear(4d,d) Linear(d,2): weights + biases
+    h = mult * d
+    task = (d * h + h) + (h * d + d)
+    router = (d * h + h) + (h * d + d) + (d * 2 + 2)
+    return task + router
+
+
+# --- the router network ---------------------------------------------------
+
+
+def test_parameter_count():
+    assert sum(p.numel() for p in AttentionRouter(128).parameters()) == 263_682  # METHOD.md section 2
+    assert mlp_params(128) == 263_682
+    assert sum(p.numel() for p in AttentionRouter(64).parameters()) == mlp_params(64) == 66_306
+
+
+def test_router_shapes_and_dtype():
+    torch.manual_seed(0)
+    router = AttentionRouter(64)
+    k = torch.randn(3, 50, 2, 64, dtype=torch.bfloat16)                   # [B, T, G, D]
+    logits = router(k, torch.tensor([50, 7, 1]))
+    assert logits.shape == (3, 2, 2) and logits.dtype == torch.float32
+    # Each KV head is routed from its own pooled vector: permuting heads permutes the logits.
+    perm = router(k.flip(2), torch.tensor([50, 7, 1]))
+    torch.testing.assert_close(perm, logits.flip(1))
+
+
+def test_router_ignores_padding_and_answer():
+    torch.manual_seed(0)
+    router = AttentionRouter(32, boundary=8)
+    k = torch.randn(2, 40, 3, 32)
+    lens = torch.tensor([25, 11])
+    poisoned = k.clone()
+    poisoned[0, 25:] = float("nan")
+    poisoned[1, 11:] = float("inf")
+    torch.testing.assert_close(router(poisoned, lens), router(k, lens))
+
+
+# --- boundary pooling -----------------------------------------------------
+
+
+def pool_one(k, length, n):
+    # Explicit definition: mean over the concatenation of the first and last min(n, len) prompt tokens.
+    m = min(n, length)
+    ends = torch.cat([k[:m], k[length - m:length]])                       # [2m, G, D]
+    return ends.double().mean(0)
+
+
+@pytest.mark.parametrize("n", [100, 5])
+def test_boundary_pool_against_per_sample_definition(n):
+    torch.manual_seed(1)
+    lens = [1, 2, 37, 99, 100, 101, 150, 199, 200, 201, 260]
+    k = torch.randn(len(lens), 260, 2, 16)
+    out = boundary_pool(k, torch.tensor(lens), n=n)
+    assert out.shape == (len(lens), 2, 16) and out.dtype == torch.float32
+    for b, length in enumerate(lens):
+        expected = pool_one(k[b], length, n).float()
+        torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6, msg=f"len {length}")
+        # The same sample alone, cut to its prompt, pools the same way.
+        torch.testing.assert_close(boundary_pool(k[b:b + 1, :length], None, n=n)[0], expected,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_boundary_pool_short_prompt_cases():
+    torch.manual_seed(2)
+    k = torch.randn(1, 150, 1, 8)
+    # A prompt of <= n tokens pools to its plain mean (both ends are the whole prompt).
+    torch.testing.assert_close(boundary_pool(k, torch.tensor([60]))[0], k[0, :60].mean(0))
+    # 150 tokens with n=100: tokens 50..99 lie in both ends and count twice.
+    w = torch.ones(150)
+    w[50:100] = 2
+    expected = (w[:, None, None] * k[0]).sum(0) / w.sum()
+    torch.testing.assert_close(boundary_pool(k, torch.tensor([150]))[0], expected)
+    # bf16 keys pool in fp32.
+    assert boundary_pool(k.bfloat16(), None).dtype == torch.float32
+
+
+# --- routing --------------------------------------------------------------
+
+
+def test_straight_through_hard_forward_soft_backward():
+    torch.manual_seed(3)
+    router = AttentionRouter(32)
+    k = torch.randn(4, 30, 3, 32)
+    logits = router(k, torch.tensor([30, 20, 10, 5]))
+    z = route(logits, tau=1.2, generator=torch.Generator().manual_seed(7))
+    # Forward values are exactly one-hot.
+    assert set(z.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(z.detach().sum(-1), torch.ones(4, 3))
+    # Same noise, soft: the hard choice is the argmax of the soft sample ...
+    soft = route(logits, tau=1.2, hard=False, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(z.detach().argmax(-1), soft.argmax(-1))
+    # ... and the straight-through gradient is exactly the soft sample's gradient.
+    w = torch.randn(4, 3)
+    (g_hard,) = torch.autograd.grad((z[..., 1] * w).sum(), logits, retain_graph=True)
+    (g_soft,) = torch.autograd.grad((soft[..., 1] * w).sum(), logits, retain_graph=True)
+    assert g_hard.abs().sum() > 0
+    torch.testing.assert_close(g_hard, g_soft)
+    # Gradients reach every router parameter.
+    (z[..., 1] * w).sum().backward()
+    for name, p in router.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gumbel_samples_follow_the_router_distribution():
+    # Gumbel-max: P(argmax(logits + g) = 1) = softmax(logits)[1], whatever tau.
+    logits = torch.tensor([0.0, math.log(3.0)]).expand(20_000, 1, 2)
+    z = route(logits, tau=1.5, generator=torch.Generator().manual_seed(0))
+    assert abs(z[..., 1].mean().item() - 0.75) < 0.015
+
+
+def test_inference_is_deterministic_argmax():
+    logits = torch.randn(5, 4, 2, requires_grad=True)
+    z1, z2 = route(logits), route(logits)
+    assert torch.equal(z1, z2)
+    assert torch.equal(z1, torch.nn.functional.one_hot(logits.argmax(-1), 2).float())
+    assert not z1.requires_grad
+
+
+def test_tau_schedule():
+    assert tau_schedule(0, 300) == pytest.approx(1.5)
+    assert tau_schedule(90, 300) == pytest.approx(1.25)                  # halfway through the cosine
+    assert tau_schedule(180, 300) == pytest.approx(1.0)
+    assert tau_schedule(299, 300) == pytest.approx(1.0)
+    taus = [tau_schedule(s, 300) for s in range(300)]
+    assert all(a >= b for a, b in zip(taus, taus[1:]))
+
+
+def test_sparsity_ratio():
+    z0 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])   # [B=2, G=2, 2]
+    z1 = torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    torch.testing.assert_close(sparsity_ratio([z0, z1]), torch.tensor([0.75, 0.5]))
+
+
+# --- the Lagrangian (paper Eq. 8) -----------------------------------------
+
+
+def lambda_steps(constraint, omega, task_class, steps=5):
+    opt = torch.optim.AdamW(constraint.parameters(), lr=1e-2, weight_decay=0.0, maximize=True)
+    for _ in range(steps):
+        opt.zero_grad()
+        constraint(omega, task_class).backward()
+        opt.step()
+
+
+def test_lambdas_rise_with_the_violation():
+    torch.manual_seed(4)
+    c = SparsityConstraint(targets=(0.7, 1.0))
+    assert (c.lambda1 >= 0).all() and (c.lambda1 < 0.5).all() and (c.lambda2 >= 0).all() and (c.lambda2 < 0.5).all()
+    l1, l2 = c.lambda1.detach().clone(), c.lambda2.detach().clone()
+    # Sensitive sample too sparse (0.9 > 0.7), robust sample too dense (0.6 < 1.0).
+    lambda_steps(c, torch.tensor([0.9, 0.6]), torch.tensor([0, 1]))
+    assert c.lambda1[0] > l1[0]         # too sparse: lambda1 grows, its price on Omega pushes Omega down
+    assert c.lambda1[1] < l1[1]         # too dense: lambda1 falls (goes negative), pushing Omega up
+    assert (c.lambda2 > l2).all()       # the quadratic multiplier grows with any violation
+    # A met target leaves lambda1 where it is.
+    l1 = c.lambda1.detach().clone()
+    lambda_steps(c, torch.tensor([0.7]), torch.tensor([0]))
+    torch.testing.assert_close(c.lambda1.detach(), l1)
+
+
+def test_abs_linear_lambda_grows_both_ways():
+    torch.manual_seed(5)
+    c = SparsityConstraint(abs_linear=True)
+    l1 = c.lambda1.detach().clone()
+    lambda_steps(c, torch.tensor([0.9, 0.6]), torch.tensor([0, 1]))
+    assert (c.lambda1 > l1).all()
+
+
+@pytest.mark.parametrize("task_class,start_bias,target", [(0, 3.0, 0.7), (1, -1.0, 1.0)])
+def test_router_step_lowers_the_violation(task_class, start_bias, target):
+    torch.manual_seed(6)
+    router = AttentionRouter(16, boundary=4)
+    with torch.no_grad():                                                # start far from the target
+        router.router_mlp[-1].bias.copy_(torch.tensor([0.0, start_bias]))
+    c = SparsityConstraint(abs_linear=(task_class == 1))
+    k, lens, cls = torch.randn(8, 12, 4, 16), torch.full((8,), 12), torch.full((8,), task_class)
+    opt = torch.optim.AdamW(router.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    violations = []
+    for _ in range(10):
+        with torch.no_grad():
+            violations.append(abs(router(k, lens).softmax(-1)[..., 1].mean().item() - target))
+        opt.zero_grad()
+        omega = sparsity_ratio([route(router(k, lens), tau=1.0, generator=gen)])
+        c(omega, cls).backward()
+        opt.step()
+    # Each router step (fixed lambdas, hard Omega forward, soft gradient) moves P(sparse) toward the target.
+    assert all(a > b for a, b in zip(violations, violations[1:])), violations
+    assert violations[-1] < violations[0] - 0.02, violations
+
+
+# --- config and errors ----------------------------------------------------
+
+
+def test_config_modes_and_roundtrip(tmp_path):
+    assert ElasticConfig().modes == (FA, SSA)
+    assert ElasticConfig(mode_pair="FA-XA").modes == (FA, XA)
+    assert ElasticConfig(mode_pair="XA-SSA").modes == (XA, SSA)
+    z = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    assert ElasticConfig(mode_pair="FA-XA").head_modes(z).tolist() == [[FA, XA]]
+    cfg = ElasticConfig(mode_pair="XA-SSA", sink=64, window=512)
+    cfg.save(tmp_path / "elastic.json")
+    assert ElasticConfig.load(tmp_path / "elastic.json") == cfg
+    (tmp_path / "bad.json").write_text('{"sinks": 3}')
+    with pytest.raises(ValueError, match="sinks"):
+        ElasticConfig.load(tmp_path / "bad.json")
+
+
+def test_kernel_mode_numbers_agree():
+    kernel = pytest.importorskip("kernel")
+    assert (kernel.FA, kernel.SSA, kernel.XA) == (FA, SSA, XA)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode_pair="SSA-FA"), "FA-SSA, FA-XA, XA-SSA"),
+    (dict(sink=-1), "sink"),
+    (dict(window=0), "window"),
+    (dict(xa_stride=24), "xa_stride"),
+    (dict(xa_threshold=1.5), "xa_threshold"),
+    (dict(boundary=0), "boundary"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ElasticConfig(**kwargs)
+
+
+def test_errors():
+    k = torch.randn(2, 10, 1, 8)
+    with pytest.raises(ValueError, match="prompt_lens"):
+        boundary_pool(k, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="prompt_lens"):
+        boundary_pool(k, torch.tensor([11, 5]))
+    with pytest.raises(ValueError, match="prompt_lens"):
+        boundary_pool(k, torch.tensor([5]))
+    with pytest.raises(ValueError, match="D=16"):
+        AttentionRouter(16)(k)
+    with pytest.raises(ValueError, match="tau"):
+        route(torch.zeros(1, 1, 2), tau=0.0)
+    with pytest.raises(ValueError, match="tau"):
+        route(torch.zeros(1, 1, 2), hard=False)
+    with pytest.raises(ValueError, match="task_class"):
+        SparsityConstraint()(torch.tensor([0.5]), torch.tensor([2]))
