@@ -1,0 +1,634 @@
+"""
+Elastic Attention's fused prefill kernel: full (FA), streaming (SSA) and XAttention (XA) heads in one
+Triton launch, with its PyTorch reference (METHOD.md sections 4 and 5).
+
+Each KV head of each batch element has a mode (FA = 0, SSA = 1, XA = 2), shared by its query heads:
+- FA:  query i sees every key j <= i.
+- SSA: query i sees key j <= i iff j < sink or i - j < window (token-exact).
+- XA:  query i sees key j <= i iff the 128 x 128 block (i // 128, j // 128) was selected by the
+       XAttention estimate: antidiagonal scores of 16 x 16 cells, softmax per row, summed into block
+       scores, then per block row the sink block, the diagonal block and the highest-scoring blocks
+       until their mass reaches `xa_threshold` of the row.
+
+Read top to bottom: 1. the reference (the definition), 2. the XA estimate kernels, 3. the attention
+kernel, 4. the wrappers, 5. FlexAttention equivalents (same masks, differentiable on the GPU),
+6. a quick self-check.
+
+    pytest test_kernel.py        # CPU (Triton interpreter) and, when CUDA is there, the GPU
+    python bench.py              # GPU: timings against SDPA and FlexAttention -> bench_results.md
+    python kernel.py             # quick check against the reference on this machine
+"""
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    # No GPU: run the Triton kernels in Triton's interpreter, so `import kernel` works anywhere.
+    # (In the interpreter a tl.dot on bf16 operands is wrong: use fp32 or fp16 there.)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton
+import triton.language as tl
+
+FA, SSA, XA = 0, 1, 2
+KV_BLOCK = 128  # the method's block: XA selects 128 x 128 blocks; a program owns 128 queries
+
+# the same numbers as constants the kernels can read
+_FA = tl.constexpr(FA)
+_SSA = tl.constexpr(SSA)
+_XA = tl.constexpr(XA)
+_KV_BLOCK = tl.constexpr(KV_BLOCK)
+_NEG = tl.constexpr(-1.0e30)  # "minus infinity" that stays finite, so that NEG - NEG is 0, not NaN
+
+
+def _expand_kv(x, H):
+    """[B, G, T, D] -> [B, H, T, D]: each KV head repeated for its H // G query heads (reference only)."""
+    return x.repeat_interleave(H // x.shape[1], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# 1. The reference: plain PyTorch, fp32 math. This is the definition the kernels are tested against.
+
+def xattn_block_scores_reference(q, k, *, stride=16):
+    """XAttention block scores [B, H, nb, nb] (fp32), nb = ceil(T / 128).
+
+    The queries and keys are cut into cells of `stride` tokens. Cell (i, j) is scored by the sum of
+    its antidiagonal, sum_t q[i*S + S-1-t] . k[j*S + t], which is one matrix product of the reshaped
+    Q and K, scaled by 1 / (sqrt(D) * S). A softmax over the causal cells j <= i of each row, then the
+    probabilities are summed over each 128 x 128 block (8 x 8 cells for S = 16).
+    Partial cells and blocks (T not a multiple of S or of 128): the missing tokens are zero rows, so a
+    partial cell scores the pairs it has, and a partial last block has fewer cell rows (a smaller mass).
+    """
+    B, H, T, D = q.shape
+    S = stride
+    nc, nb, cpb = triton.cdiv(T, S), triton.cdiv(T, KV_BLOCK), KV_BLOCK // S
+    pad = nc * S - T
+    qc = F.pad(q.float(), (0, 0, 0, pad)).view(B, H, nc, S, D)
+    kc = F.pad(_expand_kv(k, H).float(), (0, 0, 0, pad)).view(B, H, nc, S, D)
+    qc = qc.flip(3).reshape(B, H, nc, S * D)  # cell i: query rows i*S + S-1-t, t = 0..S-1
+    kc = kc.reshape(B, H, nc, S * D)          # cell j: key rows j*S + t
+    s = qc @ kc.transpose(-1, -2) / (math.sqrt(D) * S)  # [B, H, nc, nc]
+    causal = torch.ones(nc, nc, dtype=torch.bool, device=q.device).tril()
+    p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+    p = F.pad(p, (0, nb * cpb - nc, 0, nb * cpb - nc))  # zero cells fill the last partial block
+    return p.view(B, H, nb, cpb, nb, cpb).sum((3, 5))
+
+
+def xattn_select_reference(scores, threshold):
+    """The selection rule on block scores [B, H, nb, nb] -> bool mask [B, H, nb, nb].
+
+    Per block row m: the sink block 0 and the diagonal block m are always kept. The other causal
+    blocks are added by descending score until the kept mass reaches threshold * (row mass). Ties are
+    kept together: the cutoff s* is the largest score such that forced mass + mass of all candidates
+    scoring >= s* reaches the goal, and every candidate scoring >= s* is kept. Sums in fp64, the
+    threshold rounded to fp32 (as the kernel gets it). threshold >= 1 keeps every causal block.
+    """
+    B, H, nb, _ = scores.shape
+    thr = float(torch.tensor(threshold, dtype=torch.float32))
+    s = scores.double()
+    m = torch.arange(nb, device=s.device)[:, None]
+    n = torch.arange(nb, device=s.device)[None, :]
+    causal = n <= m
+    forced = causal & ((n == 0) | (n == m))
+    candidate = causal & ~forced
+    goal = thr * (s * causal).sum(-1, keepdim=True)
+    forced_mass = (s * forced).sum(-1, keepdim=True)
+    ranked = torch.where(candidate, s, -1.0).sort(-1, descending=True).values  # candidates first
+    kept_mass = forced_mass + ranked.clamp(min=0).cumsum(-1)
+    reached = (kept_mass >= goal) & (ranked >= 0)
+    cut = torch.where(reached, ranked, float("-inf")).amax(-1, keepdim=True)  # first rank that reaches
+    cut = torch.where(forced_mass >= goal, float("inf"), cut)  # the forced blocks suffice
+    if thr >= 1.0:
+        cut = torch.full_like(cut, float("-inf"))
+    return forced | (candidate & (s >= cut))
+
+
+def xattn_block_mask_reference(q, k, *, stride=16, threshold=0.9):
+    """XA block selection [B, H, nb, nb] (bool) of the reference."""
+    return xattn_select_reference(xattn_block_scores_reference(q, k, stride=stride), threshold)
+
+
+def attention_mask_reference(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
+    """The token mask [B, H, T, T] (bool) of every query head, from modes [B, G]."""
+    B, G = modes.shape
+    mode = modes.repeat_interleave(H // G, dim=1)[:, :, None, None]  # [B, H, 1, 1]
+    i = torch.arange(T, device=modes.device)[:, None]
+    j = torch.arange(T, device=modes.device)[None, :]
+    causal = j <= i
+    ssa = causal & ((j < sink) | (i - j < window))
+    mask = torch.where(mode == SSA, ssa, causal)
+    if xa_blocks is not None:
+        xa = xa_blocks.repeat_interleave(KV_BLOCK, -1).repeat_interleave(KV_BLOCK, -2)[..., :T, :T] & causal
+        mask = torch.where(mode == XA, xa, mask)
+    return mask
+
+
+def reference_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
+                        sm_scale=None, xa_blocks=None):
+    """Elastic attention in plain PyTorch (fp32 math, differentiable in q, k, v) -> o [B, H, T, D].
+
+    q [B, H, T, D]; k, v [B, G, T, D]; modes [B, G] with values FA, SSA, XA. xa_blocks: an XA block
+    selection [B, H, nb, nb] to use instead of computing it (the tests pass the kernel's own selection,
+    checked separately, so that a block on the threshold's edge cannot flip between the two).
+    """
+    B, H, T, D = q.shape
+    modes = modes.to(q.device)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    if xa_blocks is None and bool((modes == XA).any()):
+        with torch.no_grad():
+            xa_blocks = xattn_block_mask_reference(q, k, stride=xa_stride, threshold=xa_threshold)
+    mask = attention_mask_reference(modes, H, T, sink=sink, window=window, xa_blocks=xa_blocks)
+    s = (q.float() @ _expand_kv(k, H).float().transpose(-1, -2)) * scale  # [B, H, T, T]
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (p @ _expand_kv(v, H).float()).to(q.dtype)
+
+
+# -----------------------------------------------------------------------------
+# 2. The XA estimate in Triton: two kernels, launched for every head, at once done for non-XA heads.
+#
+# Kernel 1 is flash attention's online softmax over the cell scores, but instead of p @ V it writes,
+# for every (cell row, key block) segment, the log-sum-exp of the segment's cells, and at the end the
+# log-sum-exp of the whole row. The probability mass of a segment is then exp2(seg - row): no second
+# pass over the keys. Kernel 2 sums the segments of a block row into block scores and selects.
+# All exponentials are base 2 (exp2), with log2(e) folded into the scale.
+
+@triton.jit
+def _xattn_rows_kernel(
+    Q, K, Modes, SegLse, RowLse,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    T, NC, NB, H, G, GROUP, qk_scale,
+    S: tl.constexpr, CELLS: tl.constexpr, D: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    # program -> (BLOCK_I cell rows, one batch element and query head); the last rows have the most
+    # cells to score, so they run first
+    pid_i = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    mode = tl.load(Modes + b * G + h // GROUP)
+    if mode == _XA:  # other heads need no estimate
+        offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)  # query cells (rows)
+        offs_d = tl.arange(0, D)
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+        seg_base = SegLse + pid_bh.to(tl.int64) * NC * NB
+        m_i = tl.full([BLOCK_I], _NEG, tl.float32)  # running max of the row (log2 units)
+        l_i = tl.zeros([BLOCK_I], tl.float32)       # running sum of exp2(score - m_i)
+        # visit key cells 0 .. the last row's own cell (causal at the cell level)
+        hi = tl.minimum((pid_i + 1) * BLOCK_I, NC)
+        for start_j in range(0, hi, BLOCK_J):
+            offs_j = start_j + tl.arange(0, BLOCK_J)  # key cells (columns)
+            # antidiagonal sums: query row S-1-t of cell i meets key row t of cell j
+            s = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
+            for t in range(S):
+                q_rows = offs_i * S + (S - 1 - t)
+                k_rows = offs_j * S + t
+                qt = tl.load(q_base + q_rows[:, None] * stride_qt + offs_d[None, :],
+                             mask=q_rows[:, None] < T, other=0.0)
+                kt = tl.load(k_base + k_rows[None, :] * stride_kt + offs_d[:, None],
+                             mask=k_rows[None, :] < T, other=0.0)  # [D, BLOCK_J]
+                s = tl.dot(qt, kt, s)
+            valid = (offs_j[None, :] <= offs_i[:, None]) & (offs_i[:, None] < NC)
+            s = tl.where(valid, s * qk_scale, _NEG)
+            # log-sum-exp of each segment: CELLS consecutive key cells = one 128-token key block
+            s3 = tl.reshape(s, [BLOCK_I, BLOCK_J // CELLS, CELLS])
+            seg_max = tl.max(s3, 2)
+            seg_sum = tl.sum(tl.math.exp2(s3 - seg_max[:, :, None]), 2)
+            offs_blk = start_j // CELLS + tl.arange(0, BLOCK_J // CELLS)
+            tl.store(seg_base + offs_i[:, None] * NB + offs_blk[None, :], seg_max + tl.math.log2(seg_sum),
+                     mask=(offs_i[:, None] < NC) & (offs_blk[None, :] < NB))
+            # the row's log-sum-exp, online: rescale the old sum when the max grows
+            m_new = tl.maximum(m_i, tl.max(seg_max, 1))
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(seg_sum * tl.math.exp2(seg_max - m_new[:, None]), 1)
+            m_i = m_new
+        tl.store(RowLse + pid_bh.to(tl.int64) * NC + offs_i, m_i + tl.math.log2(l_i), mask=offs_i < NC)
+
+
+@triton.jit
+def _xattn_select_kernel(
+    SegLse, RowLse, Modes, Scores, Mask, Count, Index,
+    NC, NB, H, G, GROUP, threshold,
+    CELLS: tl.constexpr, NB_P2: tl.constexpr,
+):
+    # program -> one block row m of one (batch, query head)
+    m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    mode = tl.load(Modes + b * G + h // GROUP)
+    if mode == _XA:
+        offs_n = tl.arange(0, NB_P2)  # key blocks
+        causal = offs_n <= m
+        row_out = (pid_bh.to(tl.int64) * NB + m) * NB
+        # Phase 1: block scores. The mass of segment (r, n) is exp2(seg - row): sum the block's rows.
+        score = tl.zeros([NB_P2], tl.float32)
+        for r in range(tl.minimum(CELLS, NC - m * CELLS)):  # the last block row may have fewer cells
+            row = m * CELLS + r
+            row_lse = tl.load(RowLse + pid_bh.to(tl.int64) * NC + row)
+            seg = tl.load(SegLse + (pid_bh.to(tl.int64) * NC + row) * NB + offs_n, mask=causal, other=_NEG)
+            score += tl.math.exp2(seg - row_lse)
+        tl.store(Scores + row_out + offs_n, score, mask=offs_n < NB)
+        # Phase 2: the selection rule of xattn_select_reference (sums in fp64)
+        forced = causal & ((offs_n == 0) | (offs_n == m))
+        candidate = causal & (offs_n != 0) & (offs_n != m)
+        goal = tl.sum(tl.where(causal, score, 0.0).to(tl.float64), 0) * threshold
+        forced_mass = tl.sum(tl.where(forced, score, 0.0).to(tl.float64), 0)
+        ranked = tl.sort(tl.where(candidate, score, -1.0), 0, descending=True)
+        kept_mass = forced_mass + tl.cumsum(tl.maximum(ranked, 0.0).to(tl.float64), 0)
+        reached = (kept_mass >= goal) & (ranked >= 0.0)
+        cut = tl.max(tl.where(reached, ranked, float("-inf")), 0)
+        cut = tl.where(forced_mass >= goal, float("inf"), cut)
+        cut = tl.where(threshold >= 1.0, float("-inf"), cut)
+        keep = forced | (candidate & (score >= cut))
+        tl.store(Mask + row_out + offs_n, keep, mask=offs_n < NB)
+        # the kept blocks as a compact ascending list (the diagonal block m comes last)
+        pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(Index + row_out + pos, offs_n, mask=keep)
+        tl.store(Count + pid_bh.to(tl.int64) * NB + m, tl.sum(keep.to(tl.int32), 0))
+
+
+# -----------------------------------------------------------------------------
+# 3. The attention kernel.
+#
+# A program owns 128 queries [start_m, start_m + 128) of one (batch, query head). It splits the key
+# axis into phases of BLOCK_N-wide tiles; only the phases where queries of the tile disagree on a key
+# pay for a mask:
+#   phase 1  sink     [0, sink_hi)        SSA: the sink tokens                       masked (j < sink)
+#   phase 2  edge     [edge_lo, full_lo)  SSA: the window's lower edge               masked
+#   phase 3  full     [full_lo, diag_lo)  FA: all earlier keys; SSA: inside the window; no mask
+#            selected                     XA: the listed blocks but the diagonal     no mask
+#   phase 4  diagonal [diag_lo, diag_hi)  every mode                                 causal mask
+# Empty phases are empty loops. Work is proportional to the tiles visited.
+
+@triton.jit
+def _key_ranges(mode, start_m, T, sink, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The phase bounds (token offsets) for query tile [start_m, start_m + BLOCK_M). Works on scalars
+    (the attention kernel) and on vectors (the scheduler), so both count the same tiles."""
+    diag_lo = start_m
+    diag_hi = tl.minimum(start_m + BLOCK_M, T)
+    # SSA: the first query of the tile sees back to start_m - window + 1; the last query sees every key
+    # from start_m + BLOCK_M - window on. Between the two the queries disagree: the edge.
+    edge_lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, edge_lo), diag_lo)
+    sink_hi = tl.minimum(tl.cdiv(sink, BLOCK_N) * BLOCK_N, edge_lo)  # the sink, below the window
+    is_ssa = mode == _SSA
+    sink_hi = tl.where(is_ssa, sink_hi, 0)
+    edge_lo = tl.where(is_ssa, edge_lo, tl.where(mode == _XA, diag_lo, 0))  # FA: from 0; XA: list
+    full_lo = tl.where(is_ssa, full_lo, edge_lo)
+    return sink_hi, edge_lo, full_lo, diag_lo, diag_hi
+
+
+@triton.jit
+def _schedule_cost_kernel(Modes, Count, Cost, N, T, NB, H, G, GROUP, sink, window,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+    """Cost (tiles visited) of each work item (b, h, m), item = (b * H + h) * NB + m."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    m = offs % NB
+    bh = offs // NB
+    mode = tl.load(Modes + (bh // H) * G + (bh % H) // GROUP, mask=valid, other=0)
+    sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, m * BLOCK_M, T, sink, window,
+                                                              BLOCK_M, BLOCK_N)
+    count = tl.load(Count + offs, mask=valid & (mode == _XA), other=1)
+    tiles = sink_hi // BLOCK_N + tl.cdiv(diag_hi - edge_lo, BLOCK_N) + (count - 1) * (_KV_BLOCK // BLOCK_N)
+    tl.store(Cost + offs, tiles, mask=valid)
+
+
+@triton.jit
+def _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+               T, sink, window, qk_scale, stride_kt, stride_vt, MASKED: tl.constexpr):
+    """One BLOCK_N tile of keys: scores, online-softmax update, acc += p @ v."""
+    cols = start_n + offs_n
+    if MASKED:
+        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
+    else:
+        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])  # [D, BLOCK_N]
+    qk = tl.dot(q, k)
+    if MASKED:
+        keep = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T)
+        keep = keep & ((cols[None, :] < sink) | (offs_m[:, None] - cols[None, :] < window))
+        qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_ij[:, None]
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_ij[:, None]
+    p = tl.math.exp2(qk)
+    # online softmax: the running max grew from m_i to m_ij, so rescale what was summed so far
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASKED:
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+    else:
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _elastic_attn_fwd(
+    Q, K, V, O, Modes, Order, Count, Index,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    T, NB, H, G, GROUP, sink, window, qk_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # program -> work item (b, h, m) from the list, sorted by cost: the heaviest programs start first
+    item = tl.load(Order + tl.program_id(0))
+    m = (item % NB).to(tl.int32)
+    bh = (item // NB).to(tl.int32)
+    b = bh // H
+    h = bh % H
+    g = h // GROUP  # GQA: the KV head is read in place, never repeated
+    mode = tl.load(Modes + b * G + g)
+    start_m = m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)  # running row max (log2 units); finite: no NaN
+    l_i = tl.zeros([BLOCK_M], tl.float32)       # running row sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)    # running p @ v
+
+    sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, start_m, T, sink, window,
+                                                              BLOCK_M, BLOCK_N)
+    window = tl.where(mode == _SSA, window, 1 << 30)  # FA and XA: the window never binds
+
+    # phase 1 (SSA): the sink tokens
+    for start_n in range(0, sink_hi, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=True)
+    # phase 2 (SSA): the window's lower edge, where queries of the tile disagree
+    for start_n in range(edge_lo, full_lo, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=True)
+    # phase 3 (FA, SSA): keys every query of the tile sees, no mask
+    for start_n in range(full_lo, diag_lo, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
+    # phase 3 (XA): the selected blocks before the diagonal, read from the compact list, no mask
+    list_base = (bh.to(tl.int64) * NB + m) * NB
+    count = tl.load(Count + bh.to(tl.int64) * NB + m, mask=mode == _XA, other=1)
+    for i in range(0, count - 1):
+        blk = tl.load(Index + list_base + i)
+        for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
+            start_n = blk * _KV_BLOCK + sub * BLOCK_N
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                       T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
+    # phase 4 (all modes): the diagonal block, causal mask (and the end of the sequence)
+    for start_n in range(diag_lo, diag_hi, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=True)
+
+    # every query sees at least itself, so l_i > 0
+    o = acc / l_i[:, None]
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < T)
+
+
+# -----------------------------------------------------------------------------
+# 4. The wrappers: check the inputs, run the XA estimate, build the work list, launch.
+
+BLOCK_M = KV_BLOCK
+
+
+def _default_config(q):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(BLOCK_N=64, num_warps=4, num_stages=1, XA_BLOCK_I=64, XA_BLOCK_J=64, xa_warps=4, xa_stages=1)
+    return dict(BLOCK_N=64, num_warps=8, num_stages=3, XA_BLOCK_I=128, XA_BLOCK_J=64, xa_warps=8, xa_stages=3)
+
+
+def _check_qk(q, k):
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        raise TypeError("q and k must be torch tensors")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q must be [B, H, T, D] and k, v [B, G, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    B, H, T, D = q.shape
+    if k.shape[0] != B or k.shape[2:] != (T, D):
+        raise ValueError(f"k must be [B={B}, G, T={T}, D={D}] to match q {tuple(q.shape)}; got {tuple(k.shape)}")
+    G = k.shape[1]
+    if G == 0 or H % G != 0:
+        raise ValueError(f"the query heads H={H} must be a multiple of the KV heads G={G} (GQA)")
+    if T < 1 or B < 1 or H < 1:
+        raise ValueError(f"empty input: q {tuple(q.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"dtype {q.dtype} is not supported: use float16 or bfloat16 (float32 for CPU tests)")
+    if k.dtype != q.dtype:
+        raise TypeError(f"q and k must have one dtype; got q {q.dtype}, k {k.dtype}")
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"head dim D={D} is not supported: use 16, 32, 64 or 128")
+    if k.device != q.device:
+        raise ValueError(f"q and k must be on one device; got {q.device} and {k.device}")
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("q is on the CPU but Triton is not in interpreter mode: move the inputs to CUDA "
+                         "(or set TRITON_INTERPRET=1 before importing kernel)")
+    for name, x in (("q", q), ("k", k)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {x.stride()}: "
+                             f"call .contiguous() first")
+    return B, H, T, D, G
+
+
+def _check_modes(modes, B, G, device):
+    if not isinstance(modes, torch.Tensor) or modes.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"modes must be an integer tensor [B, G] of FA=0, SSA=1, XA=2; got "
+                        f"{modes.dtype if isinstance(modes, torch.Tensor) else type(modes)}")
+    if tuple(modes.shape) != (B, G):
+        raise ValueError(f"modes must have shape [B={B}, G={G}] (one mode per batch element and KV head); "
+                         f"got {tuple(modes.shape)}")
+    bad = (modes < FA) | (modes > XA)
+    if bool(bad.any()):  # one small host sync: a wrong mode would silently run as another
+        raise ValueError(f"modes must be FA=0, SSA=1 or XA=2; got {modes[bad].unique().tolist()}")
+    return modes.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _check_xa_args(stride, threshold):
+    if not (isinstance(stride, int) and 1 <= stride <= KV_BLOCK and KV_BLOCK % stride == 0):
+        raise ValueError(f"xa_stride must be a power of two dividing {KV_BLOCK}; got {stride}")
+    if not (0.0 <= float(threshold)):
+        raise ValueError(f"xa_threshold must be >= 0; got {threshold}")
+
+
+def _xattn(q, k, modes, stride, threshold, config):
+    """The XA estimate for the heads whose mode is XA -> (scores, mask, count, index), [B, H, nb, ...].
+    Rows of other heads are left unwritten."""
+    B, H, T, D = q.shape
+    G = k.shape[1]
+    S = stride
+    NC, NB = triton.cdiv(T, S), triton.cdiv(T, KV_BLOCK)
+    cells = KV_BLOCK // S
+    block_i = max(config["XA_BLOCK_I"], cells, 16)
+    block_j = max(config["XA_BLOCK_J"], cells, 16)
+    dev = q.device
+    seg_lse = torch.empty(B, H, NC, NB, device=dev, dtype=torch.float32)
+    row_lse = torch.empty(B, H, NC, device=dev, dtype=torch.float32)
+    scores = torch.empty(B, H, NB, NB, device=dev, dtype=torch.float32)
+    mask = torch.empty(B, H, NB, NB, device=dev, dtype=torch.bool)
+    count = torch.empty(B, H, NB, device=dev, dtype=torch.int32)
+    index = torch.empty(B, H, NB, NB, device=dev, dtype=torch.int32)
+    qk_scale = math.log2(math.e) / (math.sqrt(D) * S)
+    _xattn_rows_kernel[(triton.cdiv(NC, block_i), B * H)](
+        q, k, modes, seg_lse, row_lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        T, NC, NB, H, G, H // G, qk_scale,
+        S=S, CELLS=cells, D=D, BLOCK_I=block_i, BLOCK_J=block_j,
+        num_warps=config["xa_warps"], num_stages=config["xa_stages"])
+    _xattn_select_kernel[(NB, B * H)](
+        seg_lse, row_lse, modes, scores, mask, count, index,
+        NC, NB, H, G, H // G, float(torch.tensor(threshold, dtype=torch.float32)),  # fp32, as the reference
+        CELLS=cells, NB_P2=max(16, triton.next_power_of_2(NB)), num_warps=4)
+    return scores, mask, count, index
+
+
+def xattn_block_mask(q, k, *, stride=16, threshold=0.9, return_scores=False, _config=None):
+    """XA block selection [B, H, nb, nb] (bool) of every query head, in Triton (see the reference).
+    With return_scores=True also the block scores [B, H, nb, nb] (fp32) the selection used."""
+    B, H, T, D, G = _check_qk(q, k)
+    _check_xa_args(stride, threshold)
+    modes = torch.full((B, G), XA, dtype=torch.int32, device=q.device)
+    scores, mask, _, _ = _xattn(q, k, modes, stride, threshold, _config or _default_config(q))
+    return (mask, scores) if return_scores else mask
+
+
+def _schedule(modes, count, B, H, T, sink, window, block_n):
+    """Work list: every (b, h, query block) ordered by the number of key tiles it visits, heaviest
+    first (a long FA row must not start last). Built on the device, no host sync. -> (order, cost)."""
+    G = modes.shape[1]
+    NB = triton.cdiv(T, BLOCK_M)
+    N = B * H * NB
+    cost = torch.empty(N, device=modes.device, dtype=torch.int32)
+    _schedule_cost_kernel[(triton.cdiv(N, 1024),)](
+        modes, count, cost, N, T, NB, H, G, H // G, sink, window,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK=1024)
+    order = torch.argsort(cost, descending=True, stable=True)
+    return order, cost
+
+
+def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
+                      sm_scale=None, out=None, _config=None):
+    """Causal attention where every KV head runs its own mode, one launch for all heads -> o [B, H, T, D].
+
+    q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA, read in place); modes [B, G] of FA, SSA, XA.
+    fp16 or bf16 (fp32 too; on the GPU its products run in tf32). Any T >= 1; D in 16, 32, 64, 128.
+    Tensors may be strided views (e.g. [B, T, H, D].transpose(1, 2)) with the last dim contiguous.
+    out: an optional [B, H, T, D] tensor to write into.
+    """
+    B, H, T, D, G = _check_qk(q, k)
+    if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+        raise ValueError(f"v must match k: shape {tuple(k.shape)}, {k.dtype}, {k.device}; "
+                         f"got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v)}")
+    if v.stride(-1) != 1:
+        raise ValueError(f"v must be contiguous in its last dim (stride 1), got strides {v.stride()}")
+    if not (isinstance(sink, int) and sink >= 0 and isinstance(window, int) and window >= 1):
+        raise ValueError(f"need integers sink >= 0 and window >= 1; got sink={sink}, window={window}")
+    _check_xa_args(xa_stride, xa_threshold)
+    modes = _check_modes(modes, B, G, q.device)
+    sink, window = min(sink, T), min(window, T)  # beyond T they change nothing; keeps them in int32
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, last dim contiguous")
+    cfg = _config or _default_config(q)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+
+    _, _, count, index = _xattn(q, k, modes, xa_stride, xa_threshold, cfg)
+    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_N"])
+    NB = triton.cdiv(T, BLOCK_M)
+    _elastic_attn_fwd[(order.numel(),)](
+        q, k, v, out, modes, order, count, index,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        T, NB, H, G, H // G, sink, window, scale * math.log2(math.e),
+        D=D, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 5. FlexAttention equivalents: the same masks as a FlexAttention BlockMask. bench.py times
+# FlexAttention with them, and training can run flex_attention(q, k, v, block_mask=...,
+# enable_gqa=True) for a differentiable SSA/XA branch on the GPU (FlexAttention has a backward).
+
+def flex_block_mask(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
+    """BlockMask (128 x 128 blocks) for modes [B, G] and H query heads; xa_blocks [B, H, nb, nb] is the
+    XA selection (e.g. from xattn_block_mask), needed when a mode is XA. Full blocks are marked as
+    such, so FlexAttention applies mask_mod only on the edges, as the kernel does."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, G = modes.shape
+    dev = modes.device
+    mode = modes.to(torch.int32).repeat_interleave(H // G, dim=1)  # [B, H]
+    NB = triton.cdiv(T, KV_BLOCK)
+    if xa_blocks is None:
+        if bool((mode == XA).any()):
+            raise ValueError("modes has XA heads: pass their block selection as xa_blocks (xattn_block_mask)")
+        xa_blocks = torch.ones(B, H, NB, NB, dtype=torch.bool, device=dev)
+    if tuple(xa_blocks.shape) != (B, H, NB, NB):
+        raise ValueError(f"xa_blocks must be [B={B}, H={H}, {NB}, {NB}]; got {tuple(xa_blocks.shape)}")
+    xa_blocks = xa_blocks.to(device=dev, dtype=torch.bool)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        md = mode[b, h]
+        causal = kv_idx <= q_idx
+        in_window = (kv_idx < sink) | (q_idx - kv_idx < window)
+        in_xa = xa_blocks[b, h, q_idx // KV_BLOCK, kv_idx // KV_BLOCK]
+        return causal & ((md == FA) | ((md == SSA) & in_window) | ((md == XA) & in_xa))
+
+    # which blocks hold some visible pair (any), which hold only visible pairs (full)
+    m = torch.arange(NB, device=dev)[:, None]
+    n = torch.arange(NB, device=dev)[None, :]
+    B_ = KV_BLOCK
+    whole = ((m + 1) * B_ <= T) & ((n + 1) * B_ <= T)  # a partial last block is never "full"
+    causal_any, causal_full = n <= m, (n < m) & whole
+    ssa_any = causal_any & ((n * B_ < sink) | ((m - n) * B_ - (B_ - 1) < window))
+    ssa_full = causal_full & (((n + 1) * B_ <= sink) | ((m - n) * B_ + (B_ - 1) < window))
+    md = mode[:, :, None, None]
+    any_ = torch.where(md == FA, causal_any, torch.where(md == SSA, ssa_any, xa_blocks & causal_any))
+    full = torch.where(md == FA, causal_full, torch.where(md == SSA, ssa_full, xa_blocks & causal_full))
+
+    def as_lists(blocks):  # [B, H, NB, NB] bool -> counts [B, H, NB], indices (kept ones first, ascending)
+        counts = blocks.sum(-1, dtype=torch.int32)
+        indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts, indices
+
+    return BlockMask.from_kv_blocks(*as_lists(any_ & ~full), *as_lists(full), KV_BLOCK, mask_mod,
+                                    seq_lengths=(T, T))
+
+
+# -----------------------------------------------------------------------------
+# 6. Quick self-check (the full benchmark is bench.py)
+
+if __name__ == "__main__":
+    import time
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    B, H, G, T, D = (1, 32, 8, 8192, 128) if dev == "cuda" else (1, 4, 2, 1000, 64)
+    q = torch.randn(B, H, T, D, device=dev, dtype=dtype)
+    k, v = (torch.randn(B, G, T, D, device=dev, dtype=dtype) for _ in range(2))
+    modes = torch.tensor([[FA, SSA, XA, SSA, FA, SSA, XA, SSA][:G]] * B, device=dev)
+    o = elastic_attention(q, k, v, modes, sink=128, window=256 if dev == "cpu" else 2048)
+    xa = xattn_block_mask(q, k)
+    ref = reference_attention(q, k, v, modes, sink=128, window=256 if dev == "cpu" else 2048, xa_blocks=xa)
+    err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+    print(f"{dev} {dtype} B={B} H={H} G={G} T={T} D={D} modes={modes[0].tolist()}: rel err {err:.2e}")
+    if dev == "cuda":
+        for _ in range(3):
+            elastic_attention(q, k, v, modes)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            elastic_attention(q, k, v, modes)
+        torch.cuda.synchronize()
+        print(f"elastic_attention: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms")
