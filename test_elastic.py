@@ -1,0 +1,96 @@
+"""
+The elastic model (model.py with routers): routing at prefill, the training mix of both branches, and the
+per-head KV cache whose decode must equal a full recomputation under the same modes. CPU, fp32.
+
+    pytest test_elastic.py
+"""
+import pytest
+import torch
+
+from kernel import FA, SSA, XA
+from model import Transformer
+from router import ElasticConfig
+
+
+def load(path, elastic):
+    return Transformer.from_pretrained(path, device="cpu", dtype=torch.float32).set_elastic(elastic)
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_decode_equals_recompute(which, tiny_dir, smollm2_dir):
+    """Decode step by step with the cache (SSA heads in a ring buffer that evicts) and compare every step's
+    logits with a full recomputation of the whole sequence under the same modes."""
+    model = load(tiny_dir if which == "tiny" else smollm2_dir, ElasticConfig(sink=4, window=16))
+    L, G, V = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.vocab_size
+    # a mix of modes, with every mode present; XA heads decode densely, and on fewer than 128 tokens their
+    # prefill is dense too (one block), so the recomputation is comparable
+    modes = torch.zeros(L, 1, G, dtype=torch.int32)
+    modes[:, 0] = (torch.arange(G) + torch.arange(L)[:, None]) % 3  # FA, SSA and XA all present
+    T0, steps = 40, 60  # prompt 40, then 60 tokens: the 16-token window turns over several times
+    tokens = torch.randint(0, V, (1, T0 + steps))  # fresh every run
+    model.setup_cache(T0 + steps)
+    decoded = [model(tokens[:, :T0], modes=modes)[:, -1]]
+    for p in range(T0, T0 + steps - 1):
+        decoded.append(model(tokens[:, p:p + 1], pos=p)[:, -1])
+    model.setup_cache(None)
+    decoded = torch.cat(decoded)  # [steps, V]: logits for positions T0-1 .. T0+steps-2
+    full = model(tokens[:, :T0 + steps - 1], modes=modes)[0, T0 - 1:]
+    err, scale = (decoded - full).abs().max().item(), full.abs().max().item()
+    print(f"{which}: decode vs recompute max |logit diff| {err:.2e}, scale {scale:.2e}")
+    assert err < 1e-4 * scale, f"decode vs recompute: {err:.3e} (scale {scale:.3e})"
+    # and SSA really evicts: a dense recomputation differs
+    dense = model(tokens[:, :T0 + steps - 1])[0, T0 - 1:]
+    assert (dense - full).abs().max() > 1e-3 * scale
+
+
+def test_ssa_cache_is_constant(tiny_dir):
+    model = load(tiny_dir, ElasticConfig(sink=8, window=32))
+    L, G, D = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
+    modes = torch.full((L, 1, G), SSA, dtype=torch.int32)
+    modes[:, :, 0] = FA  # one full head per layer
+    for T in (100, 400):
+        stats = {}
+        list(model.generate(torch.randint(0, 1000, (1, T)), 3, modes=modes, stats=stats))
+        per_layer = 2 * 4 * D * ((T + 3) * 1 + (8 + 32) * (G - 1))  # k and v, fp32: full head + ring heads
+        assert stats["kv_bytes"] == L * per_layer
+        assert stats["kv_bytes_dense"] == L * 2 * 4 * D * (T + 3) * G
+
+
+def test_training_mix_equals_routed_forward(tiny_dir):
+    """With hard straight-through z, the mixed output of both branches equals running the sampled modes."""
+    model = load(tiny_dir, ElasticConfig(sink=4, window=24)).attach_routers()
+    idx = torch.randint(0, 1000, (2, 150))
+    prompt_lens = torch.tensor([120, 150])
+    logits, routing = model(idx, prompt_lens=prompt_lens, tau=1.0, return_routing=True)
+    assert routing.z.requires_grad and routing.omega.requires_grad
+    assert torch.equal(routing.modes, torch.where(routing.z[..., 1] > 0.5, SSA, FA).int())
+    with torch.no_grad():
+        routed = model(idx, modes=routing.modes.transpose(0, 1))  # [L, B, G]
+    assert (logits - routed).abs().max() < 1e-4 * routed.abs().max()
+    logits.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.routers().parameters())
+
+
+def test_inference_routing_and_omega(tiny_dir):
+    model = load(tiny_dir, ElasticConfig(mode_pair="FA-XA")).attach_routers()
+    idx = torch.randint(0, 1000, (1, 300))
+    _, routing = model(idx, return_routing=True)
+    assert routing.z is not None and not routing.z.requires_grad
+    assert set(routing.modes.unique().tolist()) <= {FA, XA}
+    assert torch.allclose(routing.omega, (routing.modes == XA).float().mean(dim=(1, 2)))
+    _, again = model(idx, return_routing=True)
+    assert torch.equal(again.modes, routing.modes)  # argmax routing: no noise
+
+
+def test_routers_save_load_and_mismatch(tiny_dir, smollm2_dir, tmp_path):
+    model = load(tiny_dir, ElasticConfig(sink=8, window=64)).attach_routers()
+    model.save_routers(tmp_path / "r")
+    again = load(tiny_dir, ElasticConfig()).load_routers(tmp_path / "r")
+    assert again.elastic == ElasticConfig(sink=8, window=64)
+    for a, b in zip(model.routers().state_dict().values(), again.routers().state_dict().values()):
+        assert torch.equal(a, b)
+    other = Transformer.from_pretrained(smollm2_dir, device="cpu")
+    with pytest.raises(ValueError, match="trained for another model: num_hidden_layers 2 there vs 30 here"):
+        other.load_routers(tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match="no routers.safetensors"):
+        other.load_routers(tmp_path)

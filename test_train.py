@@ -1,0 +1,72 @@
+"""
+train.py as a user runs it, on the CPU: a tiny random model (one process and torchrun's two), and SmolLM2.
+
+    pytest test_train.py
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from model import Transformer
+
+HERE = Path(__file__).parent
+SHORT = ["--min-len", "160", "--max-len", "260", "--sink", "8", "--window", "32", "--eval-samples", "4"]
+
+
+def train(*args, nproc=None, timeout=600):
+    cmd = [sys.executable, "train.py", *map(str, args)]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train.py", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
+    out = tmp_path / "routers"
+    log = train("--model", tiny_dir, "--out-dir", out, "--steps", 3, "--batch-size", 2, "--eval-every", 3, *SHORT)
+    assert "step 3 |" in log and "eval step 3" in log and "final: routers at step 3" in log
+    trained = load_file(out / "routers.safetensors")
+    fresh = Transformer.from_pretrained(tiny_dir)
+    torch.manual_seed(1337)  # train.py's default seed: the routers it started from
+    fresh.attach_routers()
+    start = fresh.routers().state_dict()
+    assert set(trained) == set(start)
+    assert any(not torch.equal(trained[k], start[k]) for k in trained), "training left the routers unchanged"
+    meta = json.loads((out / "routers.json").read_text())
+    assert meta["step"] == 3 and len(meta["lambda1"]) == 2
+    # the checkpoint loads back into the model, with its ElasticConfig
+    model = Transformer.from_pretrained(tiny_dir).load_routers(out)
+    assert model.elastic.sink == 8 and model.elastic.window == 32
+    assert all(torch.equal(v, trained[k]) for k, v in model.routers().state_dict().items())
+    # and training resumes where it stopped
+    log = train("--model", tiny_dir, "--out-dir", out, "--steps", 5, "--batch-size", 2, "--eval-every", 0,
+                "--resume", *SHORT)
+    assert "resumed from" in log and "at step 3" in log and "step 4 |" in log and "step 5 |" in log
+    assert "step 3 |" not in log
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_torchrun_two_processes_keep_routers_identical(tiny_dir, tmp_path):
+    log = train("--model", tiny_dir, "--out-dir", tmp_path / "ddp", "--steps", 2, "--batch-size", 4,
+                "--eval-every", 0, "--device", "cpu", *SHORT, nproc=2)
+    assert "2 process(es) x 1 x 2 accum = batch 4" in log
+    line = next(l for l in log.splitlines() if l.startswith("routers in sync across 2 processes"))
+    assert float(line.split()[-1]) == 0.0, line
+
+
+def test_a_few_steps_on_smollm2(tmp_path):
+    out = tmp_path / "smol"
+    log = train("--out-dir", out, "--steps", 2, "--batch-size", 2, "--eval-every", 0, *SHORT)
+    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2]
+    assert all(0.0 < l["ce"] < 10.0 for l in lines), lines  # a trained model, not random logits (ln V = 10.8)
+    assert "final: routers at step 2" in log

@@ -1,0 +1,278 @@
+"""
+Train the Attention Routers of a frozen model (Elastic Attention, arXiv 2601.17367; METHOD.md section 3).
+
+    python train.py                                        # SmolLM2-135M + the built-in synthetic mix
+    python train.py --model path/to/Llama-3.1-8B-Instruct --data train.jsonl --max-len 32768
+    torchrun --standalone --nproc_per_node=8 train.py --model path/to/Llama-3.1-8B-Instruct --data train.jsonl
+
+Only the routers (one per layer) and two Lagrange multipliers per task class train; the backbone is frozen
+(bf16 on the GPU). Every step samples each router's decision with a Gumbel-softmax straight-through estimator,
+runs both branches of every KV head and mixes them by that decision, and takes
+    loss = CE + lambda1[c] * (Omega - t[c]) + lambda2[c] * (Omega - t[c])^2        (paper Eq. 8)
+which the routers minimise and the lambdas maximise (gradient ascent). Omega is the share of sparse KV heads,
+t the target of the sample's task class (0.7 sensitive, 1.0 robust). The same code runs on one CPU process,
+one GPU or torchrun's N processes; the router gradients are averaged across processes (data parallel).
+The output dir holds routers.safetensors, elastic.json and routers.json; `sample.py --routers DIR` uses them.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from data import ROBUST, SENSITIVE, JsonlDataset, SyntheticMix, collate
+from kernel import FA
+from model import Transformer, default_model_dir
+from router import MODE_PAIRS, ElasticConfig, SparsityConstraint, tau_schedule
+
+# -----------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default=None, help="HuggingFace checkpoint dir (default: SmolLM2-135M-Instruct)")
+parser.add_argument("--data", default="synthetic", help="'synthetic' (built-in mix) or a JSONL file of "
+                    "{context, question, answer, task} records (README: Data)")
+parser.add_argument("--out-dir", default="out-routers", help="where routers, lambdas and the resume state go")
+parser.add_argument("--resume", action="store_true", help="continue from the state saved in --out-dir")
+# how routed heads run
+parser.add_argument("--mode-pair", default="FA-SSA", choices=MODE_PAIRS, help="{retrieval}-{sparse} modes")
+parser.add_argument("--sink", type=int, default=128, help="SSA sink tokens")
+parser.add_argument("--window", type=int, default=2048, help="SSA local window in tokens")
+parser.add_argument("--xa-threshold", type=float, default=0.9, help="XAttention cumulative block-mass threshold")
+parser.add_argument("--xa-stride", type=int, default=16, help="XAttention antidiagonal stride")
+# data
+parser.add_argument("--min-len", type=int, default=1024, help="synthetic mix: shortest sample, in tokens")
+parser.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens (JSONL: contexts are cut)")
+parser.add_argument("--sensitive-frac", type=float, default=0.5, help="synthetic mix: share of retrieval samples")
+parser.add_argument("--answer-only", action="store_true", help="CE on the answer only (paper: whole sequence)")
+# optimisation (paper Table 6)
+parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+parser.add_argument("--batch-size", type=int, default=48, help="global batch in samples, over all processes")
+parser.add_argument("--micro-batch", type=int, default=1, help="samples per forward on each process")
+parser.add_argument("--lr", type=float, default=5e-4, help="router learning rate (peak)")
+parser.add_argument("--lambda-lr", type=float, default=1e-3, help="Lagrange multiplier learning rate (constant)")
+parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the routers")
+parser.add_argument("--warmup", type=float, default=0.2, help="share of steps of linear warm-up")
+parser.add_argument("--grad-clip", type=float, default=5.0, help="router gradient norm clip")
+parser.add_argument("--tau-start", type=float, default=1.5, help="Gumbel temperature at step 0")
+parser.add_argument("--tau-end", type=float, default=1.0, help="Gumbel temperature after --tau-frac of the steps")
+parser.add_argument("--tau-frac", type=float, default=0.6, help="share of steps over which tau anneals")
+parser.add_argument("--targets", type=float, nargs=2, default=(0.7, 1.0), metavar=("SENSITIVE", "ROBUST"),
+                    help="Omega targets of the two task classes")
+parser.add_argument("--abs-linear", action="store_true", help="|Omega - t| in the linear term (released code)")
+parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute each block in backward to save memory")
+# bookkeeping
+parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations (0: never)")
+parser.add_argument("--eval-samples", type=int, default=16, help="held-out samples per evaluation")
+parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+parser.add_argument("--seed", type=int, default=1337, help="seed of router init, data order and Gumbel noise")
+parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="backbone dtype (default: bfloat16 on the GPU, float32 on the CPU)")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# processes: one code path for 1 CPU process, 1 GPU or torchrun's N
+ddp = "RANK" in os.environ
+if ddp:
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+master = rank == 0
+per_step = world * args.micro_batch
+if args.batch_size % per_step:
+    raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of processes x --micro-batch = {per_step}")
+accum = args.batch_size // per_step
+
+# -----------------------------------------------------------------------------
+# model: frozen backbone + fresh routers (the same initial routers on every rank: same seed, then a broadcast)
+model_dir = args.model or default_model_dir()
+dtype = getattr(torch, args.dtype) if args.dtype else None
+model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype)
+elastic = ElasticConfig(args.mode_pair, args.sink, args.window, args.xa_threshold, args.xa_stride)
+torch.manual_seed(args.seed)
+model.attach_routers(elastic)
+model.grad_checkpointing = args.grad_checkpointing
+routers = model.routers()
+constraint = SparsityConstraint(tuple(args.targets), args.abs_linear).to(device)
+params = list(routers.parameters()) + list(constraint.parameters())
+if ddp:
+    for p in params:
+        dist.broadcast(p.data, src=0)
+torch.manual_seed(args.seed + rank)  # Gumbel noise differs across ranks, as their samples do
+
+optimizer = torch.optim.AdamW(routers.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+lambda_optimizer = torch.optim.AdamW(constraint.parameters(), lr=args.lambda_lr, betas=(0.9, 0.95),
+                                     weight_decay=0.0, maximize=True)  # the lambdas ascend
+
+
+def get_lr(step):
+    """Linear warm-up over --warmup of the steps, then cosine decay to zero."""
+    warm = max(1, int(args.warmup * args.steps))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
+
+
+out_dir = Path(args.out_dir)
+state_file = out_dir / "train_state.pt"
+start = 0
+if args.resume:
+    if not state_file.is_file():
+        raise SystemExit(f"--resume: {state_file} does not exist; train without --resume first")
+    state = torch.load(state_file, map_location=device)
+    routers.load_state_dict(state["routers"])
+    constraint.load_state_dict(state["constraint"])
+    optimizer.load_state_dict(state["optimizer"])
+    lambda_optimizer.load_state_dict(state["lambda_optimizer"])
+    start = state["step"]
+    torch.set_rng_state(state["rng_cpu"])
+    if master:
+        print(f"resumed from {state_file} at step {start}")
+
+# -----------------------------------------------------------------------------
+# data: sample i of the stream is a pure function of i, so ranks take disjoint slices and resume is exact
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+if args.data == "synthetic":
+    dataset = SyntheticMix(tokenizer, args.min_len, args.max_len, seed=args.seed, sensitive_frac=args.sensitive_frac)
+    heldout = SyntheticMix(tokenizer, args.min_len, args.max_len, seed=args.seed + 1,
+                           sensitive_frac=args.sensitive_frac)
+else:
+    dataset = JsonlDataset(args.data, tokenizer, args.max_len)
+    heldout = None  # a JSONL file has no held-out split here; pass one as --data to sample.py/eval.py instead
+
+
+def get_batch(step, micro):
+    first = step * args.batch_size + (rank * accum + micro) * args.micro_batch
+    samples = [dataset[(first + b) % len(dataset)] for b in range(args.micro_batch)]
+    return collate(samples, pad_id, answer_only=args.answer_only, pad_multiple=128).to(device)
+
+
+def cross_entropy(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate():
+    """Held-out CE of the routed model (argmax routing, the fused kernel on the GPU) next to the dense model's,
+    and Omega, per task class: the routers should keep CE near dense while sensitive and robust tasks split."""
+    L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
+    sums = torch.zeros(2, 4, device=device)  # per class: dense CE, routed CE, Omega, count
+    for i in range(rank, args.eval_samples, world):
+        batch = collate([heldout[i]], pad_id, answer_only=True).to(device)
+        dense = cross_entropy(model(batch.input_ids, modes=torch.full((L, 1, G), FA, device=device)), batch.targets)
+        logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, return_routing=True)
+        c = batch.task_class.item()
+        sums[c] += torch.stack([dense, cross_entropy(logits, batch.targets), routing.omega[0], torch.ones((), device=device)])
+    if ddp:
+        dist.all_reduce(sums)
+    mean = sums[:, :3] / sums[:, 3:].clamp(min=1)
+    return {name: [round(x, 4) for x in mean[c].tolist()] for c, name in ((SENSITIVE, "sensitive"), (ROBUST, "robust"))}
+
+
+def save(step, final=False):
+    extra = dict(step=step, lambda1=constraint.lambda1.tolist(), lambda2=constraint.lambda2.tolist(),
+                 targets=list(args.targets), args=vars(args))
+    model.save_routers(out_dir, extra=extra)
+    torch.save(dict(routers=routers.state_dict(), constraint=constraint.state_dict(), optimizer=optimizer.state_dict(),
+                    lambda_optimizer=lambda_optimizer.state_dict(), step=step, rng_cpu=torch.get_rng_state()),
+               state_file)
+    print(f"{'final' if final else 'checkpoint'}: routers at step {step} saved to {out_dir}")
+
+
+# -----------------------------------------------------------------------------
+# training loop
+if master:
+    n_router = sum(p.numel() for p in routers.parameters())
+    print(f"model {model_dir}: {model.config.num_hidden_layers} layers x {model.config.num_key_value_heads} KV heads, "
+          f"{n_router:,} router parameters | {elastic} | {world} process(es) x {args.micro_batch} x {accum} accum "
+          f"= batch {args.batch_size} | device {device}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(out_dir / "log.jsonl", "a")  # the same numbers as the printed lines, for plotting
+bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, dynamic_ncols=True)
+for step in bar:
+    t0 = time.perf_counter()
+    lr, tau = get_lr(step), tau_schedule(step, args.steps, args.tau_start, args.tau_end, args.tau_frac)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    stats = torch.zeros(2, 4, device=device)  # per class: sums of CE, Omega, loss; count
+    tokens = 0
+    for micro in range(accum):
+        batch = get_batch(step, micro)
+        logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, tau=tau, return_routing=True)
+        ce = cross_entropy(logits, batch.targets)
+        loss = ce + constraint(routing.omega, batch.task_class)
+        (loss / accum).backward()
+        for c in (SENSITIVE, ROBUST):
+            sel = batch.task_class == c
+            n = sel.sum()
+            stats[c] += torch.stack([ce.detach() * n, routing.omega.detach()[sel].sum(), loss.detach() * n, n.float()])
+        tokens += int(batch.lengths.sum())
+    if ddp:  # data parallel over the router parameters and lambdas: average their gradients once per step
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
+        dist.all_reduce(stats)
+    grad_norm = torch.nn.utils.clip_grad_norm_(routers.parameters(), args.grad_clip)
+    optimizer.step()
+    lambda_optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lambda_optimizer.zero_grad(set_to_none=True)
+
+    # one line per step on rank 0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    ce_c, om_c, _ = (stats[:, :3] / stats[:, 3:]).T.tolist()  # nan for a class absent from the step
+    total = stats.sum(0)
+    if master:
+        line = dict(step=step + 1, loss=(total[2] / total[3]).item(), ce=(total[0] / total[3]).item(),
+                    omega_sensitive=om_c[SENSITIVE], omega_robust=om_c[ROBUST], ce_sensitive=ce_c[SENSITIVE],
+                    ce_robust=ce_c[ROBUST], lambda1=constraint.lambda1.tolist(), lambda2=constraint.lambda2.tolist(),
+                    tau=tau, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tokens * world / dt)
+        tqdm.write(f"step {step + 1} | loss {line['loss']:.4f} | ce {line['ce']:.4f} | omega sens {om_c[SENSITIVE]:.3f} robust {om_c[ROBUST]:.3f}"
+                   f" | lambda1 {constraint.lambda1[0].item():+.3f} {constraint.lambda1[1].item():+.3f}"
+                   f" lambda2 {constraint.lambda2[0].item():+.3f} {constraint.lambda2[1].item():+.3f}"
+                   f" | tau {tau:.3f} | lr {lr:.2e} | {line['tokens_per_s']:.0f} tok/s")
+    if heldout is not None and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+        ev = evaluate()
+        if master:
+            line["eval"] = ev
+            tqdm.write(f"eval step {step + 1} | [dense CE, routed CE, omega] sensitive {ev['sensitive']} "
+                       f"robust {ev['robust']}")
+    if master:
+        log.write(json.dumps(line) + "\n")
+        log.flush()
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(step + 1)
+
+# -----------------------------------------------------------------------------
+# the routers must be identical on every rank; then save and shut down
+if ddp:
+    mine = torch.cat([p.detach().flatten() for p in params])
+    ref = mine.clone()
+    dist.broadcast(ref, src=0)
+    diff = (mine - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if master:
+        print(f"routers in sync across {world} processes: max |difference| {diff.item():.3e}")
+if master:
+    save(args.steps, final=True)
+if ddp:
+    dist.destroy_process_group()
