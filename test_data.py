@@ -1,0 +1,209 @@
+"""Tests of data.py on the CPU with SmolLM2's tokenizer: `pytest test_data.py`."""
+
+import json
+import re
+
+import pytest
+import torch
+from pydoc_data.topics import topics
+
+from data import (IGNORE, ROBUST, SENSITIVE, TASK_CLASSES, JsonlDataset, Sample, SyntheticMix, collate, encode,
+                  task_class)
+
+END_OF_PROMPT = "<|im_end|>\n<|im_start|>assistant\n"  # SmolLM2's template between user turn and answer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from model import default_model_dir
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+@pytest.fixture(scope="module")
+def mix(tok):
+    return SyntheticMix(tok, min_len=300, max_len=700, seed=0)
+
+
+def record(task="single_qa", context="Paris is the capital of France.", question="What is the capital of France?",
+           answer="Paris."):
+    return {"context": context, "question": question, "answer": answer, "task": task}
+
+
+# --- tasks ----------------------------------------------------------------
+
+
+def test_task_classes():
+    assert {t for t, c in TASK_CLASSES.items() if c == SENSITIVE} == {"single_qa", "multi_hop_qa", "synthetic"}
+    assert {t for t, c in TASK_CLASSES.items() if c == ROBUST} == {"summarization", "code", "icl", "continuation"}
+    assert (SENSITIVE, ROBUST) == (0, 1)
+    with pytest.raises(ValueError, match=r"unknown task 'qa'; expected one of single_qa, multi_hop_qa"):
+        task_class("qa")
+
+
+# --- prompts --------------------------------------------------------------
+
+
+def test_encode_equals_the_chat_template(tok):
+    users = {  # the user turn each task gets (METHOD.md section 3)
+        "single_qa": "CTX\n\nQ?", "multi_hop_qa": "CTX\n\nQ?", "synthetic": "CTX\n\nQ?", "icl": "CTX\n\nQ?",
+        "summarization": "You are given several news passages. Write a one-page summary of all news.\n\nCTX\n\nSummary:",
+        "code": "Please complete the code given below.\n\nCTX",
+        "continuation": "Continue the text given below.\n\nCTX",
+    }
+    assert set(users) == set(TASK_CLASSES)
+    ctx = "Some text.\nMore text here."
+    for task, user in users.items():
+        question = "Q?" if "Q?" in user else ""
+        s = encode(tok, record(task, context=ctx, question=question), max_len=4096)
+        assert s.task == task and s.task_class == TASK_CLASSES[task]
+        # The prompt is exactly the template's tokenised prompt; the rest is the assistant turn and EOS.
+        messages = [{"role": "user", "content": user.replace("CTX", ctx)}]
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert s.input_ids[:s.prompt_len].tolist() == tok(prompt, add_special_tokens=False).input_ids, task
+        assert tok.decode(s.input_ids[s.prompt_len:]) == "Paris.<|im_end|>\n"
+        assert s.input_ids[s.prompt_len:].tolist().count(tok.eos_token_id) == 1
+
+
+def test_task_prompts(tok):
+    text = tok.decode(encode(tok, record("summarization", context="NEWS", question=""), 4096).input_ids)
+    assert ("user\nYou are given several news passages. Write a one-page summary of all news.\n\nNEWS\n\nSummary:"
+            + END_OF_PROMPT) in text
+    text = tok.decode(encode(tok, record("code", context="def f(x):", question=""), 4096).input_ids)
+    assert "user\nPlease complete the code given below.\n\ndef f(x):" + END_OF_PROMPT in text
+    text = tok.decode(encode(tok, record("multi_hop_qa", context="CTX", question="Q?"), 4096).input_ids)
+    assert "user\nCTX\n\nQ?" + END_OF_PROMPT in text
+
+
+def test_length_limit_truncates_the_middle_of_the_context(tok):
+    words = " ".join(f"w{i}" for i in range(2000))
+    r = record("single_qa", context="BEGIN " + words + " END", question="Which words are there?", answer="Many words.")
+    s = encode(tok, r, max_len=200)
+    assert len(s.input_ids) == 200
+    text = tok.decode(s.input_ids)
+    assert "BEGIN w0 w1" in text and "w1999 END" in text and " w1000 " not in text
+    assert "Which words are there?" + END_OF_PROMPT + "Many words.<|im_end|>\n" in text
+    assert len(encode(tok, record(), max_len=200).input_ids) < 200    # short records are left alone
+    with pytest.raises(ValueError, match="max_len=20"):
+        encode(tok, r, max_len=20)
+
+
+# --- JSONL ----------------------------------------------------------------
+
+
+def test_jsonl_reader(tok, tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [record(), record("summarization", context="Long news.", question="", answer="Short."),
+            {**record("code", context="def f():", question="", answer="    pass"), "id": 7}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows[1:]) + "\n")
+    data = JsonlDataset(path, tok, max_len=512)
+    assert len(data) == 3 and data.tasks == ["single_qa", "summarization", "code"]
+    for r, s in zip(rows, (data[i] for i in range(3))):
+        assert isinstance(s, Sample) and s.task == r["task"] and s.task_class == TASK_CLASSES[r["task"]]
+        assert tok.decode(s.input_ids) == tok.decode(encode(tok, r, 512).input_ids)
+        assert tok.decode(s.input_ids[s.prompt_len:]).startswith(r["answer"])
+
+
+@pytest.mark.parametrize("line,match", [
+    ('{"context": "c", "question": "q", "answer": "a", "task": "qa"}', r"bad.jsonl:2: unknown task 'qa'"),
+    ('{"context": "c", "question": "q", "task": "code"}', r"bad.jsonl:2: 'answer' must be a string"),
+    ('{"context": 3, "question": "q", "answer": "a", "task": "code"}', r"bad.jsonl:2: 'context' must be a string"),
+    ('["c", "q", "a", "code"]', r"bad.jsonl:2: expected a JSON object"),
+    ('{"context": "c", ', r"bad.jsonl:2: not valid JSON"),
+])
+def test_jsonl_errors(tok, tmp_path, line, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(record()) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=match):
+        JsonlDataset(path, tok, max_len=512)
+
+
+# --- the synthetic mix ----------------------------------------------------
+
+
+def test_synthetic_is_deterministic(tok, mix):
+    again = SyntheticMix(tok, min_len=300, max_len=700, seed=0)
+    other = SyntheticMix(tok, min_len=300, max_len=700, seed=1)
+    order = [7, 3, 0, 12, 5]
+    for i in order:                                   # any order, a fresh instance: the same samples
+        a, b = mix[i], again[i]
+        assert torch.equal(a.input_ids, b.input_ids) and (a.prompt_len, a.task) == (b.prompt_len, b.task)
+    assert sum(torch.equal(mix[i].input_ids, other[i].input_ids) for i in range(10)) == 0
+
+
+def test_synthetic_lengths_and_mix(tok, mix):
+    samples = [mix[i] for i in range(60)]
+    lengths = [len(s.input_ids) for s in samples]
+    assert all(300 <= n <= 700 for n in lengths) and len(set(lengths)) > 30
+    tasks = [s.task for s in samples]
+    assert 15 < tasks.count("synthetic") < 45 and tasks.count("synthetic") + tasks.count("continuation") == 60
+    assert all(s.task_class == TASK_CLASSES[s.task] for s in samples)
+    assert all(s.input_ids.dtype == torch.long for s in samples)
+    fixed = SyntheticMix(tok, min_len=512, max_len=512, seed=3, sensitive_frac=1.0)
+    assert {len(fixed[i].input_ids) for i in range(10)} == {512}
+    assert {fixed[i].task for i in range(10)} == {"synthetic"}
+    assert {SyntheticMix(tok, 400, 500, sensitive_frac=0.0)[i].task for i in range(10)} == {"continuation"}
+
+
+def test_synthetic_answers(tok, mix):
+    docs = "\n\n".join(topics[name] for name in sorted(topics))
+    seen = set()
+    for i in range(40):
+        s = mix[i]
+        prompt, answer = tok.decode(s.input_ids[:s.prompt_len]), tok.decode(s.input_ids[s.prompt_len:])
+        assert prompt.endswith(END_OF_PROMPT) and answer.endswith("<|im_end|>\n")
+        answer = answer.removesuffix("<|im_end|>\n")
+        if s.task == "continuation":
+            # The answer is the true next passage: the context's end followed by it is in the docs.
+            context = prompt.removesuffix(END_OF_PROMPT)
+            assert (context[-200:] + answer) in docs + docs, i
+            seen.add("continuation")
+        elif m := re.fullmatch(r"The pass key is (\d{5})\.", answer):
+            assert prompt.count(f"The pass key is {m[1]}. Remember it. {m[1]} is the pass key.") == 1
+            assert prompt.endswith("What is the pass key?" + END_OF_PROMPT)
+            seen.add("passkey")
+        else:
+            m = re.fullmatch(r"The secret number of (\w+) is (\d{7})\.", answer)
+            assert m, answer
+            assert prompt.count(f"The secret number of {m[1]} is {m[2]}.") == 1
+            assert len(re.findall(r"The secret number of \w+ is \d{7}\.", prompt)) in (2, 3, 4)
+            assert prompt.endswith(f"What is the secret number of {m[1]}?" + END_OF_PROMPT)
+            seen.add("multikey")
+    assert seen == {"continuation", "passkey", "multikey"}
+
+
+def test_synthetic_errors(tok):
+    with pytest.raises(ValueError, match="min_len"):
+        SyntheticMix(tok, min_len=500, max_len=400)
+    with pytest.raises(ValueError, match="raise min_len"):
+        SyntheticMix(tok, min_len=40, max_len=40)[0]
+
+
+# --- batches --------------------------------------------------------------
+
+
+def test_collate_shapes_and_targets(tok, mix):
+    samples = [mix[i] for i in range(5)]
+    pad = tok.pad_token_id
+    for answer_only in (False, True):
+        batch = collate(samples, pad_id=pad, answer_only=answer_only, pad_multiple=64)
+        T = batch.input_ids.shape[1]
+        assert T % 64 == 0 and T - 64 < max(len(s.input_ids) for s in samples) <= T
+        assert batch.targets.shape == (5, T) and batch.input_ids.dtype == batch.targets.dtype == torch.long
+        assert batch.prompt_lens.tolist() == [s.prompt_len for s in samples]
+        assert batch.task_class.tolist() == [s.task_class for s in samples]
+        assert batch.tasks == [s.task for s in samples]
+        for b, s in enumerate(samples):
+            n, p = len(s.input_ids), s.prompt_len
+            assert batch.lengths[b] == n
+            assert torch.equal(batch.input_ids[b, :n], s.input_ids) and (batch.input_ids[b, n:] == pad).all()
+            assert (batch.targets[b, n - 1:] == IGNORE).all()         # padding and the last token: no loss
+            first = p - 1 if answer_only else 0
+            assert (batch.targets[b, :first] == IGNORE).all()
+            assert torch.equal(batch.targets[b, first:n - 1], s.input_ids[first + 1:n])   # shifted by one
+        trained = (batch.targets != IGNORE).sum().item()
+        assert trained == sum(len(s.input_ids) - (s.prompt_len if answer_only else 1) for s in samples)
+    assert batch.to("cpu").input_ids is not None
+    with pytest.raises(ValueError, match="pad_id"):
+        collate(samples, pad_id=None)
