@@ -256,15 +256,15 @@ class SyntheticMix(torch.utils.data.Dataset):
         # max_len by a little, the surplus comes off the start of the context, which holds only filler.
         n = length - (len(encode(self.tokenizer, make(16), max_len=None).input_ids) - 16)
         for _ in range(6):
+            if n < 1:
+                raise ValueError(f"a {make(1)['task']} sample of {length} tokens has no room for text: its prompt "
+                                 f"and answer alone take about {length - n} tokens; raise min_len")
             sample = encode(self.tokenizer, make(n), max_len=None)
             got = len(sample.input_ids)
             if self.min_len <= got <= self.max_len:
                 return sample
             if 0 < got - self.max_len <= FILLER_HEAD // 2:
                 return encode(self.tokenizer, make(n), max_len=self.max_len, truncate="left")
-            if n + length - got < 1:
-                raise ValueError(f"a {sample.task} sample of {length} tokens has no room for text: its prompt and "
-                                 f"answer alone take about {got - n} tokens; raise min_len")
             n += length - got
         raise RuntimeError(f"sample {i}: could not fit {length} tokens into [{self.min_len}, {self.max_len}]")
 
