@@ -21,6 +21,7 @@ kernel, 4. the wrappers, 5. FlexAttention equivalents (same masks, differentiabl
 
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,13 @@ if not torch.cuda.is_available():
     # No GPU: run the Triton kernels in Triton's interpreter, so `import kernel` works anywhere.
     # (In the interpreter a tl.dot on bf16 operands is wrong: use fp32 or fp16 there.)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    triton_lang = sys.modules.get("triton.language")
+    if os.environ["TRITON_INTERPRET"] == "1" and triton_lang and type(triton_lang.zeros).__name__ == "JITFunction":
+        # Triton builds its own library (tl.zeros, tl.sort, ...) for the interpreter only when it is
+        # imported with TRITON_INTERPRET=1, and torch may have imported it before us: import Triton's
+        # Python modules again (its compiled extension stays loaded).
+        for name in [m for m in sys.modules if m.split(".")[0] == "triton" and not m.startswith("triton._C")]:
+            del sys.modules[name]
 
 import triton
 import triton.language as tl
@@ -273,9 +281,9 @@ def _key_ranges(mode, start_m, T, sink, window, BLOCK_M: tl.constexpr, BLOCK_N: 
     # SSA: the first query of the tile sees back to start_m - window + 1; the last query sees every key
     # from start_m + BLOCK_M - window on. Between the two the queries disagree: the edge.
     edge_lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
-    full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N
+    full_lo = (tl.maximum(start_m + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     full_lo = tl.minimum(tl.maximum(full_lo, edge_lo), diag_lo)
-    sink_hi = tl.minimum(tl.cdiv(sink, BLOCK_N) * BLOCK_N, edge_lo)  # the sink, below the window
+    sink_hi = tl.minimum((sink + BLOCK_N - 1) // BLOCK_N * BLOCK_N, edge_lo)  # the sink, below the window
     is_ssa = mode == _SSA
     sink_hi = tl.where(is_ssa, sink_hi, 0)
     edge_lo = tl.where(is_ssa, edge_lo, tl.where(mode == _XA, diag_lo, 0))  # FA: from 0; XA: list
@@ -295,7 +303,7 @@ def _schedule_cost_kernel(Modes, Count, Cost, N, T, NB, H, G, GROUP, sink, windo
     sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, m * BLOCK_M, T, sink, window,
                                                               BLOCK_M, BLOCK_N)
     count = tl.load(Count + offs, mask=valid & (mode == _XA), other=1)
-    tiles = sink_hi // BLOCK_N + tl.cdiv(diag_hi - edge_lo, BLOCK_N) + (count - 1) * (_KV_BLOCK // BLOCK_N)
+    tiles = (sink_hi + diag_hi - edge_lo + BLOCK_N - 1) // BLOCK_N + (count - 1) * (_KV_BLOCK // BLOCK_N)
     tl.store(Cost + offs, tiles, mask=valid)
 
 

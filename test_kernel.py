@@ -1,0 +1,295 @@
+"""
+Tests of kernel.py against its PyTorch reference (METHOD.md sections 4 and 5).
+
+On a CPU machine the Triton kernels run in Triton's interpreter (small shapes, fp32); with CUDA they
+run on the GPU (bf16 and fp16, plus larger shapes). Every run draws fresh random inputs (the seed is
+printed on failure) and poisons the output with NaN first, so an unwritten element fails.
+
+    pytest -q test_kernel.py
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import kernel
+from kernel import FA, SSA, XA, elastic_attention, reference_attention, xattn_block_mask
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]  # interpreter: no bf16 dots
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def rand(*shapes, dtype, scale=1.0):
+    """Fresh random tensors on DEV (a new seed every call), and the seed to reproduce them."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*s, generator=g) * scale).to(DEV, dtype) for s in shapes], seed
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item(), (a - b).abs().max().item()
+
+
+def check_against_reference(B, H, G, T, D, modes, dtype, **kw):
+    (q, k, v), seed = rand((B, H, T, D), (B, G, T, D), (B, G, T, D), dtype=dtype)
+    modes = torch.tensor(modes, device=DEV)
+    xa_kw = dict(stride=kw.get("xa_stride", 16), threshold=kw.get("xa_threshold", 0.9))
+    xa = xattn_block_mask(q, k, **xa_kw) if bool((modes == XA).any()) else None
+    out = torch.full_like(q, float("nan"))  # poison
+    o = elastic_attention(q, k, v, modes, out=out, **kw)
+    assert o.data_ptr() == out.data_ptr()
+    assert not o.isnan().any(), f"{int(o.isnan().sum())} outputs left unwritten (seed {seed})"
+    ref = reference_attention(q, k, v, modes, xa_blocks=xa, **kw)
+    err, max_abs = rel_err(o, ref)
+    assert err < TOL[dtype], f"rel err {err:.2e}, max abs err {max_abs:.2e} (seed {seed}, T={T}, modes {modes.tolist()})"
+    return q, k, v, o
+
+
+# -----------------------------------------------------------------------------
+# the fused kernel against the reference
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 127, 129, 1000, 2100])
+def test_lengths_all_modes_mixed(T, dtype):
+    # every mode in one batch, each batch element mixing them differently
+    modes = [[FA, SSA, XA], [XA, FA, SSA]]
+    check_against_reference(2, 3, 3, T, 64, modes, dtype, sink=64, window=300, xa_threshold=0.8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES if CUDA else [torch.float32, torch.float16])
+@pytest.mark.parametrize("ratio", [1, 3, 4])
+def test_gqa(ratio, dtype):
+    check_against_reference(2, 2 * ratio, 2, 300, 64, [[FA, XA], [SSA, FA]], dtype, sink=16, window=100)
+
+
+@pytest.mark.parametrize("sink,window", [(500, 100), (0, 10_000), (4, 1), (10**9, 10**9)])
+def test_sink_and_window_larger_than_T(sink, window):
+    check_against_reference(1, 2, 2, 200, 32, [[SSA, FA]], DTYPES[0], sink=sink, window=window)
+
+
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_other_tile_widths(block_n):
+    cfg = dict(kernel._default_config(None), BLOCK_N=block_n)
+    (q, k, v), seed = rand((1, 4, 333, 32), (1, 2, 333, 32), (1, 2, 333, 32), dtype=DTYPES[0])
+    modes = torch.tensor([[SSA, XA]], device=DEV)
+    xa = xattn_block_mask(q, k, threshold=0.7)
+    o = elastic_attention(q, k, v, modes, sink=40, window=150, xa_threshold=0.7, _config=cfg)
+    ref = reference_attention(q, k, v, modes, sink=40, window=150, xa_blocks=xa)
+    err, max_abs = rel_err(o, ref)
+    assert err < TOL[DTYPES[0]], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed})"
+
+
+def test_head_dim_128_and_sm_scale():
+    check_against_reference(1, 2, 1, 200, 128, [[SSA]], DTYPES[0], sink=8, window=64, sm_scale=0.05)
+
+
+def test_strided_views():
+    # q, k, v as [B, T, H, D] projections viewed as [B, H, T, D]: read in place, no copy needed
+    B, H, G, T, D = 1, 4, 2, 300, 32
+    (qt, kt, vt), seed = rand((B, T, H, D), (B, T, G, D), (B, T, G, D), dtype=DTYPES[0])
+    q, k, v = qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2)
+    modes = torch.tensor([[FA, SSA]], device=DEV)
+    o = elastic_attention(q, k, v, modes, sink=8, window=100)
+    ref = reference_attention(q, k, v, modes, sink=8, window=100)
+    err, max_abs = rel_err(o, ref)
+    assert err < TOL[DTYPES[0]], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed})"
+
+
+# -----------------------------------------------------------------------------
+# modes that must reduce to full attention
+
+def test_ssa_with_window_ge_T_equals_fa():
+    (q, k, v), seed = rand((1, 4, 700, 64), (1, 2, 700, 64), (1, 2, 700, 64), dtype=DTYPES[0])
+    o_ssa = elastic_attention(q, k, v, torch.tensor([[SSA, SSA]], device=DEV), sink=3, window=700)
+    o_fa = elastic_attention(q, k, v, torch.tensor([[FA, FA]], device=DEV))
+    err, max_abs = rel_err(o_ssa, o_fa)
+    assert max_abs <= 1e-6, f"max abs {max_abs:.2e} (seed {seed})"
+
+
+def test_xa_threshold_one_equals_fa():
+    (q, k, v), seed = rand((1, 4, 700, 64), (1, 2, 700, 64), (1, 2, 700, 64), dtype=DTYPES[0])
+    mask = xattn_block_mask(q, k, threshold=1.0)
+    assert bool(mask.equal(torch.ones_like(mask).tril())), "threshold 1.0 must keep every causal block"
+    o_xa = elastic_attention(q, k, v, torch.tensor([[XA, XA]], device=DEV), xa_threshold=1.0)
+    o_fa = elastic_attention(q, k, v, torch.tensor([[FA, FA]], device=DEV))
+    err, max_abs = rel_err(o_xa, o_fa)
+    assert max_abs <= 1e-6, f"max abs {max_abs:.2e} (seed {seed})"
+
+
+# -----------------------------------------------------------------------------
+# the XA estimate
+
+@pytest.mark.parametrize("T,stride,threshold", [(1, 16, 0.9), (40, 16, 0.9), (1000, 16, 0.9),
+                                                (1000, 16, 0.3), (700, 8, 0.6), (555, 32, 0.5)])
+def test_xa_selection_matches_reference(T, stride, threshold):
+    # Triton and the reference sum the cell scores in different orders, so a block right on the
+    # threshold could flip. So: block scores equal within rounding, and the Triton selection equal,
+    # exactly, to the reference rule applied to the scores the kernel used.
+    (q, k), seed = rand((2, 3, T, 64), (2, 1, T, 64), dtype=DTYPES[0])
+    mask, scores = xattn_block_mask(q, k, stride=stride, threshold=threshold, return_scores=True)
+    ref_scores = kernel.xattn_block_scores_reference(q, k, stride=stride)
+    err = (scores - ref_scores).abs().max().item()
+    assert err < 1e-4 * (128 // stride), f"block scores differ by {err:.2e} (seed {seed})"
+    ref_mask = kernel.xattn_select_reference(scores, threshold)
+    assert mask.equal(ref_mask), f"{int((mask != ref_mask).sum())} blocks differ (seed {seed})"
+    # the row masses: every causal cell row of a block row adds 1
+    nb, nc = scores.shape[-1], math.ceil(T / stride)
+    rows = torch.tensor([min(128 // stride, nc - m * (128 // stride)) for m in range(nb)], device=DEV)
+    assert torch.allclose(scores.sum(-1), rows.float().expand_as(scores.sum(-1)), atol=1e-3)
+
+
+def test_xa_selection_clear_margins():
+    # Planted structure: every 128-token block gets a topic; queries and keys of a block point along
+    # their topic's axis, with a large norm. A block row's mass then sits on the blocks of its own
+    # topic, so the selection is known in advance: the sink, the diagonal and the same-topic blocks.
+    T, D, nb = 1024, 64, 8
+    topics = torch.tensor([0, 1, 2, 1, 0, 3, 1, 2])
+    x = torch.zeros(nb, 128, D)
+    x[torch.arange(nb), :, topics] = 6.0
+    x = (x + 0.1 * torch.randn(nb, 128, D)).reshape(1, 1, T, D).to(DEV, DTYPES[0])
+    mask = xattn_block_mask(x, x, threshold=0.9)
+    ref = kernel.xattn_block_mask_reference(x, x, threshold=0.9)
+    m, n = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+    expected = (n <= m) & ((n == 0) | (n == m) | (topics[n] == topics[m]))
+    assert mask[0, 0].cpu().equal(expected), f"kernel kept\n{mask[0, 0].int()}\nexpected\n{expected.int()}"
+    assert ref[0, 0].cpu().equal(expected), "the reference disagrees with the planted selection"
+
+
+# -----------------------------------------------------------------------------
+# schedule: work per program is the tiles it visits, heaviest first
+
+def test_schedule_costs_are_tiles_visited_heaviest_first():
+    B, H, G, T, D, BN = 2, 4, 2, 1000, 32, 64
+    sink, window = 70, 300
+    (q, k), seed = rand((B, H, T, D), (B, G, T, D), dtype=DTYPES[0])
+    modes = torch.tensor([[FA, SSA], [XA, SSA]], device=DEV, dtype=torch.int32)
+    xa = xattn_block_mask(q, k)
+    _, _, count, _ = kernel._xattn(q, k, modes, 16, 0.9, kernel._default_config(q))
+    order, cost = kernel._schedule(modes, count, B, H, T, sink, window, BN)
+    assert sorted(order.tolist()) == list(range(B * H * math.ceil(T / 128)))
+    assert (cost[order][1:] <= cost[order][:-1]).all(), "the work list must be sorted heaviest first"
+    # independent count: the BN-wide key tiles that hold at least one visible (query, key) pair
+    mask = kernel.attention_mask_reference(modes, H, T, sink=sink, window=window, xa_blocks=xa)
+    nbq, nbk = math.ceil(T / 128), math.ceil(T / BN)
+    pad = torch.nn.functional.pad(mask, (0, nbk * BN - T, 0, nbq * 128 - T))
+    visible_tiles = pad.view(B, H, nbq, 128, nbk, BN).any(3).any(-1).sum(-1)
+    assert cost.view(B, H, nbq).equal(visible_tiles.to(cost.dtype)), "costs must equal the tiles with work"
+
+
+# -----------------------------------------------------------------------------
+# FlexAttention equivalents
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("T", [512, 300])
+def test_flex_block_mask(T):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    B, H, G, D, sink, window = 2, 4, 2, 32, 100, 200
+    (q, k, v), seed = rand((B, H, T, D), (B, G, T, D), (B, G, T, D), dtype=torch.float32)
+    modes = torch.tensor([[FA, SSA], [XA, SSA]], device=DEV)
+    xa = xattn_block_mask(q, k, threshold=0.6)
+    bm = kernel.flex_block_mask(modes, H, T, sink=sink, window=window, xa_blocks=xa)
+    # block structure: kept blocks = blocks with a visible pair; full blocks have only visible pairs
+    mask = kernel.attention_mask_reference(modes, H, T, sink=sink, window=window, xa_blocks=xa)
+    nb = math.ceil(T / 128)
+    pad = torch.nn.functional.pad(mask, (0, nb * 128 - T, 0, nb * 128 - T)).view(B, H, nb, 128, nb, 128)
+    kept = bm.to_dense().bool()
+    if T % 128 == 0:
+        assert kept.equal(pad.any(3).any(-1))
+    else:
+        assert (kept | ~pad.any(3).any(-1)).all(), "a block with visible pairs was dropped"
+    full = torch.zeros_like(kept)
+    for b in range(B):
+        for h in range(H):
+            for m in range(nb):
+                idx = bm.full_kv_indices[b, h, m, : bm.full_kv_num_blocks[b, h, m]]
+                full[b, h, m, idx.long()] = True
+    assert (~full | pad.all(3).all(-1)).all(), "a block marked full has masked pairs"
+    o = flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+    ref = reference_attention(q, k, v, modes, sink=sink, window=window, xa_blocks=xa)
+    err, max_abs = rel_err(o, ref)
+    assert err < 1e-4, f"rel err {err:.2e} (seed {seed})"
+
+
+# -----------------------------------------------------------------------------
+# the reference itself
+
+def test_reference_is_differentiable():
+    (q, k, v), seed = rand((1, 4, 150, 16), (1, 2, 150, 16), (1, 2, 150, 16), dtype=torch.float32)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    o = reference_attention(q, k, v, torch.tensor([[SSA, XA]]), sink=4, window=30)
+    o.square().sum().backward()
+    for name, x in zip("qkv", (q, k, v)):
+        assert x.grad is not None and x.grad.isfinite().all() and x.grad.abs().sum() > 0, name
+
+
+def test_reference_modes_by_definition():
+    # the reference's SSA mask, checked pair by pair against METHOD.md's sentence
+    T, sink, window = 40, 3, 7
+    mask = kernel.attention_mask_reference(torch.tensor([[SSA]]), 1, T, sink=sink, window=window)[0, 0]
+    for i in range(T):
+        for j in range(T):
+            assert bool(mask[i, j]) == (j <= i and (j < sink or i - j < window)), (i, j)
+
+
+# -----------------------------------------------------------------------------
+# errors a user can make
+
+def test_errors():
+    dt = DTYPES[0]
+    q = torch.randn(1, 4, 64, 32, device=DEV, dtype=dt)
+    k = torch.randn(1, 2, 64, 32, device=DEV, dtype=dt)
+    ok = torch.tensor([[FA, SSA]], device=DEV)
+    cases = [
+        (dict(q=q[0]), "must be \\[B, H, T, D\\]"),
+        (dict(k=torch.randn(1, 3, 64, 32, device=DEV, dtype=dt)), "multiple of the KV heads"),
+        (dict(k=torch.randn(1, 2, 65, 32, device=DEV, dtype=dt)), "to match q"),
+        (dict(k=k.to(torch.float64)), "dtype"),
+        (dict(q=q.double(), k=k.double()), "not supported"),
+        (dict(q=torch.randn(1, 4, 64, 48, device=DEV, dtype=dt), k=torch.randn(1, 2, 64, 48, device=DEV, dtype=dt)), "head dim"),
+        (dict(modes=torch.tensor([[FA, 3]], device=DEV)), "FA=0, SSA=1 or XA=2; got \\[3\\]"),
+        (dict(modes=torch.tensor([[FA, -1]], device=DEV)), "got \\[-1\\]"),
+        (dict(modes=torch.tensor([FA, SSA], device=DEV)), "shape \\[B=1, G=2\\]"),
+        (dict(modes=torch.tensor([[0.0, 1.0]], device=DEV)), "integer tensor"),
+        (dict(q=torch.randn(1, 4, 32, 64, device=DEV, dtype=dt).transpose(2, 3)), "contiguous in its last dim"),
+        (dict(window=0), "window >= 1"),
+        (dict(sink=-1), "sink >= 0"),
+        (dict(xa_stride=12), "xa_stride"),
+        (dict(xa_threshold=-0.1), "xa_threshold"),
+        (dict(out=torch.empty(1, 4, 64, 16, device=DEV, dtype=dt)), "out must be"),
+    ]
+    for change, message in cases:
+        args = dict(q=q, k=k, modes=ok)
+        args.update({key: val for key, val in change.items() if key in ("q", "k", "modes")})
+        kw = {key: val for key, val in change.items() if key not in ("q", "k", "modes")}
+        v = args["k"]
+        with pytest.raises((ValueError, TypeError), match=message):
+            elastic_attention(args["q"], args["k"], v, args["modes"], **kw)
+    with pytest.raises(ValueError, match="v must match k"):
+        elastic_attention(q, k, k[:, :, :10], ok)
+
+
+# -----------------------------------------------------------------------------
+# GPU only: bf16 at larger shapes, the method's defaults (sink 128, window 2048)
+
+@gpu_only
+@pytest.mark.parametrize("T", [4096, 8192 + 77])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_large(T, D):
+    check_against_reference(1, 8, 4, T, D, [[FA, SSA, XA, SSA]], torch.bfloat16)
+
+
+@gpu_only
+def test_gpu_xa_selection_large():
+    (q, k), seed = rand((1, 4, 8192, 128), (1, 2, 8192, 128), dtype=torch.bfloat16)
+    mask, scores = xattn_block_mask(q, k, threshold=0.5, return_scores=True)
+    ref_scores = kernel.xattn_block_scores_reference(q, k)
+    assert (scores - ref_scores).abs().max() < 1e-3, f"seed {seed}"
+    assert mask.equal(kernel.xattn_select_reference(scores, 0.5)), f"seed {seed}"
