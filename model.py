@@ -178,6 +178,15 @@ def mixed_attention(q, k, v, z, ec):
     return w[:, :, 0] * branch_attention(q, k, v, retrieval, ec) + w[:, :, 1] * branch_attention(q, k, v, sparse, ec)
 
 
+def attention_rows(q, k, rows):
+    """Dense causal attention probabilities of a few query rows: q [B, H, T, D], k [B, G, T, D], rows [P]
+    -> [B, H, P, T] in fp32 (for probing heads, not for speed)."""
+    T, D = q.shape[2], q.shape[3]
+    kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()  # [B, H, T, D]
+    s = q[:, :, rows].float() @ kk.transpose(-1, -2) / math.sqrt(D)   # [B, H, P, T]
+    return s.masked_fill(torch.arange(T, device=q.device) > rows[:, None], float("-inf")).softmax(-1)
+
+
 class KVCache:
     """One layer's keys and values (after RoPE) while generating.
 
@@ -205,7 +214,7 @@ class KVCache:
         self.k_full = k.new_empty(len(self.full), self.max_len, D)
         self.v_full = v.new_empty(len(self.full), self.max_len, D)
         self.k_full[:, :T], self.v_full[:, :T] = k[self.full], v[self.full]
-        n_ring = self.sink + self.window if len(self.ssa) else 0
+        n_ring = min(self.sink + self.window, self.max_len) if len(self.ssa) else 0  # short runs never evict
         self.k_ring = k.new_zeros(len(self.ssa), n_ring, D)
         self.v_ring = v.new_zeros(len(self.ssa), n_ring, D)
         self.ring_pos = torch.full((n_ring,), -1, dtype=torch.long, device=k.device)  # -1: empty slot
@@ -256,6 +265,8 @@ class Attention(nn.Module):
         self.router = None   # an AttentionRouter, once Transformer.attach_routers() ran
         self.elastic = None  # the ElasticConfig shared by all layers (Transformer.set_elastic)
         self.cache = None    # a KVCache while generating
+        self.probe_rows = None   # query positions whose dense attention retrieval_scores() reads at prefill
+        self.probe_probs = None  # ... and that attention, [B, H, len(probe_rows), T]
 
     def forward(self, x, cos, sin, pos=0, prompt_lens=None, tau=None, modes=None):
         """x [B, T, C] at positions pos..pos+T-1 -> (y [B, T, C], z [B, G, 2] or None, modes [B, G] or None).
@@ -286,6 +297,8 @@ class Attention(nn.Module):
                 y = routed_attention(q, k, v, modes, self.elastic)
             if self.cache is not None:
                 self.cache.prefill(k, v, modes)
+            if self.probe_rows is not None:
+                self.probe_probs = attention_rows(q, k, self.probe_rows)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
         return self.o_proj(y), z, modes
 
@@ -347,13 +360,14 @@ class Transformer(nn.Module):
     def output_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, idx, pos=0, *, prompt_lens=None, tau=None, modes=None, return_routing=False):
+    def forward(self, idx, pos=0, *, prompt_lens=None, tau=None, modes=None, return_routing=False, last_only=False):
         """idx [B, T] token ids at positions pos..pos+T-1 -> logits [B, T, V] (fp32 when the model is fp32).
 
         With routers attached, each layer routes its KV heads at prefill (pos 0) from the keys of the prompt,
         the first prompt_lens [B] tokens of each row (default: all T). tau: Gumbel temperature, training only:
         both branches run and mix by z. modes int [L, B, G]: fixed modes instead of the routers' (static
-        hybrids, all-FA, ...). return_routing: also return a Routing of what the heads ran."""
+        hybrids, all-FA, ...). return_routing: also return a Routing of what the heads ran. last_only: logits
+        of the last position only, [B, 1, V] (a long prefill need not hold T x V logits)."""
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
         positions = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)
@@ -369,6 +383,8 @@ class Transformer(nn.Module):
                 x, z, m = block(*args)
             zs.append(z)
             layer_modes.append(m)
+        if last_only:
+            x = x[:, -1:]
         logits = F.linear(self.model.norm(x), self.output_weight())
         if not return_routing:
             return logits
@@ -421,9 +437,9 @@ class Transformer(nn.Module):
         with open(out_dir / "routers.json", "w") as f:
             json.dump({"model": self.router_meta(), **(extra or {})}, f, indent=2)
 
-    def load_routers(self, path, elastic=None):
-        """Attaches routers saved by save_routers. elastic overrides the saved ElasticConfig (e.g. another
-        mode pair at inference). Fails clearly on routers trained for another model."""
+    def load_routers(self, path):
+        """Attaches routers saved by save_routers, with their ElasticConfig (set_elastic can change it after,
+        e.g. to run another mode pair). Fails clearly on routers trained for another model."""
         path = Path(path)
         if not (path / "routers.safetensors").is_file():
             raise FileNotFoundError(f"{path} holds no routers.safetensors (save them with train.py --out-dir)")
@@ -434,7 +450,7 @@ class Transformer(nn.Module):
         if diff:
             raise ValueError(f"routers in {path} were trained for another model: "
                              + ", ".join(f"{k} {a} there vs {b} here" for k, (a, b) in diff.items()))
-        self.attach_routers(elastic or ElasticConfig.load(path / "elastic.json"))
+        self.attach_routers(ElasticConfig.load(path / "elastic.json"))
         self.routers().load_state_dict(load_file(path / "routers.safetensors"))
         self.routers().requires_grad_(False)
         return self
@@ -463,7 +479,7 @@ class Transformer(nn.Module):
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
         self.setup_cache(T + max_new_tokens)
         try:
-            logits, routing = self(idx, modes=modes, return_routing=True)
+            logits, routing = self(idx, modes=modes, return_routing=True, last_only=True)
             if stats is not None:
                 caches = [block.self_attn.cache for block in self.model.layers]
                 p = self.output_weight()
@@ -527,6 +543,47 @@ class Transformer(nn.Module):
                              f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
                              f"{' ...' if len(unexpected) > 8 else ''}")
         return model.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# the static hybrid (DuoAttention / PruLong style): a fixed set of heads stays full, whatever the input
+
+
+@torch.no_grad()
+def retrieval_scores(model, samples):
+    """Retrieval score of every KV head, [L, G]: how much a head copies from the prompt when the answer
+    must be retrieved (METHOD.md section 6 ranks heads by such a score). samples: data.Sample of retrieval
+    tasks (passkeys, needles). For each query predicting an answer token, the score is the attention mass on
+    the prompt positions j that continue the query's own token the way the answer does (ids[j-1] = ids[p]
+    and ids[j] = ids[p+1]: the copy source); averaged over answer tokens, the group's query heads and samples.
+    Dense attention throughout."""
+    layers = [block.self_attn for block in model.model.layers]
+    device = model.output_weight().device
+    total = torch.zeros(len(layers), model.config.num_key_value_heads, device=device)
+    for sample in samples:
+        ids, P = sample.input_ids.to(device), sample.prompt_len
+        rows = torch.arange(P - 1, len(ids) - 1, device=device)  # positions that predict the answer
+        source = (ids[None, :P - 1] == ids[rows, None]) & (ids[None, 1:P] == ids[rows + 1, None])  # [rows, P-1]
+        for a in layers:
+            a.probe_rows = rows
+        model(ids[None], last_only=True)
+        for l, a in enumerate(layers):
+            mass = (a.probe_probs[0, :, :, 1:P] * source).sum(-1).mean(-1)  # [H]
+            total[l] += mass.view(a.n_kv_head, -1).mean(-1)                 # [G]
+            a.probe_rows = a.probe_probs = None
+    return total / len(samples)
+
+
+def static_modes(scores, sparse_ratio, elastic):
+    """Modes [L, 1, G] of a static hybrid: the top (1 - sparse_ratio) of all KV heads by score run the
+    retrieval mode of elastic.mode_pair, the rest its sparse mode."""
+    if not 0.0 <= sparse_ratio <= 1.0:
+        raise ValueError(f"sparse ratio must lie in [0, 1], got {sparse_ratio}")
+    L, G = scores.shape
+    retrieval, sparse = elastic.modes
+    modes = torch.full((L * G,), sparse, dtype=torch.int32, device=scores.device)
+    modes[scores.flatten().argsort(descending=True)[:round((1 - sparse_ratio) * L * G)]] = retrieval
+    return modes.view(L, 1, G)
 
 
 def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):

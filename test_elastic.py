@@ -4,6 +4,11 @@ per-head KV cache whose decode must equal a full recomputation under the same mo
 
     pytest test_elastic.py
 """
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -94,3 +99,45 @@ def test_routers_save_load_and_mismatch(tiny_dir, smollm2_dir, tmp_path):
         other.load_routers(tmp_path / "r")
     with pytest.raises(FileNotFoundError, match="no routers.safetensors"):
         other.load_routers(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# sample.py with elastic attention, as a user runs it
+
+
+def run_sample(*args):
+    r = subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=Path(__file__).parent,
+                       capture_output=True, text=True, timeout=300)
+    return r
+
+
+def test_sample_py_with_routers_writes_stats(tiny_dir, tmp_path):
+    model = load(tiny_dir, ElasticConfig(sink=8, window=16)).attach_routers()
+    model.save_routers(tmp_path / "r")
+    r = run_sample("--model", tiny_dir, "--routers", tmp_path / "r", "--prompt", "prompts/sky.txt",
+                   "--max-new-tokens", 30, "--stats-json", tmp_path / "stats.json")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["source"] == "routers" and stats["sink"] == 8 and stats["window"] == 16
+    assert len(stats["modes"]) == 2 and all(len(row) == 2 and set(row) <= set("FS") for row in stats["modes"])
+    sparse = sum(row.count("S") for row in stats["modes"]) / 4
+    assert abs(stats["omega"] - sparse) < 1e-6
+    assert f"Omega {stats['omega']:.3f}" in r.stderr and "KV cache:" in r.stderr
+    assert stats["kv_bytes"] <= stats["kv_bytes_dense"]
+
+
+def test_sample_py_static_hybrid_and_all_modes(tiny_dir, tmp_path):
+    for flags, omega in ((["--sparse-ratio", "0.5"], 0.5), (["--modes", "all-ssa"], 1.0), (["--modes", "all-fa"], 0.0)):
+        r = run_sample("--model", tiny_dir, "--prompt", "prompts/sky.txt", "--max-new-tokens", 5,
+                       "--stats-json", tmp_path / "s.json", *flags)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / "s.json").read_text())["omega"] == omega, flags
+
+
+def test_sample_py_rejects_routers_of_another_model(tiny_dir, tmp_path):
+    load(tiny_dir, ElasticConfig()).attach_routers().save_routers(tmp_path / "r")
+    r = run_sample("--routers", tmp_path / "r", "--prompt", "prompts/sky.txt")  # the default model: 30 layers
+    assert r.returncode != 0
+    assert "trained for another model: num_hidden_layers 2 there vs 30 here" in r.stderr, r.stderr
+    r = run_sample("--modes", "all-xb", "--prompt", "prompts/sky.txt")
+    assert r.returncode != 0 and "invalid choice: 'all-xb'" in r.stderr
