@@ -196,6 +196,7 @@ class JsonlDataset(torch.utils.data.Dataset):
 
 
 FILLER_HEAD = 32  # filler tokens before the first needle
+KINDS = ("passkey", "multi_key", "multi_value", "continuation")  # what SyntheticMix generates
 NAMES = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
          "kestrel", "lotus", "marble", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra",
          "umber", "violet", "willow", "yarrow", "zephyr", "birch", "copper", "dune", "falcon", "glacier")
@@ -208,21 +209,28 @@ class SyntheticMix(torch.utils.data.Dataset):
     repeated as often as max_len needs. Sample i is a pure function of (seed, i), the tokenizer and the
     Python version's docs: any order, any worker, any rank gives the same sample. Its length is drawn
     uniformly from [min_len, max_len] and met to within a token or two, always inside the range. Kinds:
-      sensitive (probability sensitive_frac), task "synthetic", half each:
-        passkey:   "The pass key is 48213. Remember it. 48213 is the pass key." at a uniform depth;
-                   question "What is the pass key?"
-        multi-key: 2-4 lines "The secret number of <name> is <7 digits>." at uniform depths; the question
-                   asks for one of them.
+      sensitive (probability sensitive_frac), task "synthetic", a third each (RULER-like):
+        passkey:     "The pass key is 48213. Remember it. 48213 is the pass key." at a uniform depth;
+                     question "What is the pass key?"
+        multi_key:   2-4 lines "The secret number of <name> is <7 digits>." at uniform depths; the question
+                     asks for one of them.
+        multi_value: 2-4 lines "One of the special numbers for <name> is <7 digits>." for one name; the
+                     question asks for all of them.
       robust, task "continuation": the text up to a line start; the answer is the true next 32 or more
         tokens of the text, up to the next line start (at most 160 tokens).
+    kinds: draw only these kinds (uniformly), e.g. ("multi_value",) for one evaluation task; None: the mix above.
+    The numbers to retrieve are the digit runs of the answer.
     Needles go in at line starts, after the first FILLER_HEAD tokens, so the filler's own lines stay whole.
     Every sample is built as a record and goes through encode(), exactly like a JSONL record.
     """
 
     def __init__(self, tokenizer, min_len: int = 1024, max_len: int = 4096, seed: int = 0,
-                 sensitive_frac: float = 0.5, size: int = 1_000_000):
+                 sensitive_frac: float = 0.5, size: int = 1_000_000, kinds: tuple[str, ...] | None = None):
         from pydoc_data.topics import topics
 
+        if kinds is not None and (not kinds or set(kinds) - set(KINDS)):
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
+        self.kinds = kinds
         if not 1 <= min_len <= max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
         if not 0.0 <= sensitive_frac <= 1.0:
@@ -246,10 +254,13 @@ class SyntheticMix(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Sample:
         rng = random.Random(f"{self.seed}:{i}")  # string seeds hash with SHA-512: the same in every process
         length = rng.randint(self.min_len, self.max_len)
-        if rng.random() < self.sensitive_frac:
-            make = self.retrieval(rng, n_keys=1 if rng.random() < 0.5 else rng.randint(2, 4))
+        if self.kinds is not None:
+            kind = rng.choice(self.kinds)
+        elif rng.random() < self.sensitive_frac:
+            kind = rng.choice(KINDS[:3])
         else:
-            make = self.continuation(rng)
+            kind = "continuation"
+        make = self.continuation(rng) if kind == "continuation" else self.retrieval(rng, kind)
         # make(n) builds the record with n filler tokens. The prompt and answer take a few dozen tokens and
         # the text re-tokenises a little differently at the seams: measure on a short probe, then correct n.
         # The first full try is usually in range (within a token or two of the draw); when it is over
@@ -271,16 +282,21 @@ class SyntheticMix(torch.utils.data.Dataset):
     def text(self, a: int, b: int) -> str:
         return self.tokenizer.decode(self.tape[a:b]).strip("\ufffd")  # a cut UTF-8 character decodes to U+FFFD
 
-    def retrieval(self, rng, n_keys: int):
-        if n_keys == 1:
+    def retrieval(self, rng, kind: str):
+        if kind == "passkey":
             key = rng.randint(10_000, 99_999)
             needles = [f"The pass key is {key}. Remember it. {key} is the pass key.\n"]
             question, answer = "What is the pass key?", f"The pass key is {key}."
+        elif kind == "multi_value":
+            name, values = rng.choice(NAMES), [rng.randint(1_000_000, 9_999_999) for _ in range(rng.randint(2, 4))]
+            needles = [f"One of the special numbers for {name} is {v}.\n" for v in values]
+            question = f"What are all the special numbers for {name}?"
+            answer = f"The special numbers for {name} are {', '.join(map(str, values[:-1]))} and {values[-1]}."
         else:
-            names = rng.sample(NAMES, n_keys)
+            names = rng.sample(NAMES, rng.randint(2, 4))
             values = [rng.randint(1_000_000, 9_999_999) for _ in names]
             needles = [f"The secret number of {n} is {v}.\n" for n, v in zip(names, values)]
-            j = rng.randrange(n_keys)
+            j = rng.randrange(len(names))
             question = f"What is the secret number of {names[j]}?"
             answer = f"The secret number of {names[j]} is {values[j]}."
         start = self.line_starts[rng.randrange(bisect_left(self.line_starts, self.n_text))]

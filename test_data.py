@@ -163,6 +163,13 @@ def test_synthetic_answers(tok, mix):
             assert prompt.count(f"The pass key is {m[1]}. Remember it. {m[1]} is the pass key.") == 1
             assert prompt.endswith("What is the pass key?" + END_OF_PROMPT)
             seen.add("passkey")
+        elif m := re.fullmatch(r"The special numbers for (\w+) are ([\d, ]+) and (\d{7})\.", answer):
+            values = m[2].split(", ") + [m[3]]
+            assert 2 <= len(values) <= 4 and all(len(v) == 7 for v in values)
+            assert all(prompt.count(f"One of the special numbers for {m[1]} is {v}.") == 1 for v in values)
+            assert len(re.findall(r"One of the special numbers for \w+ is \d{7}\.", prompt)) == len(values)
+            assert prompt.endswith(f"What are all the special numbers for {m[1]}?" + END_OF_PROMPT)
+            seen.add("multivalue")
         else:
             m = re.fullmatch(r"The secret number of (\w+) is (\d{7})\.", answer)
             assert m, answer
@@ -170,7 +177,7 @@ def test_synthetic_answers(tok, mix):
             assert len(re.findall(r"The secret number of \w+ is \d{7}\.", prompt)) in (2, 3, 4)
             assert prompt.endswith(f"What is the secret number of {m[1]}?" + END_OF_PROMPT)
             seen.add("multikey")
-    assert seen == {"continuation", "passkey", "multikey"}
+    assert seen == {"continuation", "passkey", "multikey", "multivalue"}
 
 
 def test_synthetic_errors(tok):
@@ -207,3 +214,15 @@ def test_collate_shapes_and_targets(tok, mix):
     assert batch.to("cpu").input_ids is not None
     with pytest.raises(ValueError, match="pad_id"):
         collate(samples, pad_id=None)
+
+
+def test_synthetic_kinds(tok):
+    for kind, pattern in (("passkey", r"The pass key is \d{5}\."), ("multi_key", r"The secret number of \w+ is \d{7}\."),
+                          ("multi_value", r"The special numbers for \w+ are [\d, ]+ and \d{7}\.")):
+        mix = SyntheticMix(tok, 300, 300, seed=5, kinds=(kind,))
+        for i in range(4):
+            s = mix[i]
+            assert re.fullmatch(pattern, tok.decode(s.input_ids[s.prompt_len:]).removesuffix("<|im_end|>\n"))
+    assert {SyntheticMix(tok, 300, 300, kinds=("continuation",))[i].task for i in range(4)} == {"continuation"}
+    with pytest.raises(ValueError, match="kinds must be a non-empty subset"):
+        SyntheticMix(tok, 300, 300, kinds=("needle",))
