@@ -448,16 +448,17 @@ def _check_qk(q, k):
     return B, H, T, D, G
 
 
-def _check_modes(modes, B, G, device):
+def _check_modes(modes, B, G, device, check_values=True):
     if not isinstance(modes, torch.Tensor) or modes.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"modes must be an integer tensor [B, G] of FA=0, SSA=1, XA=2; got "
                         f"{modes.dtype if isinstance(modes, torch.Tensor) else type(modes)}")
     if tuple(modes.shape) != (B, G):
         raise ValueError(f"modes must have shape [B={B}, G={G}] (one mode per batch element and KV head); "
                          f"got {tuple(modes.shape)}")
-    bad = (modes < FA) | (modes > XA)
-    if bool(bad.any()):  # one small host sync: a wrong mode would silently run as another
-        raise ValueError(f"modes must be FA=0, SSA=1 or XA=2; got {modes[bad].unique().tolist()}")
+    if check_values:  # one small host sync; unchecked, a value other than SSA or XA runs as FA
+        bad = (modes < FA) | (modes > XA)
+        if bool(bad.any()):
+            raise ValueError(f"modes must be FA=0, SSA=1 or XA=2; got {modes[bad].unique().tolist()}")
     return modes.to(device=device, dtype=torch.int32).contiguous()
 
 
@@ -524,13 +525,14 @@ def _schedule(modes, count, B, H, T, sink, window, block_n):
 
 
 def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
-                      sm_scale=None, out=None, _config=None):
+                      sm_scale=None, out=None, check_modes=True, _config=None):
     """Causal attention where every KV head runs its own mode, one launch for all heads -> o [B, H, T, D].
 
     q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA, read in place); modes [B, G] of FA, SSA, XA.
     fp16 or bf16 (fp32 too; on the GPU its products run in tf32). Any T >= 1; D in 16, 32, 64, 128.
     Tensors may be strided views (e.g. [B, T, H, D].transpose(1, 2)) with the last dim contiguous.
-    out: an optional [B, H, T, D] tensor to write into.
+    out: an optional [B, H, T, D] tensor to write into. check_modes: check the mode values, at the cost of
+    one small host sync; pass False on a hot path whose modes come from the router (always valid).
     """
     B, H, T, D, G = _check_qk(q, k)
     if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
@@ -541,7 +543,7 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     if not (isinstance(sink, int) and sink >= 0 and isinstance(window, int) and window >= 1):
         raise ValueError(f"need integers sink >= 0 and window >= 1; got sink={sink}, window={window}")
     _check_xa_args(xa_stride, xa_threshold)
-    modes = _check_modes(modes, B, G, q.device)
+    modes = _check_modes(modes, B, G, q.device, check_modes)
     sink, window = min(sink, T), min(window, T)  # beyond T they change nothing; keeps them in int32
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -21,6 +21,9 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]  # interpreter: no bf16 dots
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# two code paths that compute the same thing may round differently on the GPU (fused multiply-adds),
+# by up to about one unit in the last place of the output dtype
+SAME = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
@@ -109,7 +112,7 @@ def test_ssa_with_window_ge_T_equals_fa():
     o_ssa = elastic_attention(q, k, v, torch.tensor([[SSA, SSA]], device=DEV), sink=3, window=700)
     o_fa = elastic_attention(q, k, v, torch.tensor([[FA, FA]], device=DEV))
     err, max_abs = rel_err(o_ssa, o_fa)
-    assert max_abs <= 1e-6, f"max abs {max_abs:.2e} (seed {seed})"
+    assert err <= SAME[DTYPES[0]], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed})"
 
 
 def test_xa_threshold_one_equals_fa():
@@ -119,7 +122,7 @@ def test_xa_threshold_one_equals_fa():
     o_xa = elastic_attention(q, k, v, torch.tensor([[XA, XA]], device=DEV), xa_threshold=1.0)
     o_fa = elastic_attention(q, k, v, torch.tensor([[FA, FA]], device=DEV))
     err, max_abs = rel_err(o_xa, o_fa)
-    assert max_abs <= 1e-6, f"max abs {max_abs:.2e} (seed {seed})"
+    assert err <= SAME[DTYPES[0]], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed})"
 
 
 # -----------------------------------------------------------------------------
