@@ -1,0 +1,243 @@
+"""
+The paper's central claim, measured on SmolLM2: accuracy against sparsity by task type, and elastic routing
+against static hybrids at the same sparsity (Elastic Attention, arXiv 2601.17367; METHOD.md section 6).
+
+    python eval.py --routers out-routers                                    # one GPU, a few minutes
+    python eval.py --routers out-fa-ssa --routers-fa-xa out-fa-xa --routers-xa-ssa out-xa-ssa
+    python eval.py --routers out-routers --limit 2 --lengths 512 1024       # a quick run, also on the CPU
+
+Tasks come from a seed, built out of Python's own docs (data.SyntheticMix, the generator training uses, with
+another seed):
+  sensitive (RULER-like): passkey, multi-key and multi-value retrieval; the score is the share of the answer's
+    numbers found in a greedy answer (exact match for one number, recall for several);
+  robust: text continuation; the score is teacher-forced next-token accuracy on the true next passage (the
+    share of answer tokens that are the model's top prediction), so it needs no reference model.
+Methods: dense FA; the static hybrid (DuoAttention / PruLong style) with the top 30% of KV heads by retrieval
+score kept full (Omega 0.7), and again at the elastic model's own average Omega; XAttention on every head;
+Elastic FA-SSA (and FA-XA, XA-SSA when their routers are given). Writes eval_results.md and, with matplotlib,
+eval_results.png.
+"""
+import argparse
+import datetime
+import re
+import sys
+import time
+
+import torch
+import triton
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from data import SyntheticMix
+from kernel import FA, SSA, XA
+from model import Transformer, default_model_dir, retrieval_scores, static_modes
+from router import ElasticConfig
+
+# -----------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default=None, help="HuggingFace checkpoint dir (default: SmolLM2-135M-Instruct)")
+parser.add_argument("--routers", required=True, help="FA-SSA routers from train.py; their sink and window are used "
+                    "by every SSA method here")
+parser.add_argument("--routers-fa-xa", default=None, help="FA-XA routers (optional)")
+parser.add_argument("--routers-xa-ssa", default=None, help="XA-SSA routers (optional)")
+parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000], help="prompt lengths")
+parser.add_argument("--samples", type=int, default=12, help="samples per task and length")
+parser.add_argument("--limit", type=int, default=None, help="at most this many samples per task and length")
+parser.add_argument("--static-ratio", type=float, default=0.7, help="Omega of the static hybrid (paper: 0.7)")
+parser.add_argument("--seed", type=int, default=2026, help="seed of the task sets")
+parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU, fp32 on CPU")
+parser.add_argument("--out", default="eval_results.md", help="markdown table")
+parser.add_argument("--figure", default="eval_results.png", help="figure (needs matplotlib; skipped without it)")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# model, tasks
+model_dir = args.model or default_model_dir()
+model = Transformer.from_pretrained(model_dir, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+device = model.output_weight().device
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
+n = min(args.samples, args.limit or args.samples)
+if max(args.lengths) + 64 > model.config.max_position_embeddings:
+    raise SystemExit(f"--lengths {max(args.lengths)} leaves no room for the answer in the model's context of "
+                     f"{model.config.max_position_embeddings} tokens")
+
+TASKS = {"passkey": "sensitive", "multi_key": "sensitive", "multi_value": "sensitive", "continuation": "robust"}
+tasks = {(task, T): [SyntheticMix(tokenizer, T, T, seed=args.seed + T, kinds=(task,))[i] for i in range(n)]
+         for task in TASKS for T in args.lengths}
+
+# -----------------------------------------------------------------------------
+# methods: each gives the modes [L, 1, G] for a sample, or None to let the loaded routers decide
+ssa_config = ElasticConfig.load(f"{args.routers}/elastic.json")
+model.set_elastic(ssa_config)
+probes = SyntheticMix(tokenizer, 2048, 2048, seed=args.seed - 1, kinds=("passkey", "multi_key", "multi_value"))
+scores = retrieval_scores(model, [probes[i] for i in range(8)])
+
+
+def fixed(mode):
+    return torch.full((L, 1, G), mode, dtype=torch.int32, device=device)
+
+
+methods = {
+    "dense FA": (None, fixed(FA), ssa_config),
+    f"static FA-SSA {args.static_ratio:.2f}": (None, static_modes(scores, args.static_ratio, ssa_config), ssa_config),
+    "XAttention (all heads)": (None, fixed(XA), ssa_config),
+    "elastic FA-SSA": (args.routers, None, None),
+}
+for pair, path in (("FA-XA", args.routers_fa_xa), ("XA-SSA", args.routers_xa_ssa)):
+    if path:
+        methods[f"elastic {pair}"] = (path, None, None)
+print(f"{len(tasks) * n} samples per method: {', '.join(TASKS)} x lengths {args.lengths} x {n}; methods: "
+      f"{', '.join(methods)}; SSA sink {ssa_config.sink}, window {ssa_config.window}")
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def run(sample, T, modes):
+    """Score one sample of length T; also return its Omega, its head modes [L, G], and, at the longest length,
+    the prefill time in ms (else nan)."""
+    ids = sample.input_ids.to(device)
+    prompt, P = ids[None, :sample.prompt_len], sample.prompt_len
+    prefill_ms = float("nan")
+    if T == max(args.lengths):
+        sync()
+        t0 = time.perf_counter()
+        model(prompt, modes=modes, last_only=True)
+        sync()
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+    if sample.task == "continuation":  # teacher-forced next-token accuracy on the true next passage
+        logits, routing = model(ids[None], prompt_lens=torch.tensor([P], device=device), modes=modes,
+                                return_routing=True)
+        score = (logits[0, P - 1:-1].argmax(-1) == ids[P:]).float().mean().item()
+    else:  # the share of the answer's numbers found in a greedy answer
+        stats = {}
+        out = model.generate(prompt, len(ids) - P + 8, eos_token_id=tokenizer.eos_token_id, modes=modes, stats=stats)
+        text, routing = tokenizer.decode(list(out), skip_special_tokens=True), stats["routing"]
+        want = re.findall(r"\d{5,}", tokenizer.decode(ids[P:], skip_special_tokens=True))
+        score = sum(w in text for w in want) / len(want)
+    return score, routing.omega.item(), routing.modes[0].cpu(), prefill_ms
+
+
+results = {}  # method -> list of (task, T, score, omega, modes, prefill_ms)
+
+
+def evaluate(name, routers, modes, config):
+    if routers:
+        model.load_routers(routers)
+    else:
+        model.set_elastic(config)
+    rows = []
+    for (task, T), samples in tqdm(tasks.items(), desc=name, dynamic_ncols=True):
+        for s in samples:
+            rows.append((task, T) + run(s, T, modes))
+    results[name] = rows
+
+
+for name, (routers, modes, config) in methods.items():
+    evaluate(name, routers, modes, config)
+# the static hybrid again, at the elastic model's own average Omega: the fair comparison
+omega_elastic = sum(r[3] for r in results["elastic FA-SSA"]) / len(results["elastic FA-SSA"])
+matched = f"static FA-SSA {omega_elastic:.2f} (matched)"
+evaluate(matched, None, static_modes(scores, omega_elastic, ssa_config), ssa_config)
+
+# -----------------------------------------------------------------------------
+# tables
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summary(rows):
+    kind = lambda r: TASKS[r[0]]  # noqa: E731
+    return dict(acc_sensitive=100 * mean(r[2] for r in rows if kind(r) == "sensitive"),
+                acc_robust=100 * mean(r[2] for r in rows if kind(r) == "robust"),
+                omega_sensitive=mean(r[3] for r in rows if kind(r) == "sensitive"),
+                omega_robust=mean(r[3] for r in rows if kind(r) == "robust"),
+                omega=mean(r[3] for r in rows),
+                prefill_ms=mean(r[5] for r in rows if r[1] == max(args.lengths)))
+
+
+def is_xa(name):
+    return name.startswith("XAttention")  # every head XA: Omega (share of SSA heads) does not apply
+
+
+gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+lines = [f"# Accuracy against sparsity on SmolLM2-135M-Instruct",
+         "",
+         f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}. "
+         f"Command: `python eval.py {' '.join(sys.argv[1:])}`. "
+         f"{n} samples per task and length, lengths {args.lengths}; SSA sink {ssa_config.sink}, window "
+         f"{ssa_config.window}; XA threshold {ssa_config.xa_threshold}, stride {ssa_config.xa_stride}. "
+         "Sensitive score: share of the answer's numbers in a greedy answer; robust score: teacher-forced "
+         "next-token accuracy on the true continuation. Omega: share of KV heads in the sparse mode (SSA; it does "
+         "not apply to XAttention on every head). Prefill: mean ms at the longest length, our fused kernel for every "
+         "method.",
+         "",
+         "| method | sensitive acc. | robust acc. | Omega sensitive | Omega robust | Omega mean | prefill ms |",
+         "|---|---|---|---|---|---|---|"]
+for name, rows in results.items():
+    s = summary(rows)
+    omegas = " | ".join("n/a" if is_xa(name) else f"{s[k]:.3f}" for k in ("omega_sensitive", "omega_robust", "omega"))
+    lines.append(f"| {name} | {s['acc_sensitive']:.1f} | {s['acc_robust']:.1f} | {omegas} | {s['prefill_ms']:.1f} |")
+lines += ["", "Score per task and length (%):", "",
+          "| method | " + " | ".join(f"{t} {T}" for t in TASKS for T in args.lengths) + " |",
+          "|---|" + "---|" * (len(TASKS) * len(args.lengths))]
+for name, rows in results.items():
+    cells = [100 * mean(r[2] for r in rows if r[0] == t and r[1] == T) for t in TASKS for T in args.lengths]
+    lines.append(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+
+# the claim, checked
+d, e, st = summary(results["dense FA"]), summary(results["elastic FA-SSA"]), summary(results[matched])
+verdict = [
+    f"- retrieval within 2 points of dense: elastic FA-SSA {e['acc_sensitive']:.1f} vs dense {d['acc_sensitive']:.1f}"
+    f" -> {'holds' if e['acc_sensitive'] >= d['acc_sensitive'] - 2 else 'does not hold'}",
+    f"- robust tasks at Omega >= 0.9: {e['omega_robust']:.3f} -> {'holds' if e['omega_robust'] >= 0.9 else 'does not hold'}",
+    f"- elastic above the static hybrid at equal average Omega ({e['omega']:.3f}): sensitive {e['acc_sensitive']:.1f}"
+    f" vs {st['acc_sensitive']:.1f}, robust {e['acc_robust']:.1f} vs {st['acc_robust']:.1f} -> "
+    f"{'holds' if e['acc_sensitive'] + e['acc_robust'] > st['acc_sensitive'] + st['acc_robust'] else 'does not hold'}",
+]
+lines += ["", "The claim on this run:", ""] + verdict
+if args.figure:
+    lines += ["", f"![accuracy against Omega, and routing per task type]({args.figure})"]
+with open(args.out, "w") as f:
+    f.write("\n".join(lines) + "\n")
+print("\n".join(lines))
+
+# -----------------------------------------------------------------------------
+# figure: accuracy against Omega per method, and where the elastic routers send heads per task type
+if args.figure:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no {args.figure} (pip install matplotlib)")
+    else:
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw=dict(width_ratios=[1.4, 1, 1], wspace=0.3))
+        ax = axes[0]
+        for i, (name, rows) in enumerate(results.items()):
+            s = summary(rows)
+            if is_xa(name):
+                continue  # no Omega to place it at
+            c = f"C{i}"
+            ax.scatter(s["omega_sensitive"], s["acc_sensitive"], color=c, marker="o", s=60, label=name)
+            ax.scatter(s["omega_robust"], s["acc_robust"], color=c, marker="s", s=60)
+        ax.set(xlabel="Omega (share of sparse KV heads)", ylabel="score (%)")
+        ax.set_title("score against sparsity (circles: sensitive tasks, squares: robust)", fontsize=10)
+        ax.legend(fontsize=7, loc="lower left")
+        for ax, kind in zip(axes[1:], ("sensitive", "robust")):
+            maps = [r[4] for r in results["elastic FA-SSA"] if TASKS[r[0]] == kind]
+            heat = torch.stack([(m == SSA).float() for m in maps]).mean(0)  # [L, G]: share of samples sparse
+            im = ax.imshow(heat.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            ax.set(xlabel="layer", ylabel="KV head", yticks=range(G))
+            ax.set_title(f"elastic FA-SSA routing, {kind} tasks\n(share of samples with the head on SSA)", fontsize=10)
+        fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8)
+        fig.savefig(args.figure, dpi=120, bbox_inches="tight")
+        print(f"figure written to {args.figure}")
