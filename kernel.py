@@ -262,21 +262,22 @@ def _xattn_select_kernel(
 # -----------------------------------------------------------------------------
 # 3. The attention kernel.
 #
-# A program owns 128 queries [start_m, start_m + 128) of one (batch, query head). It splits the key
-# axis into phases of BLOCK_N-wide tiles; only the phases where queries of the tile disagree on a key
+# A program owns BLOCK_M queries [start_m, start_m + BLOCK_M) of one (batch, query head) and visits
+# its key tiles (BLOCK_N keys each) in two loops. Only tiles where the queries disagree on some key
 # pay for a mask:
-#   phase 1  sink     [0, sink_hi)        SSA: the sink tokens                       masked (j < sink)
-#   phase 2  edge     [edge_lo, full_lo)  SSA: the window's lower edge               masked
-#   phase 3  full     [full_lo, diag_lo)  FA: all earlier keys; SSA: inside the window; no mask
-#            selected                     XA: the listed blocks but the diagonal     no mask
-#   phase 4  diagonal [diag_lo, diag_hi)  every mode                                 causal mask
-# Empty phases are empty loops. Work is proportional to the tiles visited.
+#   masked     SSA: the sink [0, sink_hi) and the window's lower edge [edge_lo, full_lo);
+#              every mode: the diagonal [diag_lo, diag_hi), causal (and the end of the sequence)
+#   unmasked   FA: every earlier key [0, diag_lo); SSA: inside the window [full_lo, diag_lo);
+#              XA: the selected 128-key blocks before the diagonal, from a compact list
+# Work is proportional to the tiles visited; a mode's other ranges are empty loops.
 
 @triton.jit
 def _key_ranges(mode, start_m, T, sink, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The phase bounds (token offsets) for query tile [start_m, start_m + BLOCK_M). Works on scalars
+    """The ranges (token offsets) for query tile [start_m, start_m + BLOCK_M). Works on scalars
     (the attention kernel) and on vectors (the scheduler), so both count the same tiles."""
-    diag_lo = start_m
+    is_ssa, is_xa = mode == _SSA, mode == _XA
+    # XA's diagonal is the whole 128-key block that holds the tile's queries
+    diag_lo = tl.where(is_xa, start_m // _KV_BLOCK * _KV_BLOCK, start_m)
     diag_hi = tl.minimum(start_m + BLOCK_M, T)
     # SSA: the first query of the tile sees back to start_m - window + 1; the last query sees every key
     # from start_m + BLOCK_M - window on. Between the two the queries disagree: the edge.
@@ -284,25 +285,24 @@ def _key_ranges(mode, start_m, T, sink, window, BLOCK_M: tl.constexpr, BLOCK_N: 
     full_lo = (tl.maximum(start_m + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     full_lo = tl.minimum(tl.maximum(full_lo, edge_lo), diag_lo)
     sink_hi = tl.minimum((sink + BLOCK_N - 1) // BLOCK_N * BLOCK_N, edge_lo)  # the sink, below the window
-    is_ssa = mode == _SSA
     sink_hi = tl.where(is_ssa, sink_hi, 0)
-    edge_lo = tl.where(is_ssa, edge_lo, tl.where(mode == _XA, diag_lo, 0))  # FA: from 0; XA: list
+    edge_lo = tl.where(is_ssa, edge_lo, tl.where(is_xa, diag_lo, 0))  # FA: all from 0; XA: the list
     full_lo = tl.where(is_ssa, full_lo, edge_lo)
     return sink_hi, edge_lo, full_lo, diag_lo, diag_hi
 
 
 @triton.jit
-def _schedule_cost_kernel(Modes, Count, Cost, N, T, NB, H, G, GROUP, sink, window,
+def _schedule_cost_kernel(Modes, Count, Cost, N, T, NQB, NB, H, G, GROUP, sink, window,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
-    """Cost (tiles visited) of each work item (b, h, m), item = (b * H + h) * NB + m."""
+    """Cost (key tiles visited) of each work item (b, h, m): item = (b * H + h) * NQB + m."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
-    m = offs % NB
-    bh = offs // NB
+    m = offs % NQB
+    bh = offs // NQB
     mode = tl.load(Modes + (bh // H) * G + (bh % H) // GROUP, mask=valid, other=0)
     sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, m * BLOCK_M, T, sink, window,
                                                               BLOCK_M, BLOCK_N)
-    count = tl.load(Count + offs, mask=valid & (mode == _XA), other=1)
+    count = tl.load(Count + bh * NB + m * BLOCK_M // _KV_BLOCK, mask=valid & (mode == _XA), other=1)
     tiles = (sink_hi + diag_hi - edge_lo + BLOCK_N - 1) // BLOCK_N + (count - 1) * (_KV_BLOCK // BLOCK_N)
     tl.store(Cost + offs, tiles, mask=valid)
 
@@ -344,13 +344,13 @@ def _elastic_attn_fwd(
     Q, K, V, O, Modes, Order, Count, Index,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    T, NB, H, G, GROUP, sink, window, qk_scale,
+    T, NQB, NB, H, G, GROUP, sink, window, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # program -> work item (b, h, m) from the list, sorted by cost: the heaviest programs start first
     item = tl.load(Order + tl.program_id(0))
-    m = (item % NB).to(tl.int32)
-    bh = (item // NB).to(tl.int32)
+    m = (item % NQB).to(tl.int32)
+    bh = (item // NQB).to(tl.int32)
     b = bh // H
     h = bh % H
     g = h // GROUP  # GQA: the KV head is read in place, never repeated
@@ -372,31 +372,30 @@ def _elastic_attn_fwd(
                                                               BLOCK_M, BLOCK_N)
     window = tl.where(mode == _SSA, window, 1 << 30)  # FA and XA: the window never binds
 
-    # phase 1 (SSA): the sink tokens
-    for start_n in range(0, sink_hi, BLOCK_N):
+    # 1. masked tiles, one loop over three ranges: the sink, the window's edge, the diagonal
+    n_sink = sink_hi // BLOCK_N
+    n_edge = (full_lo - edge_lo) // BLOCK_N
+    n_masked = n_sink + n_edge + (diag_hi - diag_lo + BLOCK_N - 1) // BLOCK_N
+    for t in range(0, n_masked):
+        start_n = tl.where(t < n_sink, t * BLOCK_N,
+                           tl.where(t < n_sink + n_edge, edge_lo + (t - n_sink) * BLOCK_N,
+                                    diag_lo + (t - n_sink - n_edge) * BLOCK_N))
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                                    T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=True)
-    # phase 2 (SSA): the window's lower edge, where queries of the tile disagree
-    for start_n in range(edge_lo, full_lo, BLOCK_N):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=True)
-    # phase 3 (FA, SSA): keys every query of the tile sees, no mask
+    # 2. unmasked tiles every query of the tile sees whole (FA: all earlier keys, SSA: inside the window)
     for start_n in range(full_lo, diag_lo, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                                    T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
-    # phase 3 (XA): the selected blocks before the diagonal, read from the compact list, no mask
-    list_base = (bh.to(tl.int64) * NB + m) * NB
-    count = tl.load(Count + bh.to(tl.int64) * NB + m, mask=mode == _XA, other=1)
+    # 2. (XA) the selected blocks before the diagonal, from the compact ascending list (its last entry
+    # is the diagonal block, done above), no mask
+    xa_row = bh.to(tl.int64) * NB + start_m // _KV_BLOCK
+    count = tl.load(Count + xa_row, mask=mode == _XA, other=1)
     for i in range(0, count - 1):
-        blk = tl.load(Index + list_base + i)
+        blk = tl.load(Index + xa_row * NB + i)
         for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
             start_n = blk * _KV_BLOCK + sub * BLOCK_N
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                                        T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
-    # phase 4 (all modes): the diagonal block, causal mask (and the end of the sequence)
-    for start_n in range(diag_lo, diag_hi, BLOCK_N):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=True)
 
     # every query sees at least itself, so l_i > 0
     o = acc / l_i[:, None]
@@ -408,13 +407,13 @@ def _elastic_attn_fwd(
 # -----------------------------------------------------------------------------
 # 4. The wrappers: check the inputs, run the XA estimate, build the work list, launch.
 
-BLOCK_M = KV_BLOCK
-
-
 def _default_config(q):
+    """Tile sizes. GPU: tuned on an H100 at 32K (bench.py --sweep). BLOCK_N <= BLOCK_M, both divide 128."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return dict(BLOCK_N=64, num_warps=4, num_stages=1, XA_BLOCK_I=64, XA_BLOCK_J=64, xa_warps=4, xa_stages=1)
-    return dict(BLOCK_N=64, num_warps=8, num_stages=3, XA_BLOCK_I=128, XA_BLOCK_J=64, xa_warps=8, xa_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1,
+                    XA_BLOCK_I=64, XA_BLOCK_J=64, xa_warps=4, xa_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3,
+                XA_BLOCK_I=128, XA_BLOCK_J=128, xa_warps=8, xa_stages=3)
 
 
 def _check_qk(q, k):
@@ -448,17 +447,13 @@ def _check_qk(q, k):
     return B, H, T, D, G
 
 
-def _check_modes(modes, B, G, device, check_values=True):
+def _check_modes(modes, B, G, device):
     if not isinstance(modes, torch.Tensor) or modes.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"modes must be an integer tensor [B, G] of FA=0, SSA=1, XA=2; got "
                         f"{modes.dtype if isinstance(modes, torch.Tensor) else type(modes)}")
     if tuple(modes.shape) != (B, G):
         raise ValueError(f"modes must have shape [B={B}, G={G}] (one mode per batch element and KV head); "
                          f"got {tuple(modes.shape)}")
-    if check_values:  # one small host sync; unchecked, a value other than SSA or XA runs as FA
-        bad = (modes < FA) | (modes > XA)
-        if bool(bad.any()):
-            raise ValueError(f"modes must be FA=0, SSA=1 or XA=2; got {modes[bad].unique().tolist()}")
     return modes.to(device=device, dtype=torch.int32).contiguous()
 
 
@@ -510,16 +505,16 @@ def xattn_block_mask(q, k, *, stride=16, threshold=0.9, return_scores=False, _co
     return (mask, scores) if return_scores else mask
 
 
-def _schedule(modes, count, B, H, T, sink, window, block_n):
-    """Work list: every (b, h, query block) ordered by the number of key tiles it visits, heaviest
+def _schedule(modes, count, B, H, T, sink, window, block_m, block_n):
+    """Work list: every (b, h, query tile) ordered by the number of key tiles it visits, heaviest
     first (a long FA row must not start last). Built on the device, no host sync. -> (order, cost)."""
     G = modes.shape[1]
-    NB = triton.cdiv(T, BLOCK_M)
-    N = B * H * NB
+    NQB, NB = triton.cdiv(T, block_m), triton.cdiv(T, KV_BLOCK)
+    N = B * H * NQB
     cost = torch.empty(N, device=modes.device, dtype=torch.int32)
     _schedule_cost_kernel[(triton.cdiv(N, 1024),)](
-        modes, count, cost, N, T, NB, H, G, H // G, sink, window,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK=1024)
+        modes, count, cost, N, T, NQB, NB, H, G, H // G, sink, window,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK=1024)
     order = torch.argsort(cost, descending=True, stable=True)
     return order, cost
 
@@ -531,8 +526,8 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA, read in place); modes [B, G] of FA, SSA, XA.
     fp16 or bf16 (fp32 too; on the GPU its products run in tf32). Any T >= 1; D in 16, 32, 64, 128.
     Tensors may be strided views (e.g. [B, T, H, D].transpose(1, 2)) with the last dim contiguous.
-    out: an optional [B, H, T, D] tensor to write into. check_modes: check the mode values, at the cost of
-    one small host sync; pass False on a hot path whose modes come from the router (always valid).
+    out: an optional [B, H, T, D] tensor to write into. check_modes: raise if a mode is not FA, SSA or XA
+    (read back after the launches; the host waits for the check, not for the attention kernel).
     """
     B, H, T, D, G = _check_qk(q, k)
     if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
@@ -543,25 +538,39 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     if not (isinstance(sink, int) and sink >= 0 and isinstance(window, int) and window >= 1):
         raise ValueError(f"need integers sink >= 0 and window >= 1; got sink={sink}, window={window}")
     _check_xa_args(xa_stride, xa_threshold)
-    modes = _check_modes(modes, B, G, q.device, check_modes)
+    modes = _check_modes(modes, B, G, q.device)
+    if check_modes:  # a kernel reads a bad mode as FA; the wrapper raises once its launches are queued
+        bad_modes = ((modes < FA) | (modes > XA)).any()
+        if q.is_cuda:  # copy the flag without waiting; later the host waits for this copy only
+            bad_modes = bad_modes.to("cpu", non_blocking=True)
+            checked = torch.cuda.Event()
+            checked.record()
     sink, window = min(sink, T), min(window, T)  # beyond T they change nothing; keeps them in int32
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, last dim contiguous")
     cfg = _config or _default_config(q)
+    if not (cfg["BLOCK_N"] <= cfg["BLOCK_M"] <= KV_BLOCK and KV_BLOCK % cfg["BLOCK_M"] == 0 == cfg["BLOCK_M"] % cfg["BLOCK_N"]):
+        raise ValueError(f"config needs BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}; got {cfg}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
 
     _, _, count, index = _xattn(q, k, modes, xa_stride, xa_threshold, cfg)
-    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_N"])
-    NB = triton.cdiv(T, BLOCK_M)
+    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_M"], cfg["BLOCK_N"])
     _elastic_attn_fwd[(order.numel(),)](
         q, k, v, out, modes, order, count, index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        T, NB, H, G, H // G, sink, window, scale * math.log2(math.e),
-        D=D, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"],
+        T, triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
+        scale * math.log2(math.e),
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if check_modes:
+        if q.is_cuda:
+            checked.synchronize()
+        if bool(bad_modes):
+            raise ValueError(f"modes must be FA=0, SSA=1 or XA=2; got "
+                             f"{sorted(set(modes.flatten().tolist()) - {FA, SSA, XA})}")
     return out
 
 
