@@ -36,7 +36,8 @@ parser.add_argument("--window", type=int, default=2048, help="SSA window tokens"
 parser.add_argument("--xa-threshold", type=float, default=0.9, help="XA threshold")
 parser.add_argument("--xa-stride", type=int, default=16, help="XA antidiagonal stride")
 parser.add_argument("--xa-topics", type=int, default=8, help="structured XA inputs: topics per head (share ~ 1/topics)")
-parser.add_argument("--sweep", action="store_true", help="time kernel tile configs at 32K first and bench the best")
+parser.add_argument("--sweep", action="store_true", help="time kernel tile configs first and bench the best")
+parser.add_argument("--sweep-len", type=int, default=32768, help="sequence length of the sweep")
 parser.add_argument("--config", type=str, default=None, help="kernel config as JSON (see kernel._default_config)")
 parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take a while)")
 parser.add_argument("--out", type=str, default="bench_results.md", help="markdown file to write")
@@ -151,7 +152,7 @@ def slog(line):  # a sweep line: printed and kept for the report
 
 
 if args.sweep:
-    T = 32768
+    T = args.sweep_len
     q = torch.randn(B, H, T, D, device=dev, dtype=dtype)
     k, v = (torch.randn(B, G, T, D, device=dev, dtype=dtype) for _ in range(2))
     ref = sdpa(SDPBackend.CUDNN_ATTENTION, q, k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1))
