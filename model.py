@@ -201,8 +201,10 @@ class KVCache:
         self.max_len, self.sink, self.window = max_len, sink, window
 
     def slot(self, pos):
-        """Ring position of token pos: sinks stay put, the rest cycle through the `window` slots after them."""
-        return torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % max(self.window, 1))
+        """Ring position of token pos (an int or a tensor of them): sinks stay put, the rest cycle through
+        the `window` slots after them."""
+        wrapped = self.sink + (pos - self.sink) % self.window
+        return (pos if pos < self.sink else wrapped) if isinstance(pos, int) else torch.where(pos < self.sink, pos, wrapped)
 
     def prefill(self, k, v, modes):
         """k, v [B, G, T, D]; modes int [B, G] (None: every head FA)."""
@@ -238,7 +240,7 @@ class KVCache:
             kf, vf = self.k_full[:, None, :pos + 1], self.v_full[:, None, :pos + 1]  # [n_full, 1, pos+1, D]
             y[self.full] = F.scaled_dot_product_attention(q[self.full], kf, vf)
         if len(self.ssa):
-            s = self.slot(torch.tensor(pos, device=q.device))
+            s = self.slot(pos)
             self.k_ring[:, s], self.v_ring[:, s] = k[self.ssa], v[self.ssa]
             self.ring_pos[s] = pos  # overwrites the position that just left the window
             seen = (self.ring_pos >= 0)[None]  # [1, sink + window]; all stored positions are in pos's SSA mask
