@@ -542,7 +542,7 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     if check_modes:  # a kernel reads a bad mode as FA; the wrapper raises once its launches are queued
         bad_modes = ((modes < FA) | (modes > XA)).any()
         if q.is_cuda:  # copy the flag without waiting; later the host waits for this copy only
-            bad_modes = bad_modes.to("cpu", non_blocking=True)
+            bad_modes = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(bad_modes, non_blocking=True)
             checked = torch.cuda.Event()
             checked.record()
     sink, window = min(sink, T), min(window, T)  # beyond T they change nothing; keeps them in int32
