@@ -590,19 +590,21 @@ def flex_block_mask(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
     mode = modes.to(torch.int32).repeat_interleave(H // G, dim=1)  # [B, H]
     NB = triton.cdiv(T, KV_BLOCK)
     if xa_blocks is None:
-        if bool((mode == XA).any()):
+        if bool((modes == XA).any()):
             raise ValueError("modes has XA heads: pass their block selection as xa_blocks (xattn_block_mask)")
         xa_blocks = torch.ones(B, H, NB, NB, dtype=torch.bool, device=dev)
     if tuple(xa_blocks.shape) != (B, H, NB, NB):
         raise ValueError(f"xa_blocks must be [B={B}, H={H}, {NB}, {NB}]; got {tuple(xa_blocks.shape)}")
     xa_blocks = xa_blocks.to(device=dev, dtype=torch.bool)
 
+    has_xa = bool((mode == XA).any())
+
     def mask_mod(b, h, q_idx, kv_idx):
         md = mode[b, h]
-        causal = kv_idx <= q_idx
-        in_window = (kv_idx < sink) | (q_idx - kv_idx < window)
-        in_xa = xa_blocks[b, h, q_idx // KV_BLOCK, kv_idx // KV_BLOCK]
-        return causal & ((md == FA) | ((md == SSA) & in_window) | ((md == XA) & in_xa))
+        keep = (md == FA) | ((md == SSA) & ((kv_idx < sink) | (q_idx - kv_idx < window)))
+        if has_xa:  # a gather per element: only when some head needs it
+            keep = keep | ((md == XA) & xa_blocks[b, h, q_idx // KV_BLOCK, kv_idx // KV_BLOCK])
+        return (kv_idx <= q_idx) & keep
 
     # which blocks hold some visible pair (any), which hold only visible pairs (full)
     m = torch.arange(NB, device=dev)[:, None]
