@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from model import Transformer
 
 HERE = Path(__file__).parent
-SHORT = ["--min-len", "160", "--max-len", "260", "--sink", "8", "--window", "32", "--eval-samples", "4"]
+SHORT = ["--min-len", "160", "--max-len", "260", "--sink", "8", "--window", "32", "--eval-samples", "4",
+         "--pad-multiple", "128"]
 
 
 def train(*args, nproc=None, timeout=600):

@@ -50,6 +50,8 @@ parser.add_argument("--min-len", type=int, default=1024, help="synthetic mix: sh
 parser.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens (JSONL: contexts are cut)")
 parser.add_argument("--sensitive-frac", type=float, default=0.5, help="synthetic mix: share of retrieval samples")
 parser.add_argument("--answer-only", action="store_true", help="CE on the answer only (paper: whole sequence)")
+parser.add_argument("--pad-multiple", type=int, default=1024, help="pad each batch to a multiple of this many tokens: "
+                    "few distinct lengths, so few FlexAttention compiles (padding changes no result)")
 # optimisation (paper Table 6)
 parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
 parser.add_argument("--batch-size", type=int, default=48, help="global batch in samples, over all processes")
@@ -158,7 +160,7 @@ else:
 def get_batch(step, micro):
     first = step * args.batch_size + (rank * accum + micro) * args.micro_batch
     samples = [dataset[(first + b) % len(dataset)] for b in range(args.micro_batch)]
-    return collate(samples, pad_id, answer_only=args.answer_only, pad_multiple=128).to(device)
+    return collate(samples, pad_id, answer_only=args.answer_only, pad_multiple=args.pad_multiple).to(device)
 
 
 def cross_entropy(logits, targets):
@@ -172,7 +174,7 @@ def evaluate():
     L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
     sums = torch.zeros(2, 4, device=device)  # per class: dense CE, routed CE, Omega, count
     for i in range(rank, args.eval_samples, world):
-        batch = collate([heldout[i]], pad_id, answer_only=True).to(device)
+        batch = collate([heldout[i]], pad_id, answer_only=True, pad_multiple=args.pad_multiple).to(device)
         dense = cross_entropy(model(batch.input_ids, modes=torch.full((L, 1, G), FA, device=device)), batch.targets)
         logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, return_routing=True)
         c = batch.task_class.item()
