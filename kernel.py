@@ -42,10 +42,9 @@ import triton
 import triton.language as tl
 
 FA, SSA, XA = 0, 1, 2
-KV_BLOCK = 128  # the method's block: XA selects 128 x 128 blocks; a program owns 128 queries
+KV_BLOCK = 128  # the method's block (METHOD.md section 4): XA selects 128 x 128 blocks
 
 # the same numbers as constants the kernels can read
-_FA = tl.constexpr(FA)
 _SSA = tl.constexpr(SSA)
 _XA = tl.constexpr(XA)
 _KV_BLOCK = tl.constexpr(KV_BLOCK)
