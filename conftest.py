@@ -1,11 +1,16 @@
 """Shared test fixtures: the embedded SmolLM2 checkpoint dir, and a tiny random Llama that scripts can run on."""
+import os
 import shutil
 
-import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from model import default_model_dir
+if not torch.cuda.is_available():  # before anything imports Triton: the kernel tests run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from model import default_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -27,16 +27,15 @@ import torch
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
-    # No GPU: run the Triton kernels in Triton's interpreter, so `import kernel` works anywhere.
-    # (In the interpreter a tl.dot on bf16 operands is wrong: use fp32 or fp16 there.)
+    # No GPU: run the Triton kernels in Triton's interpreter (slow, but exact), so `import kernel` works
+    # anywhere. (In the interpreter a tl.dot on bf16 operands is wrong: use fp32 or fp16 there.)
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    triton_lang = sys.modules.get("triton.language")
-    if os.environ["TRITON_INTERPRET"] == "1" and triton_lang and type(triton_lang.zeros).__name__ == "JITFunction":
-        # Triton builds its own library (tl.zeros, tl.sort, ...) for the interpreter only when it is
-        # imported with TRITON_INTERPRET=1, and torch may have imported it before us: import Triton's
-        # Python modules again (its compiled extension stays loaded).
-        for name in [m for m in sys.modules if m.split(".")[0] == "triton" and not m.startswith("triton._C")]:
-            del sys.modules[name]
+    if "triton.language" in sys.modules and os.environ["TRITON_INTERPRET"] == "1" \
+            and type(sys.modules["triton.language"].zeros).__name__ == "JITFunction":
+        # Triton builds its interpreter's library (tl.zeros, tl.sort, ...) only when first imported with
+        # TRITON_INTERPRET=1; something imported it before us without it.
+        raise ImportError("Triton was imported before kernel.py could turn on its interpreter (no CUDA here): "
+                          "set TRITON_INTERPRET=1 in the environment, or import kernel before transformers")
 
 import triton
 import triton.language as tl
