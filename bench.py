@@ -11,6 +11,11 @@ TFLOP/s count the (query, key) pairs actually computed: 4 * D flops each. Writes
     python bench.py                                  # T = 8K, 32K, 128K -> bench_results.md
     python bench.py --seq-lens 8192 --out /tmp/b.md  # one length
     python bench.py --sweep                          # first try kernel tile configs at 32K, bench the best
+
+With --model, end to end instead: a whole model with random weights from a config.json, its prefill and its
+decode step, dense against elastic at Omega 0.7 (the rest of the KV heads full), and its KV-cache size:
+
+    python bench.py --model configs/llama-3.1-8b.json --seq-lens 32768 130944   # -> bench_model_results.md
 """
 
 import argparse
@@ -18,10 +23,12 @@ import datetime
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import kernel
 from kernel import FA, SSA, XA
@@ -43,8 +50,13 @@ parser.add_argument("--sweep-configs", type=str, help="JSON list of [BLOCK_M, BL
 parser.add_argument("--sweep-repeat", type=int, default=1, help="time each sweep config this many times")
 parser.add_argument("--config", type=str, default=None, help="kernel config as JSON (see kernel._default_config)")
 parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take a while)")
-parser.add_argument("--out", type=str, default="bench_results.md", help="markdown file to write")
+parser.add_argument("--out", type=str, default=None,
+                    help="markdown file to write (default: bench_results.md, with --model bench_model_results.md)")
+parser.add_argument("--model", type=str, default=None, help="config.json of a model: time it end to end instead")
+parser.add_argument("--sparse-ratio", type=float, default=0.7, help="with --model: Omega of the elastic runs")
+parser.add_argument("--decode-tokens", type=int, default=32, help="with --model: tokens decoded per run")
 args = parser.parse_args()
+args.out = args.out or ("bench_model_results.md" if args.model else "bench_results.md")
 
 assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
 dev = "cuda"
@@ -152,6 +164,68 @@ def log(line):
 def slog(line):  # a sweep line: printed and kept for the report
     log(line)
     sweep_lines.append(line)
+
+
+# -----------------------------------------------------------------------------
+# end to end (--model): prefill and decode of a whole model, dense against elastic
+
+
+def bench_model():
+    from model import ModelConfig, Transformer, rope_inv_freq, static_modes
+    from router import ElasticConfig
+
+    cfg = ModelConfig.from_json(args.model)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # random weights straight on the GPU in bf16: timings need no checkpoint
+    with torch.device(dev):
+        model = Transformer(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.inv_freq = rope_inv_freq(cfg).to(dev)  # in fp32, as from_pretrained makes it
+    model.eval().requires_grad_(False)
+    L, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    scores = torch.rand(L, n_kv, device=dev)  # which heads stay full does not change the time
+    setups = [("dense, SDPA", "FA-SSA", None),
+              ("dense, our kernel (all FA)", "FA-SSA", torch.full((L, 1, n_kv), FA, dtype=torch.int32, device=dev))]
+    for pair in ("FA-SSA", "XA-SSA"):
+        ec = ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window)
+        setups.append((f"{pair}, Omega {args.sparse_ratio}", pair, static_modes(scores, args.sparse_ratio, ec)))
+    rows = []
+    for T in args.seq_lens:
+        idx = torch.randint(0, cfg.vocab_size, (1, T), device=dev)
+        for name, pair, modes in setups:
+            model.set_elastic(ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window))
+            prefill = timeit(lambda: model(idx, modes=modes, last_only=True), budget_ms=2000, min_reps=2, max_reps=10)
+            stats, stamps = {}, []
+            for _ in model.generate(idx, args.decode_tokens, modes=modes, stats=stats):
+                stamps.append(time.perf_counter())  # generate() syncs on every token (.item())
+            step = statistics.median(b - a for a, b in zip(stamps, stamps[1:])) * 1e3
+            rows.append((T, name, prefill, step, stats["kv_bytes"], stats["kv_bytes_dense"]))
+            log(f"T={T} {name}: prefill {prefill:.1f} ms, decode {step:.2f} ms/token, KV cache "
+                f"{stats['kv_bytes'] / 2**30:.2f} GiB (dense {stats['kv_bytes_dense'] / 2**30:.2f} GiB)")
+            del stats
+            torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name()
+    lines = [f"# End to end: {args.model}, random weights", "",
+             f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · {datetime.date.today()}", "",
+             f"bf16, B = 1; SSA sink {args.sink}, window {args.window}; XA threshold {args.xa_threshold}; "
+             f"Omega {args.sparse_ratio}: that share of KV heads sparse (SSA), the rest full (FA) or XA. Prefill: "
+             f"median ms of the whole forward (last position's logits). Decode: median ms per token over "
+             f"{args.decode_tokens} greedy tokens, with the per-head cache (SSA heads keep sink + window). KV cache: "
+             f"bytes held after prefill for prompt + decoded tokens.", "",
+             "| prompt tokens | setup | prefill ms | vs dense SDPA | decode ms/token | KV cache GiB | vs dense |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for T, name, prefill, step, kv, kv_dense in rows:
+        base = next(r[2] for r in rows if r[0] == T and r[1] == "dense, SDPA")
+        lines.append(f"| {T} | {name} | {prefill:.1f} | {base / prefill:.2f}x | {step:.2f} | {kv / 2**30:.2f} | "
+                     f"{kv / kv_dense:.0%} |")
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log("\n".join(lines))
+
+
+if args.model:
+    bench_model()
+    sys.exit()
 
 
 if args.sweep:
@@ -262,8 +336,6 @@ def write_report():
     log("targets:")
     for T, name, value, met in targets:
         log(f"  T={T}: {name}: {value} -> {'met' if met else 'MISSED'}")
-
-    import triton
 
     lines = [
         "# Elastic attention prefill benchmark (bench.py)",

@@ -3,7 +3,7 @@ The paper's central claim, measured on SmolLM2: accuracy against sparsity by tas
 against static hybrids at the same sparsity (Elastic Attention, arXiv 2601.17367; METHOD.md section 6).
 
     python eval.py --routers out-routers                                    # one GPU, a few minutes
-    python eval.py --routers out-fa-ssa --routers-fa-xa out-fa-xa --routers-xa-ssa out-xa-ssa
+    python eval.py --routers out-fa-ssa out-fa-xa out-xa-ssa                # several trained routers
     python eval.py --routers out-routers --limit 2 --lengths 512 1024       # a quick run, also on the CPU
 
 Tasks come from a seed, built out of Python's own docs (data.SyntheticMix, the generator training uses, with
@@ -14,8 +14,8 @@ another seed):
     share of answer tokens that are the model's top prediction), so it needs no reference model.
 Methods: dense FA; the static hybrid (DuoAttention / PruLong style) with the top 30% of KV heads by retrieval
 score kept full (Omega 0.7), and again at the elastic model's own average Omega; XAttention on every head;
-Elastic FA-SSA (and FA-XA, XA-SSA when their routers are given). Writes eval_results.md and, with matplotlib,
-eval_results.png.
+Elastic Attention with each dir of routers given (its mode pair read from its elastic.json; the first must be
+FA-SSA: its sink and window serve every SSA method). Writes eval_results.md and, with matplotlib, eval_results.png.
 """
 import argparse
 import datetime
@@ -36,10 +36,8 @@ from router import ElasticConfig
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default=None, help="HuggingFace checkpoint dir (default: SmolLM2-135M-Instruct)")
-parser.add_argument("--routers", required=True, help="FA-SSA routers from train.py; their sink and window are used "
-                    "by every SSA method here")
-parser.add_argument("--routers-fa-xa", default=None, help="FA-XA routers (optional)")
-parser.add_argument("--routers-xa-ssa", default=None, help="XA-SSA routers (optional)")
+parser.add_argument("--routers", required=True, nargs="+", help="dirs of routers from train.py; the first FA-SSA, "
+                    "whose sink and window every SSA method here uses")
 parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000], help="prompt lengths")
 parser.add_argument("--samples", type=int, default=12, help="samples per task and length")
 parser.add_argument("--limit", type=int, default=None, help="at most this many samples per task and length")
@@ -69,7 +67,10 @@ tasks = {(task, T): [SyntheticMix(tokenizer, T, T, seed=args.seed + T, kinds=(ta
 
 # -----------------------------------------------------------------------------
 # methods: each gives the modes [L, 1, G] for a sample, or None to let the loaded routers decide
-ssa_config = ElasticConfig.load(f"{args.routers}/elastic.json")
+configs = [ElasticConfig.load(f"{path}/elastic.json") for path in args.routers]
+ssa_config = configs[0]
+if ssa_config.mode_pair != "FA-SSA":
+    raise SystemExit(f"the first --routers dir must hold FA-SSA routers; {args.routers[0]} holds {ssa_config.mode_pair}")
 model.set_elastic(ssa_config)
 probes = SyntheticMix(tokenizer, 2048, 2048, seed=args.seed - 1, kinds=("passkey", "multi_key", "multi_value"))
 scores = retrieval_scores(model, [probes[i] for i in range(8)])
@@ -83,11 +84,11 @@ methods = {
     "dense FA": (None, fixed(FA), ssa_config),
     f"static FA-SSA {args.static_ratio:.2f}": (None, static_modes(scores, args.static_ratio, ssa_config), ssa_config),
     "XAttention (all heads)": (None, fixed(XA), ssa_config),
-    "elastic FA-SSA": (args.routers, None, None),
 }
-for pair, path in (("FA-XA", args.routers_fa_xa), ("XA-SSA", args.routers_xa_ssa)):
-    if path:
-        methods[f"elastic {pair}"] = (path, None, None)
+for i, (path, config) in enumerate(zip(args.routers, configs)):
+    name = f"elastic {config.mode_pair}" + (f" ({path.rstrip('/').split('/')[-1]})" if len(args.routers) > 1 else "")
+    methods[name] = (path, None, None)
+ELASTIC = next(name for name in methods if name.startswith("elastic FA-SSA"))  # the first routers
 print(f"{len(tasks) * n} samples per method: {', '.join(TASKS)} x lengths {args.lengths} x {n}; methods: "
       f"{', '.join(methods)}; SSA sink {ssa_config.sink}, window {ssa_config.window}")
 
@@ -141,7 +142,7 @@ def evaluate(name, routers, modes, config):
 for name, (routers, modes, config) in methods.items():
     evaluate(name, routers, modes, config)
 # the static hybrid again, at the elastic model's own average Omega: the fair comparison
-omega_elastic = sum(r[3] for r in results["elastic FA-SSA"]) / len(results["elastic FA-SSA"])
+omega_elastic = sum(r[3] for r in results[ELASTIC]) / len(results[ELASTIC])
 matched = f"static FA-SSA {omega_elastic:.2f} (matched)"
 evaluate(matched, None, static_modes(scores, omega_elastic, ssa_config), ssa_config)
 
@@ -194,9 +195,9 @@ for name, rows in results.items():
     lines.append(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
 
 # the claim, checked
-d, e, st = summary(results["dense FA"]), summary(results["elastic FA-SSA"]), summary(results[matched])
+d, e, st = summary(results["dense FA"]), summary(results[ELASTIC]), summary(results[matched])
 verdict = [
-    f"- retrieval within 2 points of dense: elastic FA-SSA {e['acc_sensitive']:.1f} vs dense {d['acc_sensitive']:.1f}"
+    f"- retrieval within 2 points of dense: {ELASTIC} {e['acc_sensitive']:.1f} vs dense {d['acc_sensitive']:.1f}"
     f" -> {'holds' if e['acc_sensitive'] >= d['acc_sensitive'] - 2 else 'does not hold'}",
     f"- robust tasks at Omega >= 0.9: {e['omega_robust']:.3f} -> {'holds' if e['omega_robust'] >= 0.9 else 'does not hold'}",
     f"- elastic above the static hybrid at equal average Omega ({e['omega']:.3f}): sensitive {e['acc_sensitive']:.1f}"
@@ -233,11 +234,11 @@ if args.figure:
         ax.set_title("score against sparsity (circles: sensitive tasks, squares: robust)", fontsize=10)
         ax.legend(fontsize=7, loc="lower left")
         for ax, kind in zip(axes[1:], ("sensitive", "robust")):
-            maps = [r[4] for r in results["elastic FA-SSA"] if TASKS[r[0]] == kind]
+            maps = [r[4] for r in results[ELASTIC] if TASKS[r[0]] == kind]
             heat = torch.stack([(m == SSA).float() for m in maps]).mean(0)  # [L, G]: share of samples sparse
             im = ax.imshow(heat.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
             ax.set(xlabel="layer", ylabel="KV head", yticks=range(G))
-            ax.set_title(f"elastic FA-SSA routing, {kind} tasks\n(share of samples with the head on SSA)", fontsize=10)
+            ax.set_title(f"{ELASTIC} routing, {kind} tasks\n(share of samples with the head on SSA)", fontsize=10)
         fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8)
         fig.savefig(args.figure, dpi=120, bbox_inches="tight")
         print(f"figure written to {args.figure}")

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 import kernel
@@ -161,11 +162,18 @@ def branch_attention(q, k, v, mode, ec):
     if not q.is_cuda:
         return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window,
                                           xa_threshold=ec.xa_threshold, xa_stride=ec.xa_stride)
-    xa_blocks = None
     if mode == XA:  # the selection is a discrete choice: no gradient flows through it
         xa_blocks = kernel.xattn_block_mask(q.detach(), k.detach(), stride=ec.xa_stride, threshold=ec.xa_threshold)
-    mask = kernel.flex_block_mask(modes, H, T, sink=ec.sink, window=ec.window, xa_blocks=xa_blocks)
+        mask = kernel.flex_block_mask(modes, H, T, sink=ec.sink, window=ec.window, xa_blocks=xa_blocks)
+    else:  # SSA: the same mask in every layer, built once per shape
+        mask = ssa_block_mask(B, H, k.shape[1], T, ec.sink, ec.window, q.device)
     return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
+
+
+@functools.lru_cache(maxsize=16)
+def ssa_block_mask(B, H, G, T, sink, window, device):
+    modes = torch.full((B, G), SSA, dtype=torch.int32, device=device)
+    return kernel.flex_block_mask(modes, H, T, sink=sink, window=window)
 
 
 def mixed_attention(q, k, v, z, ec):
@@ -185,6 +193,10 @@ def attention_rows(q, k, rows):
     kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()  # [B, H, T, D]
     s = q[:, :, rows].float() @ kk.transpose(-1, -2) / math.sqrt(D)   # [B, H, P, T]
     return s.masked_fill(torch.arange(T, device=q.device) > rows[:, None], float("-inf")).softmax(-1)
+
+
+# cuDNN's SDPA builds a plan for every new shape, and a decode step's cache length is new every time
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class KVCache:
@@ -235,17 +247,18 @@ class KVCache:
         q = q.reshape(B * G, 1, H // G, D)  # [B*G, 1, H/G, D]: a group's query heads on the query axis
         k, v = k.reshape(B * G, D), v.reshape(B * G, D)
         y = torch.empty_like(q)
-        if len(self.full):
-            self.k_full[:, pos], self.v_full[:, pos] = k[self.full], v[self.full]
-            kf, vf = self.k_full[:, None, :pos + 1], self.v_full[:, None, :pos + 1]  # [n_full, 1, pos+1, D]
-            y[self.full] = F.scaled_dot_product_attention(q[self.full], kf, vf)
-        if len(self.ssa):
-            s = self.slot(pos)
-            self.k_ring[:, s], self.v_ring[:, s] = k[self.ssa], v[self.ssa]
-            self.ring_pos[s] = pos  # overwrites the position that just left the window
-            seen = (self.ring_pos >= 0)[None]  # [1, sink + window]; all stored positions are in pos's SSA mask
-            y[self.ssa] = F.scaled_dot_product_attention(q[self.ssa], self.k_ring[:, None], self.v_ring[:, None],
-                                                         attn_mask=seen)
+        with sdpa_kernel(DECODE_BACKENDS):
+            if len(self.full):
+                self.k_full[:, pos], self.v_full[:, pos] = k[self.full], v[self.full]
+                kf, vf = self.k_full[:, None, :pos + 1], self.v_full[:, None, :pos + 1]  # [n_full, 1, pos+1, D]
+                y[self.full] = F.scaled_dot_product_attention(q[self.full], kf, vf)
+            if len(self.ssa):
+                s = self.slot(pos)
+                self.k_ring[:, s], self.v_ring[:, s] = k[self.ssa], v[self.ssa]
+                self.ring_pos[s] = pos  # overwrites the position that just left the window
+                seen = (self.ring_pos >= 0)[None]  # [1, sink + window]: every stored position is in pos's mask
+                y[self.ssa] = F.scaled_dot_product_attention(q[self.ssa], self.k_ring[:, None],
+                                                             self.v_ring[:, None], attn_mask=seen)
         return y.reshape(B, H, 1, D)
 
     def nbytes(self):
