@@ -139,13 +139,6 @@ def evaluate(name, routers, modes, config):
     results[name] = rows
 
 
-for name, (routers, modes, config) in methods.items():
-    evaluate(name, routers, modes, config)
-# the static hybrid again, at the elastic model's own average Omega: the fair comparison
-omega_elastic = sum(r[3] for r in results[ELASTIC]) / len(results[ELASTIC])
-matched = f"static FA-SSA {omega_elastic:.2f} (matched)"
-evaluate(matched, None, static_modes(scores, omega_elastic, ssa_config), ssa_config)
-
 # -----------------------------------------------------------------------------
 # tables
 
@@ -169,47 +162,60 @@ def is_xa(name):
     return name.startswith("XAttention")  # every head XA: Omega (share of SSA heads) does not apply
 
 
-gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-lines = [f"# Accuracy against sparsity on SmolLM2-135M-Instruct",
-         "",
-         f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}. "
-         f"Command: `python eval.py {' '.join(sys.argv[1:])}`. "
-         f"{n} samples per task and length, lengths {args.lengths}; SSA sink {ssa_config.sink}, window "
-         f"{ssa_config.window}; XA threshold {ssa_config.xa_threshold}, stride {ssa_config.xa_stride}. "
-         "Sensitive score: share of the answer's numbers in a greedy answer; robust score: teacher-forced "
-         "next-token accuracy on the true continuation. Omega: share of KV heads in the sparse mode (SSA; it does "
-         "not apply to XAttention on every head). Prefill: mean ms at the longest length, our fused kernel for every "
-         "method.",
-         "",
-         "| method | sensitive acc. | robust acc. | Omega sensitive | Omega robust | Omega mean | prefill ms |",
-         "|---|---|---|---|---|---|---|"]
-for name, rows in results.items():
-    s = summary(rows)
-    omegas = " | ".join("n/a" if is_xa(name) else f"{s[k]:.3f}" for k in ("omega_sensitive", "omega_robust", "omega"))
-    lines.append(f"| {name} | {s['acc_sensitive']:.1f} | {s['acc_robust']:.1f} | {omegas} | {s['prefill_ms']:.1f} |")
-lines += ["", "Score per task and length (%):", "",
-          "| method | " + " | ".join(f"{t} {T}" for t in TASKS for T in args.lengths) + " |",
-          "|---|" + "---|" * (len(TASKS) * len(args.lengths))]
-for name, rows in results.items():
-    cells = [100 * mean(r[2] for r in rows if r[0] == t and r[1] == T) for t in TASKS for T in args.lengths]
-    lines.append(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+def write_table(matched=None):
+    """The markdown tables of what has run so far; with matched, the claim checked too."""
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    lines = [f"# Accuracy against sparsity on SmolLM2-135M-Instruct",
+             "",
+             f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}. "
+             f"Command: `python eval.py {' '.join(sys.argv[1:])}`. "
+             f"{n} samples per task and length, lengths {args.lengths}; SSA sink {ssa_config.sink}, window "
+             f"{ssa_config.window}; XA threshold {ssa_config.xa_threshold}, stride {ssa_config.xa_stride}. "
+             "Sensitive score: share of the answer's numbers in a greedy answer; robust score: teacher-forced "
+             "next-token accuracy on the true continuation. Omega: share of KV heads in the sparse mode (SSA; it does "
+             "not apply to XAttention on every head). Prefill: mean ms at the longest length, our fused kernel for every "
+             "method.",
+             "",
+             "| method | sensitive acc. | robust acc. | Omega sensitive | Omega robust | Omega mean | prefill ms |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        s = summary(rows)
+        omegas = " | ".join("n/a" if is_xa(name) else f"{s[k]:.3f}" for k in ("omega_sensitive", "omega_robust", "omega"))
+        lines.append(f"| {name} | {s['acc_sensitive']:.1f} | {s['acc_robust']:.1f} | {omegas} | {s['prefill_ms']:.1f} |")
+    lines += ["", "Score per task and length (%):", "",
+              "| method | " + " | ".join(f"{t} {T}" for t in TASKS for T in args.lengths) + " |",
+              "|---|" + "---|" * (len(TASKS) * len(args.lengths))]
+    for name, rows in results.items():
+        cells = [100 * mean(r[2] for r in rows if r[0] == t and r[1] == T) for t in TASKS for T in args.lengths]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
 
-# the claim, checked
-d, e, st = summary(results["dense FA"]), summary(results[ELASTIC]), summary(results[matched])
-verdict = [
-    f"- retrieval within 2 points of dense: {ELASTIC} {e['acc_sensitive']:.1f} vs dense {d['acc_sensitive']:.1f}"
-    f" -> {'holds' if e['acc_sensitive'] >= d['acc_sensitive'] - 2 else 'does not hold'}",
-    f"- robust tasks at Omega >= 0.9: {e['omega_robust']:.3f} -> {'holds' if e['omega_robust'] >= 0.9 else 'does not hold'}",
-    f"- elastic above the static hybrid at equal average Omega ({e['omega']:.3f}): sensitive {e['acc_sensitive']:.1f}"
-    f" vs {st['acc_sensitive']:.1f}, robust {e['acc_robust']:.1f} vs {st['acc_robust']:.1f} -> "
-    f"{'holds' if e['acc_sensitive'] + e['acc_robust'] > st['acc_sensitive'] + st['acc_robust'] else 'does not hold'}",
-]
-lines += ["", "The claim on this run:", ""] + verdict
-if args.figure:
-    lines += ["", f"![accuracy against Omega, and routing per task type]({args.figure})"]
-with open(args.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-print("\n".join(lines))
+    if matched is not None:  # the claim, checked
+        d, e, st = summary(results["dense FA"]), summary(results[ELASTIC]), summary(results[matched])
+        holds = lambda ok: "holds" if ok else "does not hold"  # noqa: E731
+        lines += ["", "The claim on this run:", "",
+                  f"- retrieval within 2 points of dense: {ELASTIC} {e['acc_sensitive']:.1f} vs dense "
+                  f"{d['acc_sensitive']:.1f} -> {holds(e['acc_sensitive'] >= d['acc_sensitive'] - 2)}",
+                  f"- robust tasks at Omega >= 0.9: {e['omega_robust']:.3f} -> {holds(e['omega_robust'] >= 0.9)}",
+                  f"- elastic above the static hybrid at equal average Omega ({e['omega']:.3f}): sensitive "
+                  f"{e['acc_sensitive']:.1f} vs {st['acc_sensitive']:.1f}, robust {e['acc_robust']:.1f} vs "
+                  f"{st['acc_robust']:.1f} -> "
+                  f"{holds(e['acc_sensitive'] + e['acc_robust'] > st['acc_sensitive'] + st['acc_robust'])}"]
+        if args.figure:
+            lines += ["", f"![accuracy against Omega, and routing per task type]({args.figure})"]
+    with open(args.out, "w") as f:  # rewritten after every method, so a stopped run leaves what it measured
+        f.write("\n".join(lines) + "\n")
+    if matched is not None:
+        print("\n".join(lines))
+
+
+for name, (routers, modes, config) in methods.items():
+    evaluate(name, routers, modes, config)
+    write_table()
+# the static hybrid again, at the elastic model's own average Omega: the fair comparison
+omega_elastic = sum(r[3] for r in results[ELASTIC]) / len(results[ELASTIC])
+matched = f"static FA-SSA {omega_elastic:.2f} (matched)"
+evaluate(matched, None, static_modes(scores, omega_elastic, ssa_config), ssa_config)
+write_table(matched)
 
 # -----------------------------------------------------------------------------
 # figure: accuracy against Omega per method, and where the elastic routers send heads per task type
