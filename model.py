@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernel
 from kernel import FA, SSA, XA
-from router import AttentionRouter, ElasticConfig, route
+from router import AttentionRouter, ElasticConfig, check_prompt_lens, route, sparsity_ratio
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -384,6 +384,8 @@ class Transformer(nn.Module):
         hybrids, all-FA, ...). return_routing: also return a Routing of what the heads ran. last_only: logits
         of the last position only, [B, 1, V] (a long prefill need not hold T x V logits)."""
         B, T = idx.shape
+        if prompt_lens is not None:
+            check_prompt_lens(prompt_lens, T)  # once here, not in every layer's router (a sync on the GPU)
         x = self.model.embed_tokens(idx)
         positions = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)
         freqs = positions[:, None] * self.inv_freq[None, :]    # [T, D/2]
@@ -410,8 +412,8 @@ class Transformer(nn.Module):
             return None  # dense: nothing was routed
         modes = torch.stack(layer_modes, dim=1)  # [B, L, G]
         if zs[0] is not None:
-            z = torch.stack(zs, dim=1)           # [B, L, G, 2]
-            return Routing(z, modes, z[..., 1].mean(dim=(1, 2)))  # Omega keeps the straight-through gradient
+            # Omega keeps the straight-through gradient
+            return Routing(torch.stack(zs, dim=1), modes, sparsity_ratio(zs))  # z [B, L, G, 2]
         sparse = self.elastic.modes[1]
         return Routing(None, modes, (modes == sparse).float().mean(dim=(1, 2)))
 

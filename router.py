@@ -32,12 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernel import FA, KV_BLOCK, SSA, XA
+
 # Attention modes as kernel.py numbers them in its per-(batch, KV head) mode table (METHOD.md section 4).
-FA, SSA, XA = 0, 1, 2
 MODE_IDS = {"FA": FA, "SSA": SSA, "XA": XA}
 # "{retrieval mode}-{sparse mode}": what class 0 and class 1 of the router mean (METHOD.md section 4).
 MODE_PAIRS = ("FA-SSA", "FA-XA", "XA-SSA")
-XA_BLOCK = 128  # XAttention scores 128x128 blocks from S x S antidiagonal cells, so S must divide 128
 
 # -----------------------------------------------------------------------------
 # Config
@@ -67,8 +67,8 @@ class ElasticConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if XA_BLOCK % self.xa_stride != 0:
-            raise ValueError(f"xa_stride must divide the XA block size {XA_BLOCK}, got {self.xa_stride}")
+        if KV_BLOCK % self.xa_stride != 0:  # XA scores 128 x 128 blocks from stride x stride cells
+            raise ValueError(f"xa_stride must divide the XA block size {KV_BLOCK}, got {self.xa_stride}")
         if not 0.0 < self.xa_threshold <= 1.0:
             raise ValueError(f"xa_threshold must lie in (0, 1], got {self.xa_threshold!r}")
 
@@ -105,7 +105,8 @@ def boundary_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: i
 
     k:           key states before RoPE, [B, T, G, D]; samples are left-aligned (right padding).
     prompt_lens: LongTensor [B], the prompt span of each sample (1 <= len <= T); the answer after it is
-                 not pooled. None: the whole sequence is prompt.
+                 not pooled. None: the whole sequence is prompt. Its range is checked here when it comes on
+                 the CPU; on the GPU that would cost a sync per layer, so Transformer.forward checks it once.
     Returns [B, G, D] = (mean of the first m prompt tokens + mean of the last m prompt tokens) / 2, with
     m = min(n, prompt_len). That is the mean over the concatenation of both ends, so when the prompt is
     shorter than 2n the tokens in the overlap count twice, and a prompt of n tokens or fewer pools to
@@ -115,11 +116,12 @@ def boundary_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: i
     B, T, G, D = k.shape
     if prompt_lens is None:
         prompt_lens = torch.full((B,), T, dtype=torch.long, device=k.device)
-    prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long, device=k.device)
+    prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long)
     if prompt_lens.shape != (B,):
         raise ValueError(f"prompt_lens must have shape [B]=[{B}], got {list(prompt_lens.shape)}")
-    if bool(((prompt_lens < 1) | (prompt_lens > T)).any()):
-        raise ValueError(f"prompt_lens must lie in [1, T={T}], got {prompt_lens.tolist()}")
+    if prompt_lens.device.type == "cpu":
+        check_prompt_lens(prompt_lens, T)
+    prompt_lens = prompt_lens.to(k.device)
     if n < 1:
         raise ValueError(f"n (tokens pooled at each end) must be >= 1, got {n}")
     pos = torch.arange(n, device=k.device)                               # [n]
@@ -133,6 +135,11 @@ def boundary_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: i
     weight = valid.float() / (2 * m[:, None]).float()                     # [B, 2n] sums to 1 per sample
     ends = k[torch.arange(B, device=k.device)[:, None], idx].float()      # [B, 2n, G, D]
     return torch.einsum("bn,bngd->bgd", weight, ends)                     # [B, G, D]
+
+
+def check_prompt_lens(prompt_lens: torch.Tensor, T: int) -> None:
+    if bool(((prompt_lens < 1) | (prompt_lens > T)).any()):
+        raise ValueError(f"prompt_lens must lie in [1, T={T}], got {prompt_lens.tolist()}")
 
 
 class AttentionRouter(nn.Module):
