@@ -140,7 +140,9 @@ if args.resume:
     optimizer.load_state_dict(state["optimizer"])
     lambda_optimizer.load_state_dict(state["lambda_optimizer"])
     start = state["step"]
-    torch.set_rng_state(state["rng_cpu"])
+    torch.set_rng_state(state["rng_cpu"].cpu())  # map_location moved it to the device
+    if device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
     if master:
         print(f"resumed from {state_file} at step {start}")
 
@@ -190,7 +192,8 @@ def save(step, final=False):
                  targets=list(args.targets), args=vars(args))
     model.save_routers(out_dir, extra=extra)
     torch.save(dict(routers=routers.state_dict(), constraint=constraint.state_dict(), optimizer=optimizer.state_dict(),
-                    lambda_optimizer=lambda_optimizer.state_dict(), step=step, rng_cpu=torch.get_rng_state()),
+                    lambda_optimizer=lambda_optimizer.state_dict(), step=step, rng_cpu=torch.get_rng_state(),
+                    rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
                state_file)
     print(f"{'final' if final else 'checkpoint'}: routers at step {step} saved to {out_dir}")
 
