@@ -73,15 +73,12 @@ device = model.output_weight().device
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 overrides = {k: getattr(args, k) for k in ("mode_pair", "sink", "window") if getattr(args, k) is not None}
 modes = None  # [L, 1, G]; None: the routers decide (or every head is dense)
-if args.routers:
-    try:
+try:
+    if args.routers:
         model.load_routers(args.routers)
         elastic = ElasticConfig(**{**vars(model.elastic), **overrides})
-        model.set_elastic(elastic)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-else:
-    elastic = ElasticConfig(**overrides)
+    else:
+        elastic = ElasticConfig(**overrides)
     model.set_elastic(elastic)
     L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
     if args.modes:
@@ -90,6 +87,8 @@ else:
         # rank heads on a few passkey prompts (the same synthetic retrieval task train.py uses)
         probes = SyntheticMix(tokenizer, 512, 1024, seed=0, sensitive_frac=1.0)
         modes = static_modes(retrieval_scores(model, [probes[i] for i in range(4)]), args.sparse_ratio, elastic)
+except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
 
 if args.raw:
     ids = tokenizer(text, return_tensors="pt").input_ids
