@@ -587,6 +587,7 @@ def flex_block_mask(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
     dev = modes.device
     mode = modes.to(torch.int32).repeat_interleave(H // G, dim=1)  # [B, H]
     NB = triton.cdiv(T, KV_BLOCK)
+    has_xa = xa_blocks is not None  # known without asking the device: no host sync per training layer
     if xa_blocks is None:
         if bool((modes == XA).any()):
             raise ValueError("modes has XA heads: pass their block selection as xa_blocks (xattn_block_mask)")
@@ -595,12 +596,10 @@ def flex_block_mask(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
         raise ValueError(f"xa_blocks must be [B={B}, H={H}, {NB}, {NB}]; got {tuple(xa_blocks.shape)}")
     xa_blocks = xa_blocks.to(device=dev, dtype=torch.bool)
 
-    has_xa = bool((mode == XA).any())
-
     def mask_mod(b, h, q_idx, kv_idx):
         md = mode[b, h]
         keep = (md == FA) | ((md == SSA) & ((kv_idx < sink) | (q_idx - kv_idx < window)))
-        if has_xa:  # a gather per element: only when some head needs it
+        if has_xa:  # a gather per element: only when XA blocks were given
             keep = keep | ((md == XA) & xa_blocks[b, h, q_idx // KV_BLOCK, kv_idx // KV_BLOCK])
         return (kv_idx <= q_idx) & keep
 
