@@ -21,7 +21,8 @@ Prompt layout (METHOD.md section 3): the user turn is the non-empty parts of
     [instruction, context, question, suffix] joined by blank lines,
 where summarization has the instruction "You are given several news passages. Write a one-page summary
 of all news." and the suffix "Summary:", code "Please complete the code given below.", continuation
-"Continue the text given below."; then the tokenizer's chat template, the answer as the assistant turn,
+"Continue the text given below.", synthetic retrieval "Some special numbers are hidden inside the following
+text. [...]" (RULER-like); then the tokenizer's chat template, the answer as the assistant turn,
 EOS. Nothing here runs on its own; `pytest test_data.py` checks it.
 """
 
@@ -50,6 +51,11 @@ TASK_PROMPTS = {
     "summarization": ("You are given several news passages. Write a one-page summary of all news.", "Summary:"),
     "code": ("Please complete the code given below.", ""),
     "continuation": ("Continue the text given below.", ""),
+    # RULER's needle tasks open with an instruction like this one. It also matters for the router: without it
+    # the two ends of a retrieval prompt differ from a continuation's by a question only, and a linear probe
+    # on SmolLM2's pooled keys tells the classes apart 0.7-0.9 of the time; with it, 0.9-0.99 (README: Data).
+    "synthetic": ("Some special numbers are hidden inside the following text. Make sure to memorize them. "
+                  "I will quiz you about the numbers afterwards.", ""),
 }
 IGNORE = -100  # targets that take no loss (F.cross_entropy's default ignore_index)
 

@@ -47,7 +47,9 @@ def test_task_classes():
 
 def test_encode_equals_the_chat_template(tok):
     users = {  # the user turn each task gets (METHOD.md section 3)
-        "single_qa": "CTX\n\nQ?", "multi_hop_qa": "CTX\n\nQ?", "synthetic": "CTX\n\nQ?", "icl": "CTX\n\nQ?",
+        "single_qa": "CTX\n\nQ?", "multi_hop_qa": "CTX\n\nQ?", "icl": "CTX\n\nQ?",
+        "synthetic": "Some special numbers are hidden inside the following text. Make sure to memorize them. "
+                     "I will quiz you about the numbers afterwards.\n\nCTX\n\nQ?",
         "summarization": "You are given several news passages. Write a one-page summary of all news.\n\nCTX\n\nSummary:",
         "code": "Please complete the code given below.\n\nCTX",
         "continuation": "Continue the text given below.\n\nCTX",
