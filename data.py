@@ -53,7 +53,7 @@ TASK_PROMPTS = {
     "continuation": ("Continue the text given below.", ""),
     # RULER's needle tasks open with an instruction like this one. It also matters for the router: without it
     # the two ends of a retrieval prompt differ from a continuation's by a question only, and a linear probe
-    # on SmolLM2's pooled keys tells the classes apart 0.7-0.9 of the time; with it, 0.9-0.99 (README: Data).
+    # on SmolLM2's pooled keys is right for a median 0.79 of held-out prompts per head; with it, 0.96 (README: Data).
     "synthetic": ("Some special numbers are hidden inside the following text. Make sure to memorize them. "
                   "I will quiz you about the numbers afterwards.", ""),
 }

@@ -2,7 +2,7 @@
 The paper's central claim, measured on SmolLM2: accuracy against sparsity by task type, and elastic routing
 against static hybrids at the same sparsity (Elastic Attention, arXiv 2601.17367; METHOD.md section 6).
 
-    python eval.py --routers out-routers                                    # one GPU, a few minutes
+    python eval.py --routers out-routers                                    # one H100: about 2 min per method
     python eval.py --routers out-fa-ssa out-fa-xa out-xa-ssa                # several trained routers
     python eval.py --routers out-routers --limit 2 --lengths 512 1024       # a quick run, also on the CPU
 
@@ -39,7 +39,7 @@ parser.add_argument("--model", default=None, help="HuggingFace checkpoint dir (d
 parser.add_argument("--routers", required=True, nargs="+", help="dirs of routers from train.py; the first FA-SSA, "
                     "whose sink and window every SSA method here uses")
 parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000], help="prompt lengths")
-parser.add_argument("--samples", type=int, default=12, help="samples per task and length")
+parser.add_argument("--samples", type=int, default=8, help="samples per task and length")
 parser.add_argument("--limit", type=int, default=None, help="at most this many samples per task and length")
 parser.add_argument("--static-ratio", type=float, default=0.7, help="Omega of the static hybrid (paper: 0.7)")
 parser.add_argument("--seed", type=int, default=2026, help="seed of the task sets")
