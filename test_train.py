@@ -64,6 +64,28 @@ def test_torchrun_two_processes_keep_routers_identical(tiny_dir, tmp_path):
     assert float(line.split()[-1]) == 0.0, line
 
 
+def test_fsdp_shards_the_backbone_and_trains_the_same_routers(tiny_dir, tmp_path):
+    """--fsdp (FSDP2 over the frozen backbone) must train exactly what the replicated backbone trains."""
+    common = ["--model", tiny_dir, "--steps", 2, "--batch-size", 4, "--eval-every", 2, "--device", "cpu", *SHORT,
+              "--eval-samples", 3]  # 3 held-out samples over 2 ranks: one rank runs a padding forward
+    log = train(*common, "--out-dir", tmp_path / "fsdp", "--fsdp", nproc=2)
+    train(*common, "--out-dir", tmp_path / "ddp", nproc=2)
+    fsdp, ddp = (load_file(tmp_path / d / "routers.safetensors") for d in ("fsdp", "ddp"))
+    assert max((fsdp[k] - ddp[k]).abs().max().item() for k in ddp) < 1e-6
+    evals = [[json.loads(l)["eval"] for l in (tmp_path / d / "log.jsonl").read_text().splitlines()
+              if "eval" in json.loads(l)] for d in ("fsdp", "ddp")]
+    assert evals[0] == evals[1] and len(evals[0]) == 1, evals
+    assert "routers in sync across 2 processes" in log
+    held = next(l for l in log.splitlines() if l.startswith("FSDP2:")).replace(",", "").split()
+    assert int(held[4]) < 0.6 * int(held[1]), held  # each process holds about half the backbone
+
+
+def test_fsdp_needs_torchrun(tiny_dir, tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--model", str(tiny_dir), "--fsdp", "--out-dir", str(tmp_path)],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--fsdp shards the backbone over torchrun's processes" in r.stderr
+
+
 def test_a_few_steps_on_smollm2(tmp_path):
     out = tmp_path / "smol"
     log = train("--out-dir", out, "--steps", 2, "--batch-size", 2, "--eval-every", 0, *SHORT)

@@ -67,6 +67,8 @@ parser.add_argument("--tau-frac", type=float, default=0.6, help="share of steps 
 parser.add_argument("--targets", type=float, nargs=2, default=(0.7, 1.0), metavar=("SENSITIVE", "ROBUST"),
                     help="Omega targets of the two task classes")
 parser.add_argument("--abs-linear", action="store_true", help="|Omega - t| in the linear term (released code)")
+parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen backbone over the processes "
+                    "(FSDP2) instead of a whole copy on each, for backbones that do not fit one GPU")
 parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute each block in backward to save memory")
 # bookkeeping
@@ -101,13 +103,33 @@ accum = args.batch_size // per_step
 # -----------------------------------------------------------------------------
 # model: frozen backbone + fresh routers (the same initial routers on every rank: same seed, then a broadcast)
 model_dir = args.model or default_model_dir()
-dtype = getattr(torch, args.dtype) if args.dtype else None
-model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype)
+if args.fsdp and not ddp:
+    raise SystemExit("--fsdp shards the backbone over torchrun's processes: run it under torchrun "
+                     "(torchrun --standalone --nproc_per_node=N train.py --fsdp ...)")
+dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+# With --fsdp each process reads the checkpoint into host memory and keeps only its shard on the device.
+model = Transformer.from_pretrained(model_dir, device="cpu" if args.fsdp else device, dtype=dtype)
 elastic = ElasticConfig(args.mode_pair, args.sink, args.window, args.xa_threshold, args.xa_stride)
 torch.manual_seed(args.seed)
 model.attach_routers(elastic)
 model.grad_checkpointing = args.grad_checkpointing
 routers = model.routers()
+if args.fsdp:
+    # FSDP2 (per-parameter sharding): each block's frozen weights live as 1/N shards, all-gathered for its
+    # forward (and for the recompute in backward) and freed after. The routers stay whole on every rank
+    # (ignored_params): they are tiny, and their gradients are averaged below like in plain data parallel.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    keep = set(routers.parameters())
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=keep)
+    fully_shard(model, mesh=mesh, ignored_params=keep)  # embeddings, final norm, head; moves buffers too
+    routers.to(device)
+    backbone = [p for p in model.parameters() if p not in keep]
+    if master:
+        print(f"FSDP2: {sum(p.numel() for p in backbone):,} backbone parameters, "
+              f"{sum(p.to_local().numel() for p in backbone):,} of them held by each process")
 constraint = SparsityConstraint(tuple(args.targets), args.abs_linear).to(device)
 params = list(routers.parameters()) + list(constraint.parameters())
 if ddp:
@@ -175,12 +197,18 @@ def evaluate():
     and Omega, per task class: the routers should keep CE near dense while sensitive and robust tasks split."""
     L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
     sums = torch.zeros(2, 4, device=device)  # per class: dense CE, routed CE, Omega, count
-    for i in range(rank, args.eval_samples, world):
-        batch = collate([heldout[i]], pad_id, answer_only=True, pad_multiple=args.pad_multiple).to(device)
+    # Every rank runs the same number of forwards (FSDP's all-gathers must pair up); a rank short of samples
+    # repeats sample 0 and counts it with weight 0.
+    for j in range(-(-args.eval_samples // world)):
+        i = j * world + rank
+        weight = float(i < args.eval_samples)
+        sample = heldout[i if weight else 0]
+        batch = collate([sample], pad_id, answer_only=True, pad_multiple=args.pad_multiple).to(device)
         dense = cross_entropy(model(batch.input_ids, modes=torch.full((L, 1, G), FA, device=device)), batch.targets)
         logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, return_routing=True)
         c = batch.task_class.item()
-        sums[c] += torch.stack([dense, cross_entropy(logits, batch.targets), routing.omega[0], torch.ones((), device=device)])
+        sums[c] += weight * torch.stack([dense, cross_entropy(logits, batch.targets), routing.omega[0],
+                                         torch.ones((), device=device)])
     if ddp:
         dist.all_reduce(sums)
     mean = sums[:, :3] / sums[:, 3:].clamp(min=1)
