@@ -278,6 +278,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.router = None   # an AttentionRouter, once Transformer.attach_routers() ran
+        self.router_logits = None  # its logits [B, G, 2] at the last prefill
         self.elastic = None  # the ElasticConfig shared by all layers (Transformer.set_elastic)
         self.cache = None    # a KVCache while generating
         self.probe_rows = None   # query positions whose dense attention retrieval_scores() reads at prefill
@@ -302,7 +303,9 @@ class Attention(nn.Module):
             y = self.cache.decode(q, k, v, pos)
         else:
             if modes is None and self.router is not None:
-                z = route(self.router(k_pre, prompt_lens), tau)  # [B, G, 2]; Gumbel ST if tau, else argmax
+                logits = self.router(k_pre, prompt_lens)          # [B, G, 2]
+                self.router_logits = logits.detach()              # for Routing.logits (diagnostics)
+                z = route(logits, tau)                            # Gumbel ST if tau, else argmax
                 modes = self.elastic.head_modes(z)
             if modes is None:
                 y = attention(q, k, v)
@@ -359,6 +362,7 @@ class Routing:
     z: torch.Tensor | None  # [B, L, G, 2] router decisions (straight-through in training); None for given modes
     modes: torch.Tensor     # [B, L, G] the kernel mode (FA, SSA, XA) of every KV head
     omega: torch.Tensor     # [B] model sparsity ratio: share of KV heads in the sparse mode
+    logits: torch.Tensor | None = None  # [B, L, G, 2] the routers' logits (detached); None for given modes
 
 
 class Transformer(nn.Module):
@@ -413,7 +417,8 @@ class Transformer(nn.Module):
         modes = torch.stack(layer_modes, dim=1)  # [B, L, G]
         if zs[0] is not None:
             # Omega keeps the straight-through gradient
-            return Routing(torch.stack(zs, dim=1), modes, sparsity_ratio(zs))  # z [B, L, G, 2]
+            logits = torch.stack([block.self_attn.router_logits for block in self.model.layers], dim=1)
+            return Routing(torch.stack(zs, dim=1), modes, sparsity_ratio(zs), logits)  # z, logits [B, L, G, 2]
         sparse = self.elastic.modes[1]
         return Routing(None, modes, (modes == sparse).float().mean(dim=(1, 2)))
 

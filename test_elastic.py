@@ -83,6 +83,17 @@ def test_inference_routing_and_omega(tiny_dir):
     assert routing.z is not None and not routing.z.requires_grad
     assert set(routing.modes.unique().tolist()) <= {FA, XA}
     assert torch.allclose(routing.omega, (routing.modes == XA).float().mean(dim=(1, 2)))
+    # Routing.logits are the routers' own outputs, and their argmax is the modes that ran
+    assert routing.logits.shape == (1, model.config.num_hidden_layers, model.config.num_key_value_heads, 2)
+    k_pre = {}
+    for i, block in enumerate(model.model.layers):
+        block.self_attn.k_proj.register_forward_hook(lambda m, inp, out, i=i: k_pre.__setitem__(i, out))
+    model(idx)
+    for i, block in enumerate(model.model.layers):
+        a = block.self_attn
+        want = a.router(k_pre[i].view(1, idx.shape[1], a.n_kv_head, a.head_dim))  # Llama: no k_norm
+        assert torch.allclose(routing.logits[:, i], want)
+    assert torch.equal(routing.modes, torch.where(routing.logits[..., 1] > routing.logits[..., 0], XA, FA).int())
     _, again = model(idx, return_routing=True)
     assert torch.equal(again.modes, routing.modes)  # argmax routing: no noise
 

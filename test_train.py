@@ -34,6 +34,9 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
     out = tmp_path / "routers"
     log = train("--model", tiny_dir, "--out-dir", out, "--steps", 3, "--batch-size", 2, "--eval-every", 3, *SHORT)
     assert "step 3 |" in log and "eval step 3" in log and "final: routers at step 3" in log
+    assert "router margin" in log
+    ev = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["eval"]
+    assert ev["margin"] > 0 and ev["class_gap"] >= 0, ev  # 4 held-out samples, both classes among them
     trained = load_file(out / "routers.safetensors")
     fresh = Transformer.from_pretrained(tiny_dir)
     torch.manual_seed(1337)  # train.py's default seed: the routers it started from

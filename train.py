@@ -194,9 +194,11 @@ def cross_entropy(logits, targets):
 @torch.no_grad()
 def evaluate():
     """Held-out CE of the routed model (argmax routing, the fused kernel on the GPU) next to the dense model's,
-    and Omega, per task class: the routers should keep CE near dense while sensitive and robust tasks split."""
+    and Omega, per task class: the routers should keep CE near dense while sensitive and robust tasks split.
+    Also the routers' logit margins against the gap the task class makes in them (see below)."""
     L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
     sums = torch.zeros(2, 4, device=device)  # per class: dense CE, routed CE, Omega, count
+    margins = torch.zeros(2, 2, L, G, device=device)  # per class: sums of the sparse-minus-full logit margin, |margin|
     # Every rank runs the same number of forwards (FSDP's all-gathers must pair up); a rank short of samples
     # repeats sample 0 and counts it with weight 0.
     for j in range(-(-args.eval_samples // world)):
@@ -209,10 +211,22 @@ def evaluate():
         c = batch.task_class.item()
         sums[c] += weight * torch.stack([dense, cross_entropy(logits, batch.targets), routing.omega[0],
                                          torch.ones((), device=device)])
+        margin = routing.logits[0, ..., 1] - routing.logits[0, ..., 0]  # [L, G]
+        margins[c] += weight * torch.stack([margin, margin.abs()])
     if ddp:
         dist.all_reduce(sums)
+        dist.all_reduce(margins)
     mean = sums[:, :3] / sums[:, 3:].clamp(min=1)
-    return {name: [round(x, 4) for x in mean[c].tolist()] for c, name in ((SENSITIVE, "sensitive"), (ROBUST, "robust"))}
+    out = {name: [round(x, 4) for x in mean[c].tolist()] for c, name in ((SENSITIVE, "sensitive"), (ROBUST, "robust"))}
+    # Is the routing reading the prompt? Per head: the mean |margin| (how sure the router is) against the gap
+    # between the classes' mean margins (how much the task moves it). A router that ends as fixed per-head
+    # switches shows margins far above the gap, and then its Gumbel noise and gradient die out.
+    per_head = margins / sums[:, 3, None, None, None].clamp(min=1)      # [class, (margin, |margin|), L, G]
+    out["margin"] = round(per_head[:, 1].mean(0).median().item(), 3)    # median over heads of mean |margin|
+    gap = (per_head[ROBUST, 0] - per_head[SENSITIVE, 0]).abs().median().item() if bool((sums[:, 3] > 0).all()) \
+        else float("nan")  # a class absent from the held-out samples
+    out["class_gap"] = round(gap, 3)
+    return out
 
 
 def save(step, final=False):
@@ -288,7 +302,7 @@ for step in bar:
         if master:
             line["eval"] = ev
             tqdm.write(f"eval step {step + 1} | [dense CE, routed CE, omega] sensitive {ev['sensitive']} "
-                       f"robust {ev['robust']}")
+                       f"robust {ev['robust']} | router margin {ev['margin']} vs class gap {ev['class_gap']}")
     if master:
         log.write(json.dumps(line) + "\n")
         log.flush()
