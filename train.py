@@ -222,7 +222,8 @@ def evaluate():
     # between the classes' mean margins (how much the task moves it). A router that ends as fixed per-head
     # switches shows margins far above the gap, and then its Gumbel noise and gradient die out.
     per_head = margins / sums[:, 3, None, None, None].clamp(min=1)      # [class, (margin, |margin|), L, G]
-    out["margin"] = round(per_head[:, 1].mean(0).median().item(), 3)    # median over heads of mean |margin|
+    size = margins[:, 1].sum(0) / sums[:, 3].sum().clamp(min=1)          # [L, G] mean |margin| over all samples
+    out["margin"] = round(size.median().item(), 3)
     gap = (per_head[ROBUST, 0] - per_head[SENSITIVE, 0]).abs().median().item() if bool((sums[:, 3] > 0).all()) \
         else float("nan")  # a class absent from the held-out samples
     out["class_gap"] = round(gap, 3)
