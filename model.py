@@ -511,8 +511,9 @@ class Transformer(nn.Module):
             logits = logits[:, -1]
             for i in range(max_new_tokens):
                 token = sample_next(logits, temperature, top_p, generator)  # [1]
-                yield token.item()
-                if token.item() in eos:
+                t = token.item()  # the one host sync of a decode step
+                yield t
+                if t in eos:
                     break
                 logits = self(token.view(1, 1), pos=T + i)[:, -1]
         finally:

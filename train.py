@@ -184,7 +184,8 @@ else:
 def get_batch(step, micro):
     first = step * args.batch_size + (rank * accum + micro) * args.micro_batch
     samples = [dataset[(first + b) % len(dataset)] for b in range(args.micro_batch)]
-    return collate(samples, pad_id, answer_only=args.answer_only, pad_multiple=args.pad_multiple).to(device)
+    batch = collate(samples, pad_id, answer_only=args.answer_only, pad_multiple=args.pad_multiple)
+    return batch.to(device), int(batch.lengths.sum())  # its real tokens, counted on the host (no device sync)
 
 
 def cross_entropy(logits, targets):
@@ -259,7 +260,7 @@ for step in bar:
     stats = torch.zeros(2, 4, device=device)  # per class: sums of CE, Omega, loss; count
     tokens = 0
     for micro in range(accum):
-        batch = get_batch(step, micro)
+        batch, n_tokens = get_batch(step, micro)
         logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, tau=tau, return_routing=True)
         ce = cross_entropy(logits, batch.targets)
         loss = ce + constraint(routing.omega, batch.task_class)
@@ -268,7 +269,7 @@ for step in bar:
             sel = batch.task_class == c
             n = sel.sum()
             stats[c] += torch.stack([ce.detach() * n, routing.omega.detach()[sel].sum(), loss.detach() * n, n.float()])
-        tokens += int(batch.lengths.sum())
+        tokens += n_tokens
     if ddp:  # data parallel over the router parameters and lambdas: average their gradients once per step
         grads = [p.grad for p in params]
         flat = torch.cat([g.flatten() for g in grads])
