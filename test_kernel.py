@@ -39,7 +39,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item(), (a - b).abs().max().item()
 
 
-def check_against_reference(B, H, G, T, D, modes, dtype, **kw):
+def assert_matches_reference(B, H, G, T, D, modes, dtype, **kw):
     (q, k, v), seed = rand((B, H, T, D), (B, G, T, D), (B, G, T, D), dtype=dtype)
     modes = torch.tensor(modes, device=DEV)
     xa_kw = dict(stride=kw.get("xa_stride", 16), threshold=kw.get("xa_threshold", 0.9))
@@ -62,18 +62,18 @@ def check_against_reference(B, H, G, T, D, modes, dtype, **kw):
 def test_lengths_all_modes_mixed(T, dtype):
     # every mode in one batch, each batch element mixing them differently
     modes = [[FA, SSA, XA], [XA, FA, SSA]]
-    check_against_reference(2, 3, 3, T, 64, modes, dtype, sink=64, window=300, xa_threshold=0.8)
+    assert_matches_reference(2, 3, 3, T, 64, modes, dtype, sink=64, window=300, xa_threshold=0.8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES if CUDA else [torch.float32, torch.float16])
 @pytest.mark.parametrize("ratio", [1, 3, 4])
 def test_gqa(ratio, dtype):
-    check_against_reference(2, 2 * ratio, 2, 300, 64, [[FA, XA], [SSA, FA]], dtype, sink=16, window=100)
+    assert_matches_reference(2, 2 * ratio, 2, 300, 64, [[FA, XA], [SSA, FA]], dtype, sink=16, window=100)
 
 
 @pytest.mark.parametrize("sink,window", [(500, 100), (0, 10_000), (4, 1), (10**9, 10**9)])
 def test_sink_and_window_larger_than_T(sink, window):
-    check_against_reference(1, 2, 2, 200, 32, [[SSA, FA]], DTYPES[0], sink=sink, window=window)
+    assert_matches_reference(1, 2, 2, 200, 32, [[SSA, FA]], DTYPES[0], sink=sink, window=window)
 
 
 @pytest.mark.parametrize("block_m,block_n", [(128, 32), (128, 128), (64, 64), (64, 32)])
@@ -89,7 +89,7 @@ def test_other_tile_sizes(block_m, block_n):
 
 
 def test_head_dim_128_and_sm_scale():
-    check_against_reference(1, 2, 1, 200, 128, [[SSA]], DTYPES[0], sink=8, window=64, sm_scale=0.05)
+    assert_matches_reference(1, 2, 1, 200, 128, [[SSA]], DTYPES[0], sink=8, window=64, sm_scale=0.05)
 
 
 def test_strided_views():
@@ -287,7 +287,7 @@ def test_errors():
 @pytest.mark.parametrize("T", [4096, 8192 + 77])
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_large(T, D):
-    check_against_reference(1, 8, 4, T, D, [[FA, SSA, XA, SSA]], torch.bfloat16)
+    assert_matches_reference(1, 8, 4, T, D, [[FA, SSA, XA, SSA]], torch.bfloat16)
 
 
 @gpu_only
