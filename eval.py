@@ -19,6 +19,7 @@ FA-SSA: its sink and window serve every SSA method). Writes eval_results.md and,
 """
 import argparse
 import datetime
+import os
 import re
 import sys
 import time
@@ -201,7 +202,8 @@ def write_table(matched=None):
                   f"{st['acc_robust']:.1f} -> "
                   f"{holds(e['acc_sensitive'] + e['acc_robust'] > st['acc_sensitive'] + st['acc_robust'])}"]
         if args.figure:
-            lines += ["", f"![accuracy against Omega, and routing per task type]({args.figure})"]
+            figure = os.path.relpath(args.figure, os.path.dirname(os.path.abspath(args.out)))  # as the .md sees it
+            lines += ["", f"![accuracy against Omega, and routing per task type]({figure})"]
     with open(args.out, "w") as f:  # rewritten after every method, so a stopped run leaves what it measured
         f.write("\n".join(lines) + "\n")
     if matched is not None:

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernel
 from kernel import FA, SSA, XA
-from router import AttentionRouter, ElasticConfig, check_prompt_lens, route, sparsity_ratio
+from router import AttentionRouter, ElasticConfig, boundary_pool, check_prompt_lens, route, sparsity_ratio
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -278,7 +278,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.router = None   # an AttentionRouter, once Transformer.attach_routers() ran
-        self.router_logits = None  # its logits [B, G, 2] at the last prefill
+        self.router_logits = None  # its logits [B, G, 2] at the last prefill (with their gradient in training)
+        self.key_probe = None  # a callable(k_pre, prompt_lens) that sees the router's input keys (calibrate_routers)
         self.elastic = None  # the ElasticConfig shared by all layers (Transformer.set_elastic)
         self.cache = None    # a KVCache while generating
         self.probe_rows = None   # query positions whose dense attention retrieval_scores() reads at prefill
@@ -295,6 +296,8 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         k_pre = k  # what the router reads: key states before RoPE, after Qwen3's k_norm (METHOD.md section 2)
+        if self.key_probe is not None and pos == 0:
+            self.key_probe(k_pre, prompt_lens)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         z = None
@@ -304,7 +307,7 @@ class Attention(nn.Module):
         else:
             if modes is None and self.router is not None:
                 logits = self.router(k_pre, prompt_lens)          # [B, G, 2]
-                self.router_logits = logits.detach()              # for Routing.logits (diagnostics)
+                self.router_logits = logits if tau is not None else logits.detach()  # for Routing.logits
                 z = route(logits, tau)                            # Gumbel ST if tau, else argmax
                 modes = self.elastic.head_modes(z)
             if modes is None:
@@ -362,7 +365,7 @@ class Routing:
     z: torch.Tensor | None  # [B, L, G, 2] router decisions (straight-through in training); None for given modes
     modes: torch.Tensor     # [B, L, G] the kernel mode (FA, SSA, XA) of every KV head
     omega: torch.Tensor     # [B] model sparsity ratio: share of KV heads in the sparse mode
-    logits: torch.Tensor | None = None  # [B, L, G, 2] the routers' logits (detached); None for given modes
+    logits: torch.Tensor | None = None  # [B, L, G, 2] the routers' logits (with gradient in training); None for given modes
 
 
 class Transformer(nn.Module):
@@ -443,6 +446,41 @@ class Transformer(nn.Module):
 
     def routers(self):
         return nn.ModuleList(block.self_attn.router for block in self.model.layers)
+
+    @torch.no_grad()
+    def calibrate_routers(self, batches, reduce=None):
+        """Sets every router's input standardisation (AttentionRouter.in_mean, in_std) from the boundary-pooled
+        pre-RoPE keys of the *dense* model on `batches`, an iterable of (input_ids [B, T], prompt_lens [B]).
+        Dense, so that the statistics belong to the backbone and the data, not to untrained routers.
+        reduce: a function that sums a tensor across processes (train.py passes an all-reduce), so every rank
+        ends with the same statistics. Returns the number of pooled vectors per layer (samples x KV heads)."""
+        layers = [block.self_attn for block in self.model.layers]
+        if layers[0].router is None:
+            raise RuntimeError("calibrate_routers needs routers: call attach_routers() first")
+        L, G, D = len(layers), self.config.num_key_value_heads, self.config.head_dim
+        device = self.output_weight().device
+        stats = torch.zeros(L, 2, D, dtype=torch.float64, device=device)  # per layer: sum, sum of squares
+        count = torch.zeros((), dtype=torch.float64, device=device)
+        for i, a in enumerate(layers):
+            def probe(k, prompt_lens, i=i, n=a.router.boundary):
+                x = boundary_pool(k, prompt_lens, n).double().flatten(0, 1)   # [B * G, D]
+                stats[i] += torch.stack([x.sum(0), (x ** 2).sum(0)])
+            a.key_probe = probe
+        try:
+            for input_ids, prompt_lens in batches:
+                B = input_ids.shape[0]
+                self(input_ids, prompt_lens=prompt_lens, modes=torch.full((L, B, G), FA, device=input_ids.device),
+                     last_only=True)
+                count += B * G
+        finally:
+            for a in layers:
+                a.key_probe = None
+        if reduce is not None:
+            reduce(stats)
+            reduce(count)
+        for a, (s, sq) in zip(layers, stats.float()):
+            a.router.set_input_stats(s, sq, count.item())
+        return int(count.item())
 
     def router_meta(self):
         c = self.config

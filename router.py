@@ -149,6 +149,7 @@ class AttentionRouter(nn.Module):
     Router MLP: Linear(D, 4D) -> SiLU -> Linear(4D, D) -> SiLU -> Linear(D, 2) (8D^2 + 7D + 2)
     Both act on each KV head's pooled vector on its own (no head embedding), so one router serves all KV
     heads of its layer. 16D^2 + 12D + 2 parameters: 263,682 for D = 128 (paper: "0.27M"), 66,306 for 64.
+    Before the Task MLP the pooled vector is standardised per dimension (in_mean, in_std; ours, see __init__).
     forward(k [B, T, G, D], prompt_lens [B]) -> logits [B, G, 2] in fp32; class 0 retrieval, 1 sparse.
     """
 
@@ -156,6 +157,13 @@ class AttentionRouter(nn.Module):
         super().__init__()
         d, h = head_dim, hidden_mult * head_dim
         self.head_dim, self.boundary = head_dim, boundary
+        # Input standardisation (ours, not in the paper): buffers, not parameters, set once before training by
+        # Transformer.calibrate_routers and saved with the router. The pooled keys of every prompt share a large
+        # common part (norm ~15 in SmolLM2) beside which the task's imprint is small (~0.5); per dimension the
+        # imprint is up to one standard deviation. Standardised, the router reads it early, before its
+        # per-head decisions saturate (README: Training). Identity until calibrated.
+        self.register_buffer("in_mean", torch.zeros(d))
+        self.register_buffer("in_std", torch.ones(d))
         self.task_mlp = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, d))
         self.router_mlp = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, d), nn.SiLU(), nn.Linear(d, 2))
 
@@ -163,8 +171,20 @@ class AttentionRouter(nn.Module):
         if k.ndim != 4 or k.shape[-1] != self.head_dim:
             raise ValueError(f"expected pre-RoPE keys [B, T, G, D={self.head_dim}], got {list(k.shape)}")
         x = boundary_pool(k, prompt_lens, self.boundary)                  # [B, G, D] fp32
-        x = x.to(self.router_mlp[0].weight.dtype)
+        x = ((x - self.in_mean) / self.in_std).to(self.router_mlp[0].weight.dtype)
         return self.router_mlp(self.task_mlp(x)).float()                 # [B, G, 2]
+
+    @torch.no_grad()
+    def set_input_stats(self, pooled_sum: torch.Tensor, pooled_sq_sum: torch.Tensor, count: float) -> None:
+        """Standardise the pooled input with the mean and std over `count` pooled vectors [D] (their sum and sum of
+        squares). Across samples *and* KV heads, so the heads stay apart: their means differ and the router
+        tells them apart by that."""
+        if count < 2:
+            raise ValueError(f"need at least 2 pooled vectors to standardise the router input, got {count}")
+        mean = pooled_sum / count
+        var = (pooled_sq_sum / count - mean ** 2).clamp(min=0) * count / (count - 1)
+        self.in_mean.copy_(mean)
+        self.in_std.copy_((var + 1e-6).sqrt())
 
 
 def route(logits: torch.Tensor, tau: float | None = None, hard: bool = True,

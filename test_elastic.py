@@ -152,3 +152,50 @@ def test_sample_py_rejects_routers_of_another_model(tiny_dir, tmp_path):
     assert "trained for another model: num_hidden_layers 2 there vs 30 here" in r.stderr, r.stderr
     r = run_sample("--modes", "all-xb", "--prompt", "prompts/sky.txt")
     assert r.returncode != 0 and "invalid choice: 'all-xb'" in r.stderr
+
+
+def test_calibrate_routers_standardises_the_dense_pooled_keys(tiny_dir):
+    """calibrate_routers sets each router's in_mean / in_std from the dense model's boundary-pooled pre-RoPE keys.
+    Checked against keys rebuilt from HuggingFace's hidden states (the input of every layer)."""
+    from transformers import LlamaForCausalLM
+    from router import boundary_pool
+    model = load(tiny_dir, ElasticConfig())
+    model.attach_routers()
+    G, D = model.config.num_key_value_heads, model.config.head_dim
+    batches = [(torch.randint(0, 1000, (2, 30)), torch.tensor([30, 12])),
+               (torch.randint(0, 1000, (3, 21)), torch.tensor([5, 21, 17]))]
+    assert model.calibrate_routers(batches) == 5 * G                      # 5 samples x G KV heads per layer
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i, block in enumerate(hf.model.layers):
+            pooled = []
+            for idx, lens in batches:
+                h = hf(idx, output_hidden_states=True).hidden_states[i]   # the input of layer i
+                k = block.self_attn.k_proj(block.input_layernorm(h)).view(*idx.shape, G, D)
+                pooled.append(boundary_pool(k, lens, 100).flatten(0, 1))
+            pooled = torch.cat(pooled)                                     # [5 * G, D]
+            router = model.model.layers[i].self_attn.router
+            torch.testing.assert_close(router.in_mean, pooled.mean(0), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(router.in_std, (pooled.var(0) + 1e-6).sqrt(), rtol=1e-4, atol=1e-5)
+    assert all(block.self_attn.key_probe is None for block in model.model.layers)  # the probes are removed
+
+
+def test_router_logits_keep_their_gradient_under_checkpointing(tiny_dir):
+    """train.py's margin penalty differentiates Routing.logits: in training they carry the router gradient, the
+    same with gradient checkpointing (the block recomputed in backward) as without."""
+    model = load(tiny_dir, ElasticConfig(sink=4, window=8))
+    torch.manual_seed(0)
+    model.attach_routers()
+    idx = torch.randint(0, 1000, (2, 40))
+    grads = []
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.routers().zero_grad()
+        torch.manual_seed(1)  # the same Gumbel noise
+        _, routing = model(idx, tau=1.0, return_routing=True)
+        (routing.logits[..., 1] - routing.logits[..., 0]).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.routers().parameters()]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+    with torch.no_grad():  # inference: detached
+        assert not model(idx, return_routing=True)[1].logits.requires_grad

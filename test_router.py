@@ -48,6 +48,28 @@ def test_router_ignores_padding_and_answer():
     torch.testing.assert_close(router(poisoned, lens), router(k, lens))
 
 
+def test_input_standardisation():
+    """The router standardises its pooled input per dimension with buffers (not parameters: the count above holds)."""
+    torch.manual_seed(0)
+    router = AttentionRouter(16, boundary=4)
+    k = torch.randn(3, 20, 2, 16)
+    lens = torch.tensor([20, 9, 3])
+    x = boundary_pool(k, lens, 4)                                         # [B, G, D]
+    identity = router(k, lens)
+    torch.testing.assert_close(identity, router.router_mlp(router.task_mlp(x)))  # identity until calibrated
+    seen = 5 * torch.randn(40, 16) + torch.arange(16.0)                   # 40 pooled vectors
+    router.set_input_stats(seen.sum(0), (seen ** 2).sum(0), 40)
+    torch.testing.assert_close(router.in_mean, seen.mean(0))
+    torch.testing.assert_close(router.in_std, (seen.var(0) + 1e-6).sqrt())
+    want = router.router_mlp(router.task_mlp((x - seen.mean(0)) / seen.std(0)))
+    torch.testing.assert_close(router(k, lens), want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(router(k, lens), identity)
+    assert {name for name, _ in router.named_buffers()} == {"in_mean", "in_std"}
+    assert {"in_mean", "in_std"} <= set(router.state_dict())            # saved with the router
+    with pytest.raises(ValueError, match="at least 2 pooled vectors"):
+        router.set_input_stats(seen[0], seen[0] ** 2, 1)
+
+
 # --- boundary pooling -----------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from model import Transformer
 
 HERE = Path(__file__).parent
 SHORT = ["--min-len", "160", "--max-len", "260", "--sink", "8", "--window", "32", "--eval-samples", "4",
-         "--pad-multiple", "128"]
+         "--pad-multiple", "128", "--calib-samples", "4"]
 
 
 def train(*args, nproc=None, timeout=600):
@@ -35,6 +35,7 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
     log = train("--model", tiny_dir, "--out-dir", out, "--steps", 3, "--batch-size", 2, "--eval-every", 3, *SHORT)
     assert "step 3 |" in log and "eval step 3" in log and "final: routers at step 3" in log
     assert "router margin" in log
+    assert "router inputs standardised from 8 pooled key vectors per layer" in log  # 4 samples x 2 KV heads
     ev = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["eval"]
     assert ev["margin"] > 0 and ev["class_gap"] >= 0, ev  # 4 held-out samples, both classes among them
     trained = load_file(out / "routers.safetensors")
@@ -43,7 +44,9 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
     fresh.attach_routers()
     start = fresh.routers().state_dict()
     assert set(trained) == set(start)
-    assert any(not torch.equal(trained[k], start[k]) for k in trained), "training left the routers unchanged"
+    assert any(not torch.equal(trained[k], start[k]) for k in trained if "in_" not in k), \
+        "training left the routers unchanged"
+    assert not torch.equal(trained["0.in_std"], start["0.in_std"])  # calibrated, not the identity
     meta = json.loads((out / "routers.json").read_text())
     assert meta["step"] == 3 and len(meta["lambda1"]) == 2
     # the checkpoint loads back into the model, with its ElasticConfig
@@ -54,6 +57,7 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
     log = train("--model", tiny_dir, "--out-dir", out, "--steps", 5, "--batch-size", 2, "--eval-every", 0,
                 "--resume", *SHORT)
     assert "resumed from" in log and "at step 3" in log and "step 4 |" in log and "step 5 |" in log
+    assert "standardised" not in log  # the saved routers carry their input standardisation
     assert "step 3 |" not in log
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]

@@ -9,8 +9,11 @@ Only the routers (one per layer) and two Lagrange multipliers per task class tra
 (bf16 on the GPU). Every step samples each router's decision with a Gumbel-softmax straight-through estimator,
 runs both branches of every KV head and mixes them by that decision, and takes
     loss = CE + lambda1[c] * (Omega - t[c]) + lambda2[c] * (Omega - t[c])^2        (paper Eq. 8)
+              + beta * mean(margin^2)                                               (ours, --margin-penalty)
 which the routers minimise and the lambdas maximise (gradient ascent). Omega is the share of sparse KV heads,
-t the target of the sample's task class (0.7 sensitive, 1.0 robust). The same code runs on one CPU process,
+t the target of the sample's task class (0.7 sensitive, 1.0 robust), margin the routers' sparse-minus-full logit
+margin: kept small, it stays within reach of the Gumbel noise and the routers keep learning from the prompt.
+Before step 0 the routers' input standardisation is set from the dense model's pooled keys (ours, --calib-samples). The same code runs on one CPU process,
 one GPU or torchrun's N processes; the router gradients are averaged across processes (data parallel).
 The output dir holds routers.safetensors, elastic.json and routers.json; `sample.py --routers DIR` uses them.
 """
@@ -67,6 +70,11 @@ parser.add_argument("--tau-frac", type=float, default=0.6, help="share of steps 
 parser.add_argument("--targets", type=float, nargs=2, default=(0.7, 1.0), metavar=("SENSITIVE", "ROBUST"),
                     help="Omega targets of the two task classes")
 parser.add_argument("--abs-linear", action="store_true", help="|Omega - t| in the linear term (released code)")
+parser.add_argument("--margin-penalty", type=float, default=1e-2, help="weight of the mean squared router logit "
+                    "margin in the loss (ours; 0: off): keeps decisions within reach of the Gumbel noise, so the "
+                    "routers keep learning from the prompt instead of freezing into per-head switches")
+parser.add_argument("--calib-samples", type=int, default=64, help="samples whose dense pooled keys set the routers' "
+                    "input standardisation before step 0 (ours; README: Training)")
 parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen backbone over the processes "
                     "(FSDP2) instead of a whole copy on each, for backbones that do not fit one GPU")
 parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -96,6 +104,8 @@ else:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 master = rank == 0
 per_step = world * args.micro_batch
+if args.calib_samples < 0:
+    raise SystemExit(f"--calib-samples must be >= 0 (0: no input standardisation), got {args.calib_samples}")
 if args.batch_size % per_step:
     raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of processes x --micro-batch = {per_step}")
 accum = args.batch_size // per_step
@@ -243,6 +253,25 @@ def save(step, final=False):
 
 
 # -----------------------------------------------------------------------------
+# the routers' input standardisation (ours): from the dense model's pooled keys, before step 0 (a resumed run
+# has it in its saved routers)
+def calibration_batches():
+    """The first --calib-samples samples of the training stream, split over the processes; each runs the same
+    number of forwards (FSDP's all-gathers must pair up)."""
+    per_rank = -(-args.calib_samples // world)
+    mine = [dataset[(rank * per_rank + i) % len(dataset)] for i in range(per_rank)]
+    for i in tqdm(range(0, per_rank, args.micro_batch), desc="calibrating router inputs", disable=not master,
+                  dynamic_ncols=True, leave=False):
+        batch = collate(mine[i:i + args.micro_batch], pad_id, pad_multiple=args.pad_multiple).to(device)
+        yield batch.input_ids, batch.prompt_lens
+
+
+if start == 0 and args.calib_samples > 0:
+    n = model.calibrate_routers(calibration_batches(), reduce=dist.all_reduce if ddp else None)
+    if master:
+        print(f"router inputs standardised from {n:,} pooled key vectors per layer (dense model)")
+
+# -----------------------------------------------------------------------------
 # training loop
 if master:
     n_router = sum(p.numel() for p in routers.parameters())
@@ -263,7 +292,8 @@ for step in bar:
         batch, n_tokens = get_batch(step, micro)
         logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, tau=tau, return_routing=True)
         ce = cross_entropy(logits, batch.targets)
-        loss = ce + constraint(routing.omega, batch.task_class)
+        margin = routing.logits[..., 1] - routing.logits[..., 0]  # [B, L, G] sparse-minus-full logit margin
+        loss = ce + constraint(routing.omega, batch.task_class) + args.margin_penalty * margin.pow(2).mean()
         (loss / accum).backward()
         for c in (SENSITIVE, ROBUST):
             sel = batch.task_class == c
