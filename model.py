@@ -511,7 +511,12 @@ class Transformer(nn.Module):
             raise ValueError(f"routers in {path} were trained for another model: "
                              + ", ".join(f"{k} {a} there vs {b} here" for k, (a, b) in diff.items()))
         self.attach_routers(ElasticConfig.load(path / "elastic.json"))
-        self.routers().load_state_dict(load_file(path / "routers.safetensors"))
+        state = load_file(path / "routers.safetensors")
+        # Routers saved before the input standardisation existed have no in_mean / in_std: they were trained on the
+        # raw pooled keys, which is what the fresh routers' identity standardisation gives.
+        for name, buffer in self.routers().named_buffers():
+            state.setdefault(name, buffer)
+        self.routers().load_state_dict(state)
         self.routers().requires_grad_(False)
         return self
 

@@ -100,3 +100,15 @@ def test_a_few_steps_on_smollm2(tmp_path):
     assert [l["step"] for l in lines] == [1, 2]
     assert all(0.0 < l["ce"] < 10.0 for l in lines), lines  # a trained model, not random logits (ln V = 10.8)
     assert "final: routers at step 2" in log
+
+
+def test_margin_penalty_shrinks_the_router_margins(tiny_dir, tmp_path):
+    """--margin-penalty pulls the routers' sparse-minus-full logit margins towards 0 (train.py's held-out eval
+    reports their size)."""
+    margins = {}
+    for beta in (0, 10):
+        out = tmp_path / f"beta{beta}"
+        train("--model", tiny_dir, "--out-dir", out, "--steps", 5, "--batch-size", 2, "--eval-every", 5,
+              "--lr", 1e-2, "--warmup", 0, "--margin-penalty", beta, *SHORT)
+        margins[beta] = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["eval"]["margin"]
+    assert margins[10] < 0.5 * margins[0], margins
