@@ -177,8 +177,8 @@ class AttentionRouter(nn.Module):
     @torch.no_grad()
     def set_input_stats(self, pooled_sum: torch.Tensor, pooled_sq_sum: torch.Tensor, count: float) -> None:
         """Standardise the pooled input with the mean and std over `count` pooled vectors [D] (their sum and sum of
-        squares). Across samples *and* KV heads, so the heads stay apart: their means differ and the router
-        tells them apart by that."""
+        squares; pass them in fp64, since the variance is their difference). Across samples *and* KV heads, so the
+        heads stay apart: their means differ and the router tells them apart by that."""
         if count < 2:
             raise ValueError(f"need at least 2 pooled vectors to standardise the router input, got {count}")
         mean = pooled_sum / count

@@ -13,8 +13,9 @@ runs both branches of every KV head and mixes them by that decision, and takes
 which the routers minimise and the lambdas maximise (gradient ascent). Omega is the share of sparse KV heads,
 t the target of the sample's task class (0.7 sensitive, 1.0 robust), margin the routers' sparse-minus-full logit
 margin: kept small, it stays within reach of the Gumbel noise and the routers keep learning from the prompt.
-Before step 0 the routers' input standardisation is set from the dense model's pooled keys (ours, --calib-samples). The same code runs on one CPU process,
-one GPU or torchrun's N processes; the router gradients are averaged across processes (data parallel).
+Before step 0 the routers' input standardisation is set from the dense model's pooled keys (ours,
+--calib-samples). The same code runs on one CPU process, one GPU or torchrun's N processes; the router gradients
+are averaged across processes (data parallel).
 The output dir holds routers.safetensors, elastic.json and routers.json; `sample.py --routers DIR` uses them.
 """
 import argparse
