@@ -278,7 +278,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.router = None   # an AttentionRouter, once Transformer.attach_routers() ran
-        self.router_logits = None  # its logits [B, G, 2] at the last prefill (with their gradient in training)
+        self.router_logits = None  # its logits [B, G, 2] at the last prefill, for Routing.logits
         self.key_probe = None  # a callable(k_pre, prompt_lens) that sees the router's input keys (calibrate_routers)
         self.elastic = None  # the ElasticConfig shared by all layers (Transformer.set_elastic)
         self.cache = None    # a KVCache while generating
@@ -307,7 +307,7 @@ class Attention(nn.Module):
         else:
             if modes is None and self.router is not None:
                 logits = self.router(k_pre, prompt_lens)          # [B, G, 2]
-                self.router_logits = logits if tau is not None else logits.detach()  # for Routing.logits
+                self.router_logits = logits
                 z = route(logits, tau)                            # Gumbel ST if tau, else argmax
                 modes = self.elastic.head_modes(z)
             if modes is None:
@@ -365,7 +365,12 @@ class Routing:
     z: torch.Tensor | None  # [B, L, G, 2] router decisions (straight-through in training); None for given modes
     modes: torch.Tensor     # [B, L, G] the kernel mode (FA, SSA, XA) of every KV head
     omega: torch.Tensor     # [B] model sparsity ratio: share of KV heads in the sparse mode
-    logits: torch.Tensor | None = None  # [B, L, G, 2] the routers' logits (with gradient in training); None for given modes
+    logits: torch.Tensor | None = None  # [B, L, G, 2] the routers' logits (differentiable); None for given modes
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """[B, L, G] the sparse-minus-full logit margin: how sure each router is, and of what."""
+        return self.logits[..., 1] - self.logits[..., 0]
 
 
 class Transformer(nn.Module):

@@ -223,7 +223,7 @@ def evaluate():
         c = batch.task_class.item()
         sums[c] += weight * torch.stack([dense, cross_entropy(logits, batch.targets), routing.omega[0],
                                          torch.ones((), device=device)])
-        margin = routing.logits[0, ..., 1] - routing.logits[0, ..., 0]  # [L, G]
+        margin = routing.margin[0]  # [L, G]
         margins[c] += weight * torch.stack([margin, margin.abs()])
     if ddp:
         dist.all_reduce(sums)
@@ -293,8 +293,7 @@ for step in bar:
         batch, n_tokens = get_batch(step, micro)
         logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, tau=tau, return_routing=True)
         ce = cross_entropy(logits, batch.targets)
-        margin = routing.logits[..., 1] - routing.logits[..., 0]  # [B, L, G] sparse-minus-full logit margin
-        loss = ce + constraint(routing.omega, batch.task_class) + args.margin_penalty * margin.pow(2).mean()
+        loss = ce + constraint(routing.omega, batch.task_class) + args.margin_penalty * routing.margin.pow(2).mean()
         (loss / accum).backward()
         for c in (SENSITIVE, ROBUST):
             sel = batch.task_class == c
@@ -327,8 +326,8 @@ for step in bar:
                     ce_robust=ce_c[ROBUST], lambda1=constraint.lambda1.tolist(), lambda2=constraint.lambda2.tolist(),
                     tau=tau, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tokens * world / dt)
         tqdm.write(f"step {step + 1} | loss {line['loss']:.4f} | ce {line['ce']:.4f} | omega sens {om_c[SENSITIVE]:.3f} robust {om_c[ROBUST]:.3f}"
-                   f" | lambda1 {constraint.lambda1[0].item():+.3f} {constraint.lambda1[1].item():+.3f}"
-                   f" lambda2 {constraint.lambda2[0].item():+.3f} {constraint.lambda2[1].item():+.3f}"
+                   f" | lambda1 {line['lambda1'][0]:+.3f} {line['lambda1'][1]:+.3f}"
+                   f" lambda2 {line['lambda2'][0]:+.3f} {line['lambda2'][1]:+.3f}"
                    f" | tau {tau:.3f} | lr {lr:.2e} | {line['tokens_per_s']:.0f} tok/s")
     if heldout is not None and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
         ev = evaluate()
