@@ -1,5 +1,5 @@
 """
-Prefill benchmark of kernel.elastic_attention on the GPU (METHOD.md sections 5 and 8), side by side with
+Prefill benchmark of kernel.elastic_attention on the GPU, side by side with
 torch SDPA (cuDNN and flash backends), FlexAttention (compiled) with the same block masks, and the
 split-and-merge way (gather the heads of each mode, one call per mode, scatter back).
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import triton
 
 import kernel
+from attention import flex_block_mask
 from kernel import FA, SSA, XA
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,7 +46,7 @@ parser.add_argument("--xa-stride", type=int, default=16, help="XA antidiagonal s
 parser.add_argument("--xa-topics", type=int, default=8, help="structured XA inputs: topics per head (share ~ 1/topics)")
 parser.add_argument("--sweep", action="store_true", help="time kernel tile configs first and bench the best")
 parser.add_argument("--sweep-len", type=int, default=32768, help="sequence length of the sweep")
-parser.add_argument("--sweep-configs", type=str, help="JSON list of [BLOCK_M, BLOCK_N, num_warps, num_stages]",
+parser.add_argument("--sweep-configs", type=str, help="JSON list of [BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES]",
                     default="[[128,128,8,3],[128,128,8,2],[128,64,8,3],[128,64,8,4],[64,64,4,3],[64,64,4,4]]")
 parser.add_argument("--sweep-repeat", type=int, default=1, help="time each sweep config this many times")
 parser.add_argument("--config", type=str, default=None, help="kernel config as JSON (see kernel._default_config)")
@@ -171,8 +172,10 @@ def slog(line):  # a sweep line: printed and kept for the report
 
 
 def bench_model():
-    from model import ModelConfig, Transformer, rope_inv_freq, static_modes
+    from generate import generate
+    from model import ModelConfig, Transformer, rope_inv_freq
     from router import ElasticConfig
+    from static_hybrid import static_modes
 
     cfg = ModelConfig.from_json(args.model)
     torch.manual_seed(0)
@@ -185,7 +188,7 @@ def bench_model():
     L, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
     scores = torch.rand(L, n_kv, device=dev)  # which heads stay full does not change the time
     setups = [("dense, SDPA", "FA-SSA", None),
-              ("dense, our kernel (all FA)", "FA-SSA", torch.full((L, 1, n_kv), FA, dtype=torch.int32, device=dev))]
+              ("dense, our kernel (all FA)", "FA-SSA", torch.full((1, L, n_kv), FA, dtype=torch.int32, device=dev))]
     for pair in ("FA-SSA", "XA-SSA"):
         ec = ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window)
         setups.append((f"{pair}, Omega {args.sparse_ratio}", pair, static_modes(scores, args.sparse_ratio, ec)))
@@ -193,10 +196,10 @@ def bench_model():
     for T in args.seq_lens:
         idx = torch.randint(0, cfg.vocab_size, (1, T), device=dev)
         for name, pair, modes in setups:
-            model.set_elastic(ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window))
+            model.elastic = ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window)
             prefill = timeit(lambda: model(idx, modes=modes, last_only=True), budget_ms=2000, min_reps=2, max_reps=10)
             stats, stamps = {}, []
-            for _ in model.generate(idx, args.decode_tokens, modes=modes, stats=stats):
+            for _ in generate(model, idx, args.decode_tokens, modes=modes, stats=stats):
                 stamps.append(time.perf_counter())  # generate() syncs on every token (.item())
             step = statistics.median(b - a for a, b in zip(stamps, stamps[1:])) * 1e3
             rows.append((T, name, prefill, step, stats["kv_bytes"], stats["kv_bytes_dense"]))
@@ -239,7 +242,7 @@ if args.sweep:
     mix = torch.full((B, G), SSA, device=dev)
     mix[0, :G // 4] = FA
     for bm, bn, warps, stages in json.loads(args.sweep_configs) * args.sweep_repeat:
-        cfg = dict(base, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        cfg = dict(base, BLOCK_M=bm, BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages)
         name = f"BLOCK_M={bm} BLOCK_N={bn} warps={warps} stages={stages}"
         try:
             t0 = time.perf_counter()
@@ -259,7 +262,7 @@ if args.sweep:
     ref_mask = kernel.xattn_block_mask(q, k, _config=base, **xa_kw)
     xbest, xbest_t = None, float("inf")
     for bi, bj, warps, stages in [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 8, 3)]:
-        cfg = dict(best or base, XA_BLOCK_I=bi, XA_BLOCK_J=bj, xa_warps=warps, xa_stages=stages)
+        cfg = dict(best or base, XA_BLOCK_I=bi, XA_BLOCK_J=bj, XA_WARPS=warps, XA_STAGES=stages)
         try:
             mask = kernel.xattn_block_mask(q, k, _config=cfg, **xa_kw)
             t = timeit(lambda: kernel.xattn_block_mask(q, k, _config=cfg, **xa_kw))
@@ -305,7 +308,7 @@ def write_report():
         return summary.get((T, case, method), float("nan"))
 
     done = sorted({row[0] for row in rows})
-    # METHOD.md section 8, measured earlier on this kind of GPU: Flex causal, Flex SSA, Flex 25% FA mix (ms)
+    # anchors measured earlier on an H100 / H200 (README: The fused kernel): Flex causal, Flex SSA, Flex 25% FA mix (ms)
     anchors = {8192: (1.36, 0.68, 0.85), 32768: (19.9, 2.93, 7.19)}
     targets = []  # (T, target, measured, met)
     for T in done:
@@ -319,7 +322,7 @@ def write_report():
         flex_mix = get(T, "25% FA + SSA", "FlexAttention (same mask, mode table)")
         pred = 0.25 * fa + 0.75 * ssa
         est = get(T, "XA-only, random q/k", "XA estimate alone (xattn_block_mask)")
-        a_fa, a_ssa, a_mix = (f"; METHOD.md anchor {a:.2f} ms ({a / ours:.2f}x)" if T in anchors else ""
+        a_fa, a_ssa, a_mix = (f"; earlier anchor {a:.2f} ms ({a / ours:.2f}x)" if T in anchors else ""
                               for a, ours in zip(anchors.get(T, (0, 0, 0)), (fa, ssa, mix)))
         targets += [
             (T, "FA-only: at least as fast as FlexAttention causal; toward cuDNN",
@@ -416,9 +419,9 @@ for T in args.seq_lens:
                 q, k, v, modes, sink=args.sink, window=args.window, check_modes=False, _config=CONFIG), pairs,
                 "no host sync")
         if flex:
-            bm = kernel.flex_block_mask(modes, H, T, sink=args.sink, window=args.window)
+            bm = flex_block_mask(modes, H, T, sink=args.sink, window=args.window)
             record(T, case, "FlexAttention (same mask, mode table)", lambda: flex(q, k, v, block_mask=bm, enable_gqa=True),
-                   pairs, "kernel.flex_block_mask")
+                   pairs, "attention.flex_block_mask")
             if n_fa == 0:  # FlexAttention at its best on this mask: one mask_mod and block mask for all heads
                 ssa_mod = lambda b, h, qi, ki: (ki <= qi) & ((ki < args.sink) | (qi - ki < args.window))  # noqa: E731
                 ssa_bm = create_block_mask(ssa_mod, None, None, T, T, device=dev, _compile=True)
@@ -441,7 +444,7 @@ for T in args.seq_lens:
         record(T, case, "XA estimate alone (xattn_block_mask)", lambda: kernel.xattn_block_mask(qx, kx, _config=CONFIG, **xa_kw), 0, note)
         record(T, case, "elastic_attention (estimate + attention)", run(qx, kx, v, all_xa), pairs, note)
         if flex:
-            bm = kernel.flex_block_mask(all_xa, H, T, xa_blocks=xa_blocks)
+            bm = flex_block_mask(all_xa, H, T, xa_blocks=xa_blocks)
             record(T, case, "FlexAttention (same blocks, no estimate)", lambda: flex(qx, kx, v, block_mask=bm, enable_gqa=True), pairs, note)
         del xa_blocks
     del q, k, v, k_rep, v_rep

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():  # before anything imports Triton: the kernel 
 import pytest  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from model import default_model_dir  # noqa: E402
+from default_model import default_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

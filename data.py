@@ -1,5 +1,5 @@
 """
-Training data for the Attention Routers (Elastic Attention, arXiv 2601.17367; METHOD.md section 3).
+Training data for the Attention Routers (Elastic Attention, arXiv 2601.17367; README: Data).
 
 Every sample is one chat turn of a frozen instruct model: a prompt (an instruction, a long context, a
 question) and the answer as the assistant turn. Its *task class* decides the sparsity target of the
@@ -17,7 +17,7 @@ Batch of [B, T] tensors with shifted targets. train.py uses them as
     data = SyntheticMix(tokenizer, min_len=1024, max_len=4096, seed=0)   # or JsonlDataset(...)
     batch = collate([data[i] for i in range(8)], pad_id=tokenizer.pad_token_id).to(device)
 
-Prompt layout (METHOD.md section 3): the user turn is the non-empty parts of
+Prompt layout (the paper's training records; README: Data): the user turn is the non-empty parts of
     [instruction, context, question, suffix] joined by blank lines,
 where summarization has the instruction "You are given several news passages. Write a one-page summary
 of all news." and the suffix "Summary:", code "Please complete the code given below.", continuation
@@ -95,7 +95,7 @@ def chat_parts(tokenizer, task: str, question: str, answer: str, has_context: bo
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
-                         "router training uses instruct models (METHOD.md section 3)")
+                         "router training uses instruct models (README: Data)")
     instruction, suffix = TASK_PROMPTS.get(task, ("", ""))
     user = "\n\n".join(p for p in (instruction, CONTEXT if has_context else "", question, suffix) if p)
     messages = [{"role": "user", "content": user}]
@@ -209,7 +209,7 @@ NAMES = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor
 
 
 class SyntheticMix(torch.utils.data.Dataset):
-    """Samples generated from a seed, so training runs with no data files (METHOD.md section 3).
+    """Samples generated from a seed, so training runs with no data files (README: Data).
 
     Filler: Python's documentation topics (pydoc_data.topics, in sorted order), tokenised once here and
     repeated as often as max_len needs. Sample i is a pure function of (seed, i), the tokenizer and the

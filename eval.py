@@ -1,6 +1,6 @@
 """
 The paper's central claim, measured on SmolLM2: accuracy against sparsity by task type, and elastic routing
-against static hybrids at the same sparsity (Elastic Attention, arXiv 2601.17367; METHOD.md section 6).
+against static hybrids at the same sparsity (Elastic Attention, arXiv 2601.17367; README: Results).
 
     python eval.py --routers out-routers                                    # one H100: about 2 min per method
     python eval.py --routers out-fa-ssa out-fa-xa out-xa-ssa                # several trained routers
@@ -30,9 +30,12 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from data import SyntheticMix
+from default_model import default_model_dir
+from generate import generate
 from kernel import FA, SSA, XA
-from model import Transformer, default_model_dir, retrieval_scores, static_modes
-from router import ElasticConfig
+from model import Transformer
+from router import ElasticConfig, Routers
+from static_hybrid import probe_samples, retrieval_scores, static_modes
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,13 +75,12 @@ configs = [ElasticConfig.load(f"{path}/elastic.json") for path in args.routers]
 ssa_config = configs[0]
 if ssa_config.mode_pair != "FA-SSA":
     raise SystemExit(f"the first --routers dir must hold FA-SSA routers; {args.routers[0]} holds {ssa_config.mode_pair}")
-model.set_elastic(ssa_config)
-probes = SyntheticMix(tokenizer, 2048, 2048, seed=args.seed - 1, kinds=("passkey", "multi_key", "multi_value"))
-scores = retrieval_scores(model, [probes[i] for i in range(8)])
+model.elastic = ssa_config
+scores = retrieval_scores(model, probe_samples(tokenizer, model.config.max_position_embeddings))
 
 
 def fixed(mode):
-    return torch.full((L, 1, G), mode, dtype=torch.int32, device=device)
+    return torch.full((1, L, G), mode, dtype=torch.int32, device=device)
 
 
 methods = {
@@ -118,7 +120,7 @@ def run(sample, T, modes):
         score = (logits[0, P - 1:-1].argmax(-1) == ids[P:]).float().mean().item()
     else:  # the share of the answer's numbers found in a greedy answer
         stats = {}
-        out = model.generate(prompt, len(ids) - P + 8, eos_token_id=tokenizer.eos_token_id, modes=modes, stats=stats)
+        out = generate(model, prompt, len(ids) - P + 8, eos_token_id=tokenizer.eos_token_id, modes=modes, stats=stats)
         text, routing = tokenizer.decode(list(out), skip_special_tokens=True), stats["routing"]
         want = re.findall(r"\d{5,}", tokenizer.decode(ids[P:], skip_special_tokens=True))
         score = sum(w in text for w in want) / len(want)
@@ -130,9 +132,10 @@ results = {}  # method -> list of (task, T, score, omega, modes, prefill_ms)
 
 def evaluate(name, routers, modes, config):
     if routers:
-        model.load_routers(routers)
+        model.routers = Routers.load(routers, model.config).to(device)
+        model.elastic = model.routers.elastic
     else:
-        model.set_elastic(config)
+        model.routers, model.elastic = None, config
     rows = []
     for (task, T), samples in tqdm(tasks.items(), desc=name, dynamic_ncols=True):
         for s in samples:

@@ -1,54 +1,46 @@
 """
-Elastic Attention's fused prefill kernel: full (FA), streaming (SSA) and XAttention (XA) heads in one
-Triton launch, with its PyTorch reference (METHOD.md sections 4 and 5).
+Elastic Attention's fused prefill kernel (arXiv 2601.17367: one kernel runs retrieval and sparse heads in
+one launch, each thread block reading its head's mode): full (FA), streaming (SSA) and XAttention (XA)
+heads, in Triton, with its PyTorch reference. The modes and their numbers are written down in README.md (Method: the attention modes).
 
 Each KV head of each batch element has a mode (FA = 0, SSA = 1, XA = 2), shared by its query heads:
 - FA:  query i sees every key j <= i.
 - SSA: query i sees key j <= i iff j < sink or i - j < window (token-exact).
 - XA:  query i sees key j <= i iff the 128 x 128 block (i // 128, j // 128) was selected by the
-       XAttention estimate: antidiagonal scores of 16 x 16 cells, softmax per row, summed into block
-       scores, then per block row the sink block, the diagonal block and the highest-scoring blocks
-       until their mass reaches `xa_threshold` of the row.
+       XAttention estimate (arXiv 2503.16428): antidiagonal scores of 16 x 16 cells, softmax per row,
+       summed into block scores, then per block row the sink block, the diagonal block and the
+       highest-scoring blocks until their mass reaches `xa_threshold` of the row.
 
-Read top to bottom: 1. the reference (the definition), 2. the XA estimate kernels, 3. the attention
-kernel, 4. the wrappers, 5. FlexAttention equivalents (same masks, differentiable on the GPU),
-6. a quick self-check.
+Read top to bottom, in the order of the Triton tutorial (06-fused-attention): 1. the reference (the
+definition), 2. the attention kernel and its wrapper, 3. where XA's block list comes from (the estimate),
+4. the launch schedule, 5. a quick self-check. The FlexAttention equivalents of these masks live in
+attention.py, next to the training code that uses them.
 
-    pytest test_kernel.py        # CPU (Triton interpreter) and, when CUDA is there, the GPU
+    pytest test_kernel.py        # CPU (Triton's interpreter, which the tests turn on) and, with CUDA, the GPU
     python bench.py              # GPU: timings against SDPA and FlexAttention -> bench_results.md
-    python kernel.py             # quick check against the reference on this machine
+    python kernel.py             # quick check against the reference (GPU; on a CPU: TRITON_INTERPRET=1)
+
+Importing this file does nothing but define things. On a machine without CUDA the kernels run only in
+Triton's interpreter, which must be chosen before Python imports Triton: `TRITON_INTERPRET=1 python ...`.
+(In the interpreter a tl.dot on bf16 operands is wrong: use fp32 or fp16 there.)
 """
 
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    # No GPU: run the Triton kernels in Triton's interpreter (slow, but exact), so `import kernel` works
-    # anywhere. (In the interpreter a tl.dot on bf16 operands is wrong: use fp32 or fp16 there.)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    if "triton.language" in sys.modules and os.environ["TRITON_INTERPRET"] == "1" \
-            and type(sys.modules["triton.language"].zeros).__name__ == "JITFunction":
-        # Triton builds its interpreter's library (tl.zeros, tl.sort, ...) only when first imported with
-        # TRITON_INTERPRET=1; something imported it before us without it.
-        raise ImportError("Triton was imported before kernel.py could turn on its interpreter (no CUDA here): "
-                          "set TRITON_INTERPRET=1 in the environment, or import kernel before transformers")
-
 import triton
 import triton.language as tl
 
 FA, SSA, XA = 0, 1, 2
-KV_BLOCK = 128  # the method's block (METHOD.md section 4): XA selects 128 x 128 blocks
+KV_BLOCK = 128  # the method's block: XA selects 128 x 128 blocks
 
 # the same numbers as constants the kernels can read
 _SSA = tl.constexpr(SSA)
 _XA = tl.constexpr(XA)
 _KV_BLOCK = tl.constexpr(KV_BLOCK)
 _NEG = tl.constexpr(-1.0e30)  # "minus infinity" that stays finite, so that NEG - NEG is 0, not NaN
-
 
 def _expand_kv(x, H):
     """[B, G, T, D] -> [B, H, T, D]: each KV head repeated for its H // G query heads (reference only)."""
@@ -57,6 +49,41 @@ def _expand_kv(x, H):
 
 # -----------------------------------------------------------------------------
 # 1. The reference: plain PyTorch, fp32 math. This is the definition the kernels are tested against.
+
+def attention_mask_reference(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
+    """The token mask [B, H, T, T] (bool) of every query head, from modes [B, G]."""
+    B, G = modes.shape
+    mode = modes.repeat_interleave(H // G, dim=1)[:, :, None, None]  # [B, H, 1, 1]
+    i = torch.arange(T, device=modes.device)[:, None]
+    j = torch.arange(T, device=modes.device)[None, :]
+    causal = j <= i
+    ssa = causal & ((j < sink) | (i - j < window))
+    mask = torch.where(mode == SSA, ssa, causal)
+    if xa_blocks is not None:
+        xa = xa_blocks.repeat_interleave(KV_BLOCK, -1).repeat_interleave(KV_BLOCK, -2)[..., :T, :T] & causal
+        mask = torch.where(mode == XA, xa, mask)
+    return mask
+
+
+def reference_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
+                        sm_scale=None, xa_blocks=None):
+    """Elastic attention in plain PyTorch (fp32 math, differentiable in q, k, v) -> o [B, H, T, D].
+
+    q [B, H, T, D]; k, v [B, G, T, D]; modes [B, G] with values FA, SSA, XA. xa_blocks: an XA block
+    selection [B, H, nb, nb] to use instead of computing it (the tests pass the kernel's own selection,
+    checked separately, so that a block on the threshold's edge cannot flip between the two).
+    """
+    B, H, T, D = q.shape
+    modes = modes.to(q.device)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    if xa_blocks is None and bool((modes == XA).any()):
+        with torch.no_grad():
+            xa_blocks = xattn_block_mask_reference(q, k, stride=xa_stride, threshold=xa_threshold)
+    mask = attention_mask_reference(modes, H, T, sink=sink, window=window, xa_blocks=xa_blocks)
+    s = (q.float() @ _expand_kv(k, H).float().transpose(-1, -2)) * scale  # [B, H, T, T]
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (p @ _expand_kv(v, H).float()).to(q.dtype)
+
 
 def xattn_block_scores_reference(q, k, *, stride=16):
     """XAttention block scores [B, H, nb, nb] (fp32), nb = ceil(T / 128).
@@ -117,43 +144,255 @@ def xattn_block_mask_reference(q, k, *, stride=16, threshold=0.9):
     return xattn_select_reference(xattn_block_scores_reference(q, k, stride=stride), threshold)
 
 
-def attention_mask_reference(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
-    """The token mask [B, H, T, T] (bool) of every query head, from modes [B, G]."""
-    B, G = modes.shape
-    mode = modes.repeat_interleave(H // G, dim=1)[:, :, None, None]  # [B, H, 1, 1]
-    i = torch.arange(T, device=modes.device)[:, None]
-    j = torch.arange(T, device=modes.device)[None, :]
-    causal = j <= i
-    ssa = causal & ((j < sink) | (i - j < window))
-    mask = torch.where(mode == SSA, ssa, causal)
-    if xa_blocks is not None:
-        xa = xa_blocks.repeat_interleave(KV_BLOCK, -1).repeat_interleave(KV_BLOCK, -2)[..., :T, :T] & causal
-        mask = torch.where(mode == XA, xa, mask)
-    return mask
+
+# -----------------------------------------------------------------------------
+# 2. The attention kernel.
+#
+# A program owns BLOCK_M queries [start_m, start_m + BLOCK_M) of one (batch, query head) and visits
+# its key tiles (BLOCK_N keys each) in two loops. Only tiles where the queries disagree on some key
+# pay for a mask:
+#   masked     SSA: the sink [0, sink_hi) and the window's lower edge [edge_lo, full_lo);
+#              every mode: the diagonal [diag_lo, diag_hi), causal (and the end of the sequence)
+#   unmasked   FA: every earlier key [0, diag_lo); SSA: inside the window [full_lo, diag_lo);
+#              XA: the selected 128-key blocks before the diagonal, from a compact list
+# Work is proportional to the tiles visited; a mode's other ranges are empty loops.
+
+@triton.jit
+def _key_ranges(mode, start_m, T, sink, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ranges (token offsets) for query tile [start_m, start_m + BLOCK_M). Works on scalars
+    (the attention kernel) and on vectors (the scheduler), so both count the same tiles."""
+    is_ssa, is_xa = mode == _SSA, mode == _XA
+    # XA's diagonal is the whole 128-key block that holds the tile's queries
+    diag_lo = tl.where(is_xa, start_m // _KV_BLOCK * _KV_BLOCK, start_m)
+    diag_hi = tl.minimum(start_m + BLOCK_M, T)
+    # SSA: the first query of the tile sees back to start_m - window + 1; the last query sees every key
+    # from start_m + BLOCK_M - window on. Between the two the queries disagree: the edge.
+    edge_lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    full_lo = (tl.maximum(start_m + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, edge_lo), diag_lo)
+    sink_hi = tl.minimum((sink + BLOCK_N - 1) // BLOCK_N * BLOCK_N, edge_lo)  # the sink, below the window
+    sink_hi = tl.where(is_ssa, sink_hi, 0)
+    edge_lo = tl.where(is_ssa, edge_lo, tl.where(is_xa, diag_lo, 0))  # FA: all from 0; XA: the list
+    full_lo = tl.where(is_ssa, full_lo, edge_lo)
+    return sink_hi, edge_lo, full_lo, diag_lo, diag_hi
 
 
-def reference_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
-                        sm_scale=None, xa_blocks=None):
-    """Elastic attention in plain PyTorch (fp32 math, differentiable in q, k, v) -> o [B, H, T, D].
+@triton.jit
+def _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+               T, sink, window, qk_scale, stride_kt, stride_vt, MASKED: tl.constexpr):
+    """One BLOCK_N tile of keys: scores, online-softmax update, acc += p @ v."""
+    cols = start_n + offs_n
+    if MASKED:
+        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
+    else:
+        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])  # [D, BLOCK_N]
+    qk = tl.dot(q, k)
+    if MASKED:
+        keep = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T)
+        keep = keep & ((cols[None, :] < sink) | (offs_m[:, None] - cols[None, :] < window))
+        qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_ij[:, None]
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_ij[:, None]
+    p = tl.math.exp2(qk)
+    # online softmax: the running max grew from m_i to m_ij, so rescale what was summed so far
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASKED:
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+    else:
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
 
-    q [B, H, T, D]; k, v [B, G, T, D]; modes [B, G] with values FA, SSA, XA. xa_blocks: an XA block
-    selection [B, H, nb, nb] to use instead of computing it (the tests pass the kernel's own selection,
-    checked separately, so that a block on the threshold's edge cannot flip between the two).
-    """
-    B, H, T, D = q.shape
-    modes = modes.to(q.device)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    if xa_blocks is None and bool((modes == XA).any()):
-        with torch.no_grad():
-            xa_blocks = xattn_block_mask_reference(q, k, stride=xa_stride, threshold=xa_threshold)
-    mask = attention_mask_reference(modes, H, T, sink=sink, window=window, xa_blocks=xa_blocks)
-    s = (q.float() @ _expand_kv(k, H).float().transpose(-1, -2)) * scale  # [B, H, T, T]
-    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (p @ _expand_kv(v, H).float()).to(q.dtype)
+
+@triton.jit
+def _elastic_attn_fwd(
+    Q, K, V, O, Modes, Order, Count, Index,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    T, NQB, NB, H, G, GROUP, sink, window, qk_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # program -> work item (b, h, m) from the list, sorted by cost: the heaviest programs start first
+    item = tl.load(Order + tl.program_id(0))
+    m = (item % NQB).to(tl.int32)
+    bh = (item // NQB).to(tl.int32)
+    b = bh // H
+    h = bh % H
+    g = h // GROUP  # GQA: the KV head is read in place, never repeated
+    mode = tl.load(Modes + b * G + g)
+    start_m = m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)  # running row max (log2 units); finite: no NaN
+    l_i = tl.zeros([BLOCK_M], tl.float32)       # running row sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)    # running p @ v
+
+    sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, start_m, T, sink, window,
+                                                              BLOCK_M, BLOCK_N)
+    window = tl.where(mode == _SSA, window, 1 << 30)  # FA and XA: the window never binds
+
+    # 1. masked tiles, one loop over three ranges: the sink, the window's edge, the diagonal
+    n_sink = sink_hi // BLOCK_N
+    n_edge = (full_lo - edge_lo) // BLOCK_N
+    n_masked = n_sink + n_edge + (diag_hi - diag_lo + BLOCK_N - 1) // BLOCK_N
+    for t in range(0, n_masked):
+        start_n = tl.where(t < n_sink, t * BLOCK_N,
+                           tl.where(t < n_sink + n_edge, edge_lo + (t - n_sink) * BLOCK_N,
+                                    diag_lo + (t - n_sink - n_edge) * BLOCK_N))
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=True)
+    # 2. unmasked tiles every query of the tile sees whole (FA: all earlier keys, SSA: inside the window)
+    for start_n in range(full_lo, diag_lo, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
+    # 2. (XA) the selected blocks before the diagonal, from the compact ascending list (its last entry
+    # is the diagonal block, done above), no mask
+    xa_row = bh.to(tl.int64) * NB + start_m // _KV_BLOCK
+    count = tl.load(Count + xa_row, mask=mode == _XA, other=1)
+    for i in range(0, count - 1):
+        blk = tl.load(Index + xa_row * NB + i)
+        for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
+            start_n = blk * _KV_BLOCK + sub * BLOCK_N
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                       T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
+
+    # every query sees at least itself, so l_i > 0
+    o = acc / l_i[:, None]
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < T)
 
 
 # -----------------------------------------------------------------------------
-# 2. The XA estimate in Triton: two kernels, launched for every head, at once done for non-XA heads.
+# The wrapper: check the inputs, run the XA estimate, build the work list, launch.
+
+def _default_config(q):
+    """Tile sizes and launch settings, one naming style (the kernels' constexpr names). GPU: tuned on an H100
+    at 32K (bench.py --sweep). BLOCK_N <= BLOCK_M, both divide 128."""
+    if not q.is_cuda:  # Triton's interpreter: small tiles, one stage
+        return dict(BLOCK_M=128, BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=1,
+                    XA_BLOCK_I=64, XA_BLOCK_J=64, XA_WARPS=4, XA_STAGES=1)
+    return dict(BLOCK_M=128, BLOCK_N=128, NUM_WARPS=8, NUM_STAGES=3,
+                XA_BLOCK_I=128, XA_BLOCK_J=128, XA_WARPS=8, XA_STAGES=3)
+
+
+def _check_qk(q, k):
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        raise TypeError("q and k must be torch tensors")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q must be [B, H, T, D] and k, v [B, G, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    B, H, T, D = q.shape
+    if k.shape[0] != B or k.shape[2:] != (T, D):
+        raise ValueError(f"k must be [B={B}, G, T={T}, D={D}] to match q {tuple(q.shape)}; got {tuple(k.shape)}")
+    G = k.shape[1]
+    if G == 0 or H % G != 0:
+        raise ValueError(f"the query heads H={H} must be a multiple of the KV heads G={G} (GQA)")
+    if T < 1 or B < 1 or H < 1:
+        raise ValueError(f"empty input: q {tuple(q.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"dtype {q.dtype} is not supported: use float16 or bfloat16 (float32 for CPU tests)")
+    if k.dtype != q.dtype:
+        raise TypeError(f"q and k must have one dtype; got q {q.dtype}, k {k.dtype}")
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"head dim D={D} is not supported: use 16, 32, 64 or 128")
+    if k.device != q.device:
+        raise ValueError(f"q and k must be on one device; got {q.device} and {k.device}")
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("q is on the CPU, where Triton kernels run only in its interpreter: start Python with "
+                         "TRITON_INTERPRET=1, or pass CUDA tensors (on a CPU, reference_attention is the fast way)")
+    for name, x in (("q", q), ("k", k)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {x.stride()}: "
+                             f"call .contiguous() first")
+    return B, H, T, D, G
+
+
+def _check_modes(modes, B, G, device):
+    if not isinstance(modes, torch.Tensor) or modes.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"modes must be an integer tensor [B, G] of FA=0, SSA=1, XA=2; got "
+                        f"{modes.dtype if isinstance(modes, torch.Tensor) else type(modes)}")
+    if tuple(modes.shape) != (B, G):
+        raise ValueError(f"modes must have shape [B={B}, G={G}] (one mode per batch element and KV head); "
+                         f"got {tuple(modes.shape)}")
+    return modes.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _check_xa_args(stride, threshold):
+    if not (isinstance(stride, int) and 1 <= stride <= KV_BLOCK and KV_BLOCK % stride == 0):
+        raise ValueError(f"xa_stride must be a power of two dividing {KV_BLOCK}; got {stride}")
+    if not (0.0 <= float(threshold)):
+        raise ValueError(f"xa_threshold must be >= 0; got {threshold}")
+
+
+def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
+                      sm_scale=None, out=None, check_modes=True, _config=None):
+    """Causal attention where every KV head runs its own mode, one launch for all heads -> o [B, H, T, D].
+
+    q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA, read in place); modes [B, G] of FA, SSA, XA.
+    fp16 or bf16 (fp32 too; on the GPU its products run in tf32). Any T >= 1; D in 16, 32, 64, 128.
+    Tensors may be strided views (e.g. [B, T, H, D].transpose(1, 2)) with the last dim contiguous.
+    out: an optional [B, H, T, D] tensor to write into. check_modes: raise if a mode is not FA, SSA or XA
+    (read back after the launches; the host waits for the check, not for the attention kernel).
+    """
+    B, H, T, D, G = _check_qk(q, k)
+    if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+        raise ValueError(f"v must match k: shape {tuple(k.shape)}, {k.dtype}, {k.device}; "
+                         f"got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v)}")
+    if v.stride(-1) != 1:
+        raise ValueError(f"v must be contiguous in its last dim (stride 1), got strides {v.stride()}")
+    if not (isinstance(sink, int) and sink >= 0 and isinstance(window, int) and window >= 1):
+        raise ValueError(f"need integers sink >= 0 and window >= 1; got sink={sink}, window={window}")
+    _check_xa_args(xa_stride, xa_threshold)
+    modes = _check_modes(modes, B, G, q.device)
+    if check_modes:  # a kernel reads a bad mode as FA; the wrapper raises once its launches are queued
+        bad_modes = ((modes < FA) | (modes > XA)).any()
+        if q.is_cuda:  # copy the flag without waiting; later the host waits for this copy only
+            bad_modes = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(bad_modes, non_blocking=True)
+            checked = torch.cuda.Event()
+            checked.record()
+    sink, window = min(sink, T), min(window, T)  # beyond T they change nothing; keeps them in int32
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, last dim contiguous")
+    cfg = _config or _default_config(q)
+    if not (cfg["BLOCK_N"] <= cfg["BLOCK_M"] <= KV_BLOCK and KV_BLOCK % cfg["BLOCK_M"] == 0 == cfg["BLOCK_M"] % cfg["BLOCK_N"]):
+        raise ValueError(f"config needs BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}; got {cfg}")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+
+    _, _, count, index = _xattn(q, k, modes, xa_stride, xa_threshold, cfg)
+    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    _elastic_attn_fwd[(order.numel(),)](
+        q, k, v, out, modes, order, count, index,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        T, triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
+        scale * math.log2(math.e),
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
+    if check_modes:
+        if q.is_cuda:
+            checked.synchronize()
+        if bool(bad_modes):
+            raise ValueError(f"modes must be FA=0, SSA=1 or XA=2; got "
+                             f"{sorted(set(modes.flatten().tolist()) - {FA, SSA, XA})}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 3. Where XA's block lists come from: the XA estimate in Triton, two kernels, launched for every head, at
+# once done for non-XA heads.
 #
 # Kernel 1 is flash attention's online softmax over the cell scores, but instead of p @ V it writes,
 # for every (cell row, key block) segment, the log-sum-exp of the segment's cells, and at the end the
@@ -257,211 +496,6 @@ def _xattn_select_kernel(
         tl.store(Count + pid_bh.to(tl.int64) * NB + m, tl.sum(keep.to(tl.int32), 0))
 
 
-# -----------------------------------------------------------------------------
-# 3. The attention kernel.
-#
-# A program owns BLOCK_M queries [start_m, start_m + BLOCK_M) of one (batch, query head) and visits
-# its key tiles (BLOCK_N keys each) in two loops. Only tiles where the queries disagree on some key
-# pay for a mask:
-#   masked     SSA: the sink [0, sink_hi) and the window's lower edge [edge_lo, full_lo);
-#              every mode: the diagonal [diag_lo, diag_hi), causal (and the end of the sequence)
-#   unmasked   FA: every earlier key [0, diag_lo); SSA: inside the window [full_lo, diag_lo);
-#              XA: the selected 128-key blocks before the diagonal, from a compact list
-# Work is proportional to the tiles visited; a mode's other ranges are empty loops.
-
-@triton.jit
-def _key_ranges(mode, start_m, T, sink, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The ranges (token offsets) for query tile [start_m, start_m + BLOCK_M). Works on scalars
-    (the attention kernel) and on vectors (the scheduler), so both count the same tiles."""
-    is_ssa, is_xa = mode == _SSA, mode == _XA
-    # XA's diagonal is the whole 128-key block that holds the tile's queries
-    diag_lo = tl.where(is_xa, start_m // _KV_BLOCK * _KV_BLOCK, start_m)
-    diag_hi = tl.minimum(start_m + BLOCK_M, T)
-    # SSA: the first query of the tile sees back to start_m - window + 1; the last query sees every key
-    # from start_m + BLOCK_M - window on. Between the two the queries disagree: the edge.
-    edge_lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
-    full_lo = (tl.maximum(start_m + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    full_lo = tl.minimum(tl.maximum(full_lo, edge_lo), diag_lo)
-    sink_hi = tl.minimum((sink + BLOCK_N - 1) // BLOCK_N * BLOCK_N, edge_lo)  # the sink, below the window
-    sink_hi = tl.where(is_ssa, sink_hi, 0)
-    edge_lo = tl.where(is_ssa, edge_lo, tl.where(is_xa, diag_lo, 0))  # FA: all from 0; XA: the list
-    full_lo = tl.where(is_ssa, full_lo, edge_lo)
-    return sink_hi, edge_lo, full_lo, diag_lo, diag_hi
-
-
-@triton.jit
-def _schedule_cost_kernel(Modes, Count, Cost, N, T, NQB, NB, H, G, GROUP, sink, window,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
-    """Cost (key tiles visited) of each work item (b, h, m): item = (b * H + h) * NQB + m."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    m = offs % NQB
-    bh = offs // NQB
-    mode = tl.load(Modes + (bh // H) * G + (bh % H) // GROUP, mask=valid, other=0)
-    sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, m * BLOCK_M, T, sink, window,
-                                                              BLOCK_M, BLOCK_N)
-    count = tl.load(Count + bh * NB + m * BLOCK_M // _KV_BLOCK, mask=valid & (mode == _XA), other=1)
-    tiles = (sink_hi + diag_hi - edge_lo + BLOCK_N - 1) // BLOCK_N + (count - 1) * (_KV_BLOCK // BLOCK_N)
-    tl.store(Cost + offs, tiles, mask=valid)
-
-
-@triton.jit
-def _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-               T, sink, window, qk_scale, stride_kt, stride_vt, MASKED: tl.constexpr):
-    """One BLOCK_N tile of keys: scores, online-softmax update, acc += p @ v."""
-    cols = start_n + offs_n
-    if MASKED:
-        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
-    else:
-        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])  # [D, BLOCK_N]
-    qk = tl.dot(q, k)
-    if MASKED:
-        keep = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T)
-        keep = keep & ((cols[None, :] < sink) | (offs_m[:, None] - cols[None, :] < window))
-        qk = tl.where(keep, qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        qk = qk - m_ij[:, None]
-    else:
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        qk = qk * qk_scale - m_ij[:, None]
-    p = tl.math.exp2(qk)
-    # online softmax: the running max grew from m_i to m_ij, so rescale what was summed so far
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if MASKED:
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
-    else:
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_ij
-
-
-@triton.jit
-def _elastic_attn_fwd(
-    Q, K, V, O, Modes, Order, Count, Index,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    T, NQB, NB, H, G, GROUP, sink, window, qk_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # program -> work item (b, h, m) from the list, sorted by cost: the heaviest programs start first
-    item = tl.load(Order + tl.program_id(0))
-    m = (item % NQB).to(tl.int32)
-    bh = (item // NQB).to(tl.int32)
-    b = bh // H
-    h = bh % H
-    g = h // GROUP  # GQA: the KV head is read in place, never repeated
-    mode = tl.load(Modes + b * G + g)
-    start_m = m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-
-    m_i = tl.full([BLOCK_M], _NEG, tl.float32)  # running row max (log2 units); finite: no NaN
-    l_i = tl.zeros([BLOCK_M], tl.float32)       # running row sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)    # running p @ v
-
-    sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, start_m, T, sink, window,
-                                                              BLOCK_M, BLOCK_N)
-    window = tl.where(mode == _SSA, window, 1 << 30)  # FA and XA: the window never binds
-
-    # 1. masked tiles, one loop over three ranges: the sink, the window's edge, the diagonal
-    n_sink = sink_hi // BLOCK_N
-    n_edge = (full_lo - edge_lo) // BLOCK_N
-    n_masked = n_sink + n_edge + (diag_hi - diag_lo + BLOCK_N - 1) // BLOCK_N
-    for t in range(0, n_masked):
-        start_n = tl.where(t < n_sink, t * BLOCK_N,
-                           tl.where(t < n_sink + n_edge, edge_lo + (t - n_sink) * BLOCK_N,
-                                    diag_lo + (t - n_sink - n_edge) * BLOCK_N))
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=True)
-    # 2. unmasked tiles every query of the tile sees whole (FA: all earlier keys, SSA: inside the window)
-    for start_n in range(full_lo, diag_lo, BLOCK_N):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
-    # 2. (XA) the selected blocks before the diagonal, from the compact ascending list (its last entry
-    # is the diagonal block, done above), no mask
-    xa_row = bh.to(tl.int64) * NB + start_m // _KV_BLOCK
-    count = tl.load(Count + xa_row, mask=mode == _XA, other=1)
-    for i in range(0, count - 1):
-        blk = tl.load(Index + xa_row * NB + i)
-        for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
-            start_n = blk * _KV_BLOCK + sub * BLOCK_N
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                       T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
-
-    # every query sees at least itself, so l_i > 0
-    o = acc / l_i[:, None]
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
-             mask=offs_m[:, None] < T)
-
-
-# -----------------------------------------------------------------------------
-# 4. The wrappers: check the inputs, run the XA estimate, build the work list, launch.
-
-def _default_config(q):
-    """Tile sizes. GPU: tuned on an H100 at 32K (bench.py --sweep). BLOCK_N <= BLOCK_M, both divide 128."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1,
-                    XA_BLOCK_I=64, XA_BLOCK_J=64, xa_warps=4, xa_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3,
-                XA_BLOCK_I=128, XA_BLOCK_J=128, xa_warps=8, xa_stages=3)
-
-
-def _check_qk(q, k):
-    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
-        raise TypeError("q and k must be torch tensors")
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q must be [B, H, T, D] and k, v [B, G, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    B, H, T, D = q.shape
-    if k.shape[0] != B or k.shape[2:] != (T, D):
-        raise ValueError(f"k must be [B={B}, G, T={T}, D={D}] to match q {tuple(q.shape)}; got {tuple(k.shape)}")
-    G = k.shape[1]
-    if G == 0 or H % G != 0:
-        raise ValueError(f"the query heads H={H} must be a multiple of the KV heads G={G} (GQA)")
-    if T < 1 or B < 1 or H < 1:
-        raise ValueError(f"empty input: q {tuple(q.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"dtype {q.dtype} is not supported: use float16 or bfloat16 (float32 for CPU tests)")
-    if k.dtype != q.dtype:
-        raise TypeError(f"q and k must have one dtype; got q {q.dtype}, k {k.dtype}")
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"head dim D={D} is not supported: use 16, 32, 64 or 128")
-    if k.device != q.device:
-        raise ValueError(f"q and k must be on one device; got {q.device} and {k.device}")
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("q is on the CPU but Triton is not in interpreter mode: move the inputs to CUDA "
-                         "(or set TRITON_INTERPRET=1 before importing kernel)")
-    for name, x in (("q", q), ("k", k)):
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {x.stride()}: "
-                             f"call .contiguous() first")
-    return B, H, T, D, G
-
-
-def _check_modes(modes, B, G, device):
-    if not isinstance(modes, torch.Tensor) or modes.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"modes must be an integer tensor [B, G] of FA=0, SSA=1, XA=2; got "
-                        f"{modes.dtype if isinstance(modes, torch.Tensor) else type(modes)}")
-    if tuple(modes.shape) != (B, G):
-        raise ValueError(f"modes must have shape [B={B}, G={G}] (one mode per batch element and KV head); "
-                         f"got {tuple(modes.shape)}")
-    return modes.to(device=device, dtype=torch.int32).contiguous()
-
-
-def _check_xa_args(stride, threshold):
-    if not (isinstance(stride, int) and 1 <= stride <= KV_BLOCK and KV_BLOCK % stride == 0):
-        raise ValueError(f"xa_stride must be a power of two dividing {KV_BLOCK}; got {stride}")
-    if not (0.0 <= float(threshold)):
-        raise ValueError(f"xa_threshold must be >= 0; got {threshold}")
-
-
 def _xattn(q, k, modes, stride, threshold, config):
     """The XA estimate for the heads whose mode is XA -> (scores, mask, count, index), [B, H, nb, ...].
     Rows of other heads are left unwritten."""
@@ -485,7 +519,7 @@ def _xattn(q, k, modes, stride, threshold, config):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         T, NC, NB, H, G, H // G, qk_scale,
         S=S, CELLS=cells, D=D, BLOCK_I=block_i, BLOCK_J=block_j,
-        num_warps=config["xa_warps"], num_stages=config["xa_stages"])
+        num_warps=config["XA_WARPS"], num_stages=config["XA_STAGES"])
     _xattn_select_kernel[(NB, B * H)](
         seg_lse, row_lse, modes, scores, mask, count, index,
         NC, NB, H, G, H // G, float(torch.tensor(threshold, dtype=torch.float32)),  # fp32, as the reference
@@ -503,6 +537,26 @@ def xattn_block_mask(q, k, *, stride=16, threshold=0.9, return_scores=False, _co
     return (mask, scores) if return_scores else mask
 
 
+# -----------------------------------------------------------------------------
+# 4. The launch schedule: programs differ hugely in cost (an FA program on the last query tile visits
+# T / BLOCK_N key tiles, an SSA one about (sink + window) / BLOCK_N), so the heaviest start first.
+
+@triton.jit
+def _schedule_cost_kernel(Modes, Count, Cost, N, T, NQB, NB, H, G, GROUP, sink, window,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+    """Cost (key tiles visited) of each work item (b, h, m): item = (b * H + h) * NQB + m."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    m = offs % NQB
+    bh = offs // NQB
+    mode = tl.load(Modes + (bh // H) * G + (bh % H) // GROUP, mask=valid, other=0)
+    sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, m * BLOCK_M, T, sink, window,
+                                                              BLOCK_M, BLOCK_N)
+    count = tl.load(Count + bh * NB + m * BLOCK_M // _KV_BLOCK, mask=valid & (mode == _XA), other=1)
+    tiles = (sink_hi + diag_hi - edge_lo + BLOCK_N - 1) // BLOCK_N + (count - 1) * (_KV_BLOCK // BLOCK_N)
+    tl.store(Cost + offs, tiles, mask=valid)
+
+
 def _schedule(modes, count, B, H, T, sink, window, block_m, block_n):
     """Work list: every (b, h, query tile) ordered by the number of key tiles it visits, heaviest
     first (a long FA row must not start last). Built on the device, no host sync. -> (order, cost)."""
@@ -517,115 +571,8 @@ def _schedule(modes, count, B, H, T, sink, window, block_m, block_n):
     return order, cost
 
 
-def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
-                      sm_scale=None, out=None, check_modes=True, _config=None):
-    """Causal attention where every KV head runs its own mode, one launch for all heads -> o [B, H, T, D].
-
-    q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA, read in place); modes [B, G] of FA, SSA, XA.
-    fp16 or bf16 (fp32 too; on the GPU its products run in tf32). Any T >= 1; D in 16, 32, 64, 128.
-    Tensors may be strided views (e.g. [B, T, H, D].transpose(1, 2)) with the last dim contiguous.
-    out: an optional [B, H, T, D] tensor to write into. check_modes: raise if a mode is not FA, SSA or XA
-    (read back after the launches; the host waits for the check, not for the attention kernel).
-    """
-    B, H, T, D, G = _check_qk(q, k)
-    if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
-        raise ValueError(f"v must match k: shape {tuple(k.shape)}, {k.dtype}, {k.device}; "
-                         f"got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v)}")
-    if v.stride(-1) != 1:
-        raise ValueError(f"v must be contiguous in its last dim (stride 1), got strides {v.stride()}")
-    if not (isinstance(sink, int) and sink >= 0 and isinstance(window, int) and window >= 1):
-        raise ValueError(f"need integers sink >= 0 and window >= 1; got sink={sink}, window={window}")
-    _check_xa_args(xa_stride, xa_threshold)
-    modes = _check_modes(modes, B, G, q.device)
-    if check_modes:  # a kernel reads a bad mode as FA; the wrapper raises once its launches are queued
-        bad_modes = ((modes < FA) | (modes > XA)).any()
-        if q.is_cuda:  # copy the flag without waiting; later the host waits for this copy only
-            bad_modes = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(bad_modes, non_blocking=True)
-            checked = torch.cuda.Event()
-            checked.record()
-    sink, window = min(sink, T), min(window, T)  # beyond T they change nothing; keeps them in int32
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, last dim contiguous")
-    cfg = _config or _default_config(q)
-    if not (cfg["BLOCK_N"] <= cfg["BLOCK_M"] <= KV_BLOCK and KV_BLOCK % cfg["BLOCK_M"] == 0 == cfg["BLOCK_M"] % cfg["BLOCK_N"]):
-        raise ValueError(f"config needs BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}; got {cfg}")
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-
-    _, _, count, index = _xattn(q, k, modes, xa_stride, xa_threshold, cfg)
-    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_M"], cfg["BLOCK_N"])
-    _elastic_attn_fwd[(order.numel(),)](
-        q, k, v, out, modes, order, count, index,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        T, triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
-        scale * math.log2(math.e),
-        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if check_modes:
-        if q.is_cuda:
-            checked.synchronize()
-        if bool(bad_modes):
-            raise ValueError(f"modes must be FA=0, SSA=1 or XA=2; got "
-                             f"{sorted(set(modes.flatten().tolist()) - {FA, SSA, XA})}")
-    return out
-
-
 # -----------------------------------------------------------------------------
-# 5. FlexAttention equivalents: the same masks as a FlexAttention BlockMask. bench.py times
-# FlexAttention with them, and training can run flex_attention(q, k, v, block_mask=...,
-# enable_gqa=True) for a differentiable SSA/XA branch on the GPU (FlexAttention has a backward).
-
-def flex_block_mask(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
-    """BlockMask (128 x 128 blocks) for modes [B, G] and H query heads; xa_blocks [B, H, nb, nb] is the
-    XA selection (e.g. from xattn_block_mask), needed when a mode is XA. Full blocks are marked as
-    such, so FlexAttention applies mask_mod only on the edges, as the kernel does."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    B, G = modes.shape
-    dev = modes.device
-    mode = modes.to(torch.int32).repeat_interleave(H // G, dim=1)  # [B, H]
-    NB = triton.cdiv(T, KV_BLOCK)
-    has_xa = xa_blocks is not None  # known without asking the device: no host sync per training layer
-    if xa_blocks is None:
-        if bool((modes == XA).any()):
-            raise ValueError("modes has XA heads: pass their block selection as xa_blocks (xattn_block_mask)")
-        xa_blocks = torch.ones(B, H, NB, NB, dtype=torch.bool, device=dev)
-    if tuple(xa_blocks.shape) != (B, H, NB, NB):
-        raise ValueError(f"xa_blocks must be [B={B}, H={H}, {NB}, {NB}]; got {tuple(xa_blocks.shape)}")
-    xa_blocks = xa_blocks.to(device=dev, dtype=torch.bool)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        md = mode[b, h]
-        keep = (md == FA) | ((md == SSA) & ((kv_idx < sink) | (q_idx - kv_idx < window)))
-        if has_xa:  # a gather per element: only when XA blocks were given
-            keep = keep | ((md == XA) & xa_blocks[b, h, q_idx // KV_BLOCK, kv_idx // KV_BLOCK])
-        return (kv_idx <= q_idx) & keep
-
-    # which blocks hold some visible pair (any), which hold only visible pairs (full)
-    m = torch.arange(NB, device=dev)[:, None]
-    n = torch.arange(NB, device=dev)[None, :]
-    B_ = KV_BLOCK
-    whole = ((m + 1) * B_ <= T) & ((n + 1) * B_ <= T)  # a partial last block is never "full"
-    causal_any, causal_full = n <= m, (n < m) & whole
-    ssa_any = causal_any & ((n * B_ < sink) | ((m - n) * B_ - (B_ - 1) < window))
-    ssa_full = causal_full & (((n + 1) * B_ <= sink) | ((m - n) * B_ + (B_ - 1) < window))
-    md = mode[:, :, None, None]
-    any_ = torch.where(md == FA, causal_any, torch.where(md == SSA, ssa_any, xa_blocks & causal_any))
-    full = torch.where(md == FA, causal_full, torch.where(md == SSA, ssa_full, xa_blocks & causal_full))
-
-    def as_lists(blocks):  # [B, H, NB, NB] bool -> counts [B, H, NB], indices (kept ones first, ascending)
-        counts = blocks.sum(-1, dtype=torch.int32)
-        indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return counts, indices
-
-    return BlockMask.from_kv_blocks(*as_lists(any_ & ~full), *as_lists(full), KV_BLOCK, mask_mod,
-                                    seq_lengths=(T, T))
-
-
-# -----------------------------------------------------------------------------
-# 6. Quick self-check (the full benchmark is bench.py)
+# 5. Quick self-check (the full benchmark is bench.py)
 
 if __name__ == "__main__":
     import time

@@ -1,16 +1,19 @@
 """
-The Attention Router of Elastic Attention (arXiv 2601.17367; METHOD.md sections 2 and 3).
+The Attention Router of Elastic Attention (arXiv 2601.17367), its training signal and its saved form.
 
 One small router per layer looks at the layer's key states *before RoPE*, pooled over the two ends of
 the prompt, and sends each KV head (a GQA group) either to a retrieval mode (full attention, class 0)
-or to a sparse mode (streaming sink+window or XAttention, class 1). The router is the only thing that
+or to a sparse mode (streaming sink+window or XAttention, class 1). The routers are the only thing that
 trains, together with two Lagrange multipliers per task class that hold the model sparsity ratio Omega
-(the fraction of sparse heads) near a per-task target (paper Eq. 8).
+(the fraction of sparse heads) near a per-task target (paper Eq. 8). README.md, "The method", writes the
+whole method down with its numbers.
 
-This file holds:
+This file holds, in the order a reader needs them:
     ElasticConfig         how routed heads run (mode pair, SSA sink/window, XA threshold/stride, pooling)
     boundary_pool         mean of the first and last `boundary` prompt tokens, fp32     [B, T, G, D] -> [B, G, D]
     AttentionRouter       Task MLP -> Router MLP, one per layer, shared by its KV heads [B, T, G, D] -> [B, G, 2]
+    Routers               the routers of all layers, saved and loaded with the ElasticConfig they route for
+    calibrate_routers     the routers' input standardisation from the dense model (ours)
     route                 Gumbel-softmax straight-through (training) or argmax (inference) [B, G, 2] -> z
     tau_schedule          the Gumbel temperature over training
     sparsity_ratio        Omega per sample from every layer's z
@@ -19,24 +22,26 @@ This file holds:
 Convention (used everywhere in the project): class 0 = retrieval (full) mode, class 1 = sparse mode,
 so z[..., 1] = 1 means "this KV head runs sparse". Task classes: 0 = sparsity-sensitive, 1 = robust.
 
-model.py builds one AttentionRouter per layer and calls it at prefill; train.py calls route() with the
-tau of tau_schedule() and adds SparsityConstraint's penalty to the cross-entropy. Nothing here runs on
-its own; `pytest test_router.py` checks it.
+attention.py calls a layer's router at prefill and turns its decision into the kernel's mode table;
+train.py calls route() through the model with the tau of tau_schedule() and adds SparsityConstraint's
+penalty to the cross-entropy. Nothing here runs on its own; `pytest test_router.py` checks it.
 """
 
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from kernel import FA, KV_BLOCK, SSA, XA
 
-# Attention modes as kernel.py numbers them in its per-(batch, KV head) mode table (METHOD.md section 4).
+# Attention modes as kernel.py numbers them in its per-(batch, KV head) mode table (README: the attention modes).
 MODE_IDS = {"FA": FA, "SSA": SSA, "XA": XA}
-# "{retrieval mode}-{sparse mode}": what class 0 and class 1 of the router mean (METHOD.md section 4).
+# "{retrieval mode}-{sparse mode}": what class 0 and class 1 of the router mean (the paper's FA-SSA, FA-XA, XA-SSA).
 MODE_PAIRS = ("FA-SSA", "FA-XA", "XA-SSA")
 
 # -----------------------------------------------------------------------------
@@ -73,14 +78,14 @@ class ElasticConfig:
             raise ValueError(f"xa_threshold must lie in (0, 1], got {self.xa_threshold!r}")
 
     @property
-    def modes(self) -> tuple[int, int]:
-        """Kernel modes (FA=0, SSA=1, XA=2) of router class 0 (retrieval) and class 1 (sparse)."""
+    def mode_ids(self) -> tuple[int, int]:
+        """Kernel mode ids (FA=0, SSA=1, XA=2) of router class 0 (retrieval) and class 1 (sparse)."""
         retrieval, sparse = self.mode_pair.split("-")
         return MODE_IDS[retrieval], MODE_IDS[sparse]
 
     def head_modes(self, z: torch.Tensor) -> torch.Tensor:
         """Per-head kernel modes from router decisions z [B, G, 2] -> int32 [B, G], the kernel's mode table."""
-        retrieval, sparse = self.modes
+        retrieval, sparse = self.mode_ids
         return torch.where(z[..., 1] > 0.5, sparse, retrieval).to(torch.int32)
 
     def save(self, path: str) -> None:
@@ -101,7 +106,7 @@ class ElasticConfig:
 
 
 def boundary_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: int = 100) -> torch.Tensor:
-    """Boundary pooling of the router input (METHOD.md section 2), in fp32.
+    """Boundary pooling of the router input (arXiv 2601.17367: first and last 100 prompt tokens), in fp32.
 
     k:           key states before RoPE, [B, T, G, D]; samples are left-aligned (right padding).
     prompt_lens: LongTensor [B], the prompt span of each sample (1 <= len <= T); the answer after it is
@@ -143,7 +148,7 @@ def check_prompt_lens(prompt_lens: torch.Tensor, T: int) -> None:
 
 
 class AttentionRouter(nn.Module):
-    """The per-layer Attention Router (METHOD.md section 2): boundary pooling, Task MLP, Router MLP.
+    """The per-layer Attention Router of arXiv 2601.17367: boundary pooling, Task MLP, Router MLP.
 
     Task MLP:   Linear(D, 4D) -> SiLU -> Linear(4D, D)                         (8D^2 + 5D parameters)
     Router MLP: Linear(D, 4D) -> SiLU -> Linear(4D, D) -> SiLU -> Linear(D, 2) (8D^2 + 7D + 2)
@@ -187,9 +192,105 @@ class AttentionRouter(nn.Module):
         self.in_std.copy_((var + 1e-6).sqrt())
 
 
+class Routers(nn.ModuleList):
+    """The AttentionRouter of every layer, and the ElasticConfig they route for (`elastic`). A model holds them
+    as `Transformer.routers`; saved as a dir: routers.safetensors (layer-indexed names, fp32), elastic.json, and
+    routers.json (the shape of the model they fit, plus whatever train.py records)."""
+
+    def __init__(self, num_layers: int, head_dim: int, elastic: "ElasticConfig | None" = None):
+        self.elastic = elastic or ElasticConfig()
+        super().__init__(AttentionRouter(head_dim, boundary=self.elastic.boundary) for _ in range(num_layers))
+
+    @staticmethod
+    def fits(config) -> dict:
+        """The numbers of a model config (model.ModelConfig) that routers must match to run on it."""
+        return dict(num_hidden_layers=config.num_hidden_layers, num_key_value_heads=config.num_key_value_heads,
+                    head_dim=config.head_dim, hidden_size=config.hidden_size)
+
+    def save(self, out_dir, config, extra: dict | None = None) -> None:
+        """Writes the dir; each file goes to a temporary name first and is renamed over the old one, so a run
+        killed at any moment leaves the previous save whole."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
+        meta = json.dumps({"model": {"model_type": config.model_type, **self.fits(config)}, **(extra or {})}, indent=2)
+        for name, write in (("routers.safetensors", lambda p: save_file(state, p)),
+                            ("elastic.json", self.elastic.save),
+                            ("routers.json", lambda p: Path(p).write_text(meta))):
+            tmp = out_dir / f".{name}.tmp"
+            write(tmp)
+            tmp.replace(out_dir / name)
+
+    @classmethod
+    def load(cls, path, config) -> "Routers":
+        """Routers saved by save(), for a model of this config; refused, with the numbers that differ, when they
+        were trained for another shape. Frozen (no gradients)."""
+        path = Path(path)
+        if not (path / "routers.safetensors").is_file():
+            raise FileNotFoundError(f"{path} holds no routers.safetensors (save them with train.py --out-dir)")
+        try:
+            meta = json.loads((path / "routers.json").read_text())["model"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path / 'routers.json'} is missing or unreadable ({e}); save the routers again") from None
+        diff = {k: (meta.get(k), v) for k, v in cls.fits(config).items() if meta.get(k) != v}
+        if diff:
+            raise ValueError(f"routers in {path} were trained for another model: "
+                             + ", ".join(f"{k} {a} there vs {b} here" for k, (a, b) in diff.items()))
+        routers = cls(config.num_hidden_layers, config.head_dim, ElasticConfig.load(path / "elastic.json"))
+        state = load_file(path / "routers.safetensors")
+        # Routers saved before the input standardisation existed have no in_mean / in_std: they were trained on the
+        # raw pooled keys, which is what the fresh routers' identity standardisation gives.
+        for name, buffer in routers.named_buffers():
+            state.setdefault(name, buffer)
+        routers.load_state_dict(state)
+        return routers.requires_grad_(False)
+
+
+@torch.no_grad()
+def calibrate_routers(model, batches, reduce=None) -> int:
+    """Sets every router's input standardisation (AttentionRouter.in_mean, in_std; ours) from the boundary-pooled
+    pre-RoPE keys of the *dense* model on `batches`, an iterable of (input_ids [B, T], prompt_lens [B]).
+    Dense, so that the statistics belong to the backbone and the data, not to untrained routers. The keys are
+    observed by forward hooks on each layer's `tap` (model.Attention), removed at the end.
+    reduce: a function that sums a tensor across processes (train.py passes an all-reduce), so every rank
+    ends with the same statistics. Returns the number of pooled vectors per layer (samples x KV heads)."""
+    if model.routers is None:
+        raise RuntimeError("calibrate_routers needs routers: set model.routers first")
+    layers = [block.self_attn for block in model.model.layers]
+    L, G, D = len(layers), model.config.num_key_value_heads, model.config.head_dim
+    device = model.output_weight().device
+    stats = torch.zeros(L, 2, D, dtype=torch.float64, device=device)  # per layer: sum, sum of squares
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    lens = {}  # the prompt_lens of the batch in flight, for the hooks
+
+    def observe(i, router):
+        def hook(tap, args):
+            x = boundary_pool(args[2], lens["now"], router.boundary).double().flatten(0, 1)  # k_pre -> [B * G, D]
+            stats[i] += torch.stack([x.sum(0), (x ** 2).sum(0)])
+        return hook
+
+    handles = [a.tap.register_forward_pre_hook(observe(i, r)) for i, (a, r) in enumerate(zip(layers, model.routers))]
+    try:
+        for input_ids, prompt_lens in batches:
+            B = input_ids.shape[0]
+            lens["now"] = prompt_lens
+            model(input_ids, prompt_lens=prompt_lens, modes=torch.full((B, L, G), FA, device=input_ids.device),
+                  last_only=True)
+            count += B * G
+    finally:
+        for h in handles:
+            h.remove()
+    if reduce is not None:
+        reduce(stats)
+        reduce(count)
+    for router, (s, sq) in zip(model.routers, stats):  # fp64: the variance is a difference of two large sums
+        router.set_input_stats(s, sq, count.item())
+    return int(count.item())
+
+
 def route(logits: torch.Tensor, tau: float | None = None, hard: bool = True,
           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Turn router logits [B, G, 2] into mode weights z [B, G, 2] (METHOD.md section 2).
+    """Turn router logits [B, G, 2] into mode weights z [B, G, 2] (the paper's Gumbel-softmax with straight-through).
 
     Training (tau given): 2-way Gumbel-softmax, g = -log(-log(u + 1e-8) + 1e-8), u ~ U[0, 1),
       soft = softmax((logits + g) / tau). hard=True: straight-through estimator,
@@ -213,7 +314,12 @@ def route(logits: torch.Tensor, tau: float | None = None, hard: bool = True,
     return hard_z + (soft - soft.detach())   # parenthesised: soft - soft.detach() is exactly 0, so z is exactly one-hot
 
 
-def tau_schedule(step: int, total_steps: int, start: float = 1.5, end: float = 1.0, frac: float = 0.6) -> float:
+# The temperature schedule of the released code (the paper names an exponential decay without values)
+TAU_START, TAU_END, TAU_FRAC = 1.5, 1.0, 0.6
+
+
+def tau_schedule(step: int, total_steps: int, start: float = TAU_START, end: float = TAU_END,
+                 frac: float = TAU_FRAC) -> float:
     """Gumbel temperature at `step`: cosine from `start` to `end` over the first `frac` of the steps, then `end`.
 
     The paper names an exponential decay without values; these numbers are the released code's.
@@ -230,11 +336,15 @@ def tau_schedule(step: int, total_steps: int, start: float = 1.5, end: float = 1
 
 
 def sparsity_ratio(zs: list[torch.Tensor]) -> torch.Tensor:
-    """Model sparsity ratio Omega [B] (METHOD.md section 2): mean over layers and KV heads of z[..., 1].
+    """Model sparsity ratio Omega [B] (the paper's Omega_MSR): mean over layers and KV heads of z[..., 1].
 
     zs: one z [B, G, 2] per routed layer. Hard values forward, soft gradient backward (through route()).
     """
     return torch.stack(list(zs), dim=1)[..., 1].mean(dim=(1, 2))        # [B, L, G] -> [B]
+
+
+# Omega targets of the task classes (sensitive, robust): the paper's t_sen = 0.7 and t_rob = 1.0
+TARGETS = (0.7, 1.0)
 
 
 class SparsityConstraint(nn.Module):
@@ -253,7 +363,7 @@ class SparsityConstraint(nn.Module):
     back to 0 and soften the constraint: keep it at 0 for them.
     """
 
-    def __init__(self, targets: tuple[float, ...] = (0.7, 1.0), abs_linear: bool = False,
+    def __init__(self, targets: tuple[float, ...] = TARGETS, abs_linear: bool = False,
                  generator: torch.Generator | None = None):
         super().__init__()
         if not all(0.0 <= t <= 1.0 for t in targets):

@@ -8,7 +8,7 @@ Generate text from a prompt file, streaming tokens to stdout, with dense or elas
     echo "Why is the sky blue?" | python sample.py --prompt -         # prompt from stdin
 
 The prompt goes through the tokenizer's chat template (skip it with --raw) and is prefilled once: with routers,
-each layer's router picks every KV head's mode from the prompt (METHOD.md section 2) and the fused kernel runs
+each layer's router picks every KV head's mode from the prompt (router.py) and the fused kernel runs
 all heads (kernel.py). Decoding then goes one token at a time; streaming (SSA) heads keep only their sink and
 window in the KV cache. The answer goes to stdout; timings, the routing and the cache size go to stderr.
 """
@@ -20,9 +20,11 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from data import SyntheticMix
-from model import Transformer, default_model_dir, retrieval_scores, static_modes
-from router import MODE_IDS, MODE_PAIRS, ElasticConfig
+from default_model import default_model_dir
+from generate import generate
+from model import Transformer
+from router import MODE_IDS, MODE_PAIRS, ElasticConfig, Routers
+from static_hybrid import static_hybrid_modes
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,21 +74,19 @@ model = Transformer.from_pretrained(model_dir, device=args.device, dtype=dtype)
 device = model.output_weight().device
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 overrides = {k: getattr(args, k) for k in ("mode_pair", "sink", "window") if getattr(args, k) is not None}
-modes = None  # [L, 1, G]; None: the routers decide (or every head is dense)
+modes = None  # [1, L, G]; None: the routers decide (or every head is dense)
 try:
     if args.routers:
-        model.load_routers(args.routers)
-        elastic = ElasticConfig(**{**vars(model.elastic), **overrides})
+        model.routers = Routers.load(args.routers, model.config).to(device)
+        elastic = ElasticConfig(**{**vars(model.routers.elastic), **overrides})
     else:
         elastic = ElasticConfig(**overrides)
-    model.set_elastic(elastic)
+    model.elastic = elastic
     L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
     if args.modes:
-        modes = torch.full((L, 1, G), MODE_IDS[args.modes[4:].upper()], dtype=torch.int32, device=device)
-    elif args.sparse_ratio is not None:
-        # rank heads on a few passkey prompts (the same synthetic retrieval task train.py uses)
-        probes = SyntheticMix(tokenizer, 512, 1024, seed=0, sensitive_frac=1.0)
-        modes = static_modes(retrieval_scores(model, [probes[i] for i in range(4)]), args.sparse_ratio, elastic)
+        modes = torch.full((1, L, G), MODE_IDS[args.modes[4:].upper()], dtype=torch.int32, device=device)
+    elif args.sparse_ratio is not None:  # rank heads on a few retrieval prompts (static_hybrid.py)
+        modes = static_hybrid_modes(model, tokenizer, args.sparse_ratio)
 except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
 
@@ -109,8 +109,8 @@ generator = torch.Generator(device=device).manual_seed(args.seed)
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 new, printed, stats = [], "", {}
 t0 = time.perf_counter()
-for i, token in enumerate(model.generate(ids, args.max_new_tokens, args.temperature, args.top_p, eos, generator,
-                                         modes=modes, stats=stats)):
+for i, token in enumerate(generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, eos, generator,
+                                   modes=modes, stats=stats)):
     if i == 0:
         sync()
         t1 = time.perf_counter()  # the first token comes out of the prefill

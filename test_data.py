@@ -17,7 +17,7 @@ END_OF_PROMPT = "<|im_end|>\n<|im_start|>assistant\n"  # SmolLM2's template betw
 def tok():
     from transformers import AutoTokenizer
 
-    from model import default_model_dir
+    from default_model import default_model_dir
     return AutoTokenizer.from_pretrained(default_model_dir())
 
 
@@ -46,7 +46,7 @@ def test_task_classes():
 
 
 def test_encode_equals_the_chat_template(tok):
-    users = {  # the user turn each task gets (METHOD.md section 3)
+    users = {  # the user turn each task gets (README: Data)
         "single_qa": "CTX\n\nQ?", "multi_hop_qa": "CTX\n\nQ?", "icl": "CTX\n\nQ?",
         "synthetic": "Some special numbers are hidden inside the following text. Make sure to memorize them. "
                      "I will quiz you about the numbers afterwards.\n\nCTX\n\nQ?",

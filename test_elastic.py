@@ -1,6 +1,6 @@
 """
-The elastic model (model.py with routers): routing at prefill, the training mix of both branches, and the
-per-head KV cache whose decode must equal a full recomputation under the same modes. CPU, fp32.
+The elastic model (model.py with routers, attention.py): routing at prefill, the training mix of both branches, and
+the per-head KV cache whose decode must equal a full recomputation under the same modes. CPU, fp32.
 
     pytest test_elastic.py
 """
@@ -12,13 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from attention import KVCache
+from generate import generate
 from kernel import FA, SSA, XA
 from model import Transformer
-from router import ElasticConfig
+from router import ElasticConfig, Routers, calibrate_routers
 
 
 def load(path, elastic):
-    return Transformer.from_pretrained(path, device="cpu", dtype=torch.float32).set_elastic(elastic)
+    model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32)
+    model.elastic = elastic
+    return model
+
+
+def with_routers(model):
+    """Fresh (untrained) routers for the model's ElasticConfig."""
+    model.routers = Routers(model.config.num_hidden_layers, model.config.head_dim, model.elastic)
+    return model
 
 
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
@@ -29,15 +39,14 @@ def test_decode_equals_recompute(which, tiny_dir, smollm2_dir):
     L, G, V = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.vocab_size
     # a mix of modes, with every mode present; XA heads decode densely, and on fewer than 128 tokens their
     # prefill is dense too (one block), so the recomputation is comparable
-    modes = torch.zeros(L, 1, G, dtype=torch.int32)
-    modes[:, 0] = (torch.arange(G) + torch.arange(L)[:, None]) % 3  # FA, SSA and XA all present
+    modes = torch.zeros(1, L, G, dtype=torch.int32)
+    modes[0] = (torch.arange(G) + torch.arange(L)[:, None]) % 3  # FA, SSA and XA all present
     T0, steps = 40, 60  # prompt 40, then 60 tokens: the 16-token window turns over several times
     tokens = torch.randint(0, V, (1, T0 + steps))  # fresh every run
-    model.setup_cache(T0 + steps)
-    decoded = [model(tokens[:, :T0], modes=modes)[:, -1]]
+    caches = [KVCache(T0 + steps, 4, 16) for _ in range(L)]
+    decoded = [model(tokens[:, :T0], modes=modes, caches=caches)[:, -1]]
     for p in range(T0, T0 + steps - 1):
-        decoded.append(model(tokens[:, p:p + 1], pos=p)[:, -1])
-    model.setup_cache(None)
+        decoded.append(model(tokens[:, p:p + 1], pos=p, caches=caches)[:, -1])
     decoded = torch.cat(decoded)  # [steps, V]: logits for positions T0-1 .. T0+steps-2
     full = model(tokens[:, :T0 + steps - 1], modes=modes)[0, T0 - 1:]
     err, scale = (decoded - full).abs().max().item(), full.abs().max().item()
@@ -51,11 +60,11 @@ def test_decode_equals_recompute(which, tiny_dir, smollm2_dir):
 def test_ssa_cache_is_constant(tiny_dir):
     model = load(tiny_dir, ElasticConfig(sink=8, window=32))
     L, G, D = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
-    modes = torch.full((L, 1, G), SSA, dtype=torch.int32)
+    modes = torch.full((1, L, G), SSA, dtype=torch.int32)
     modes[:, :, 0] = FA  # one full head per layer
     for T in (100, 400):
         stats = {}
-        list(model.generate(torch.randint(0, 1000, (1, T)), 3, modes=modes, stats=stats))
+        list(generate(model, torch.randint(0, 1000, (1, T)), 3, modes=modes, stats=stats))
         per_layer = 2 * 4 * D * ((T + 3) * 1 + (8 + 32) * (G - 1))  # k and v, fp32: full head + ring heads
         assert stats["kv_bytes"] == L * per_layer
         assert stats["kv_bytes_dense"] == L * 2 * 4 * D * (T + 3) * G
@@ -63,21 +72,21 @@ def test_ssa_cache_is_constant(tiny_dir):
 
 def test_training_mix_equals_routed_forward(tiny_dir):
     """With hard straight-through z, the mixed output of both branches equals running the sampled modes."""
-    model = load(tiny_dir, ElasticConfig(sink=4, window=24)).attach_routers()
+    model = with_routers(load(tiny_dir, ElasticConfig(sink=4, window=24)))
     idx = torch.randint(0, 1000, (2, 150))
     prompt_lens = torch.tensor([120, 150])
     logits, routing = model(idx, prompt_lens=prompt_lens, tau=1.0, return_routing=True)
     assert routing.z.requires_grad and routing.omega.requires_grad
     assert torch.equal(routing.modes, torch.where(routing.z[..., 1] > 0.5, SSA, FA).int())
     with torch.no_grad():
-        routed = model(idx, modes=routing.modes.transpose(0, 1))  # [L, B, G]
+        routed = model(idx, modes=routing.modes)  # [B, L, G]
     assert (logits - routed).abs().max() < 1e-4 * routed.abs().max()
     logits.float().square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.routers().parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.routers.parameters())
 
 
 def test_inference_routing_and_omega(tiny_dir):
-    model = load(tiny_dir, ElasticConfig(mode_pair="FA-XA")).attach_routers()
+    model = with_routers(load(tiny_dir, ElasticConfig(mode_pair="FA-XA")))
     idx = torch.randint(0, 1000, (1, 300))
     _, routing = model(idx, return_routing=True)
     assert routing.z is not None and not routing.z.requires_grad
@@ -91,7 +100,7 @@ def test_inference_routing_and_omega(tiny_dir):
     model(idx)
     for i, block in enumerate(model.model.layers):
         a = block.self_attn
-        want = a.router(k_pre[i].view(1, idx.shape[1], a.n_kv_head, a.head_dim))  # Llama: no k_norm
+        want = model.routers[i](k_pre[i].view(1, idx.shape[1], a.n_kv_head, a.head_dim))  # Llama: no k_norm
         assert torch.allclose(routing.logits[:, i], want)
     assert torch.equal(routing.modes, torch.where(routing.logits[..., 1] > routing.logits[..., 0], XA, FA).int())
     _, again = model(idx, return_routing=True)
@@ -99,26 +108,26 @@ def test_inference_routing_and_omega(tiny_dir):
 
 
 def test_routers_save_load_and_mismatch(tiny_dir, smollm2_dir, tmp_path):
-    model = load(tiny_dir, ElasticConfig(sink=8, window=64)).attach_routers()
-    model.calibrate_routers([(torch.randint(0, 1000, (2, 20)), torch.tensor([20, 9]))])  # buffers off the identity
-    model.save_routers(tmp_path / "r")
-    again = load(tiny_dir, ElasticConfig()).load_routers(tmp_path / "r")
+    model = with_routers(load(tiny_dir, ElasticConfig(sink=8, window=64)))
+    calibrate_routers(model, [(torch.randint(0, 1000, (2, 20)), torch.tensor([20, 9]))])  # buffers off the identity
+    model.routers.save(tmp_path / "r", model.config)
+    again = Routers.load(tmp_path / "r", model.config)
     assert again.elastic == ElasticConfig(sink=8, window=64)
-    for a, b in zip(model.routers().state_dict().values(), again.routers().state_dict().values()):
+    for a, b in zip(model.routers.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     # routers saved before the input standardisation existed load with the identity, as they were trained
     from safetensors.torch import load_file, save_file
     state = load_file(tmp_path / "r" / "routers.safetensors")
     save_file({k: v for k, v in state.items() if ".in_" not in k}, tmp_path / "r" / "routers.safetensors")
-    old = load(tiny_dir, ElasticConfig()).load_routers(tmp_path / "r")
-    for router in old.routers():
+    old = Routers.load(tmp_path / "r", model.config)
+    for router in old:
         assert torch.equal(router.in_mean, torch.zeros_like(router.in_mean))
         assert torch.equal(router.in_std, torch.ones_like(router.in_std))
     other = Transformer.from_pretrained(smollm2_dir, device="cpu")
     with pytest.raises(ValueError, match="trained for another model: num_hidden_layers 2 there vs 30 here"):
-        other.load_routers(tmp_path / "r")
+        Routers.load(tmp_path / "r", other.config)
     with pytest.raises(FileNotFoundError, match="no routers.safetensors"):
-        other.load_routers(tmp_path)
+        Routers.load(tmp_path, other.config)
 
 
 # -----------------------------------------------------------------------------
@@ -132,8 +141,8 @@ def run_sample(*args):
 
 
 def test_sample_py_with_routers_writes_stats(tiny_dir, tmp_path):
-    model = load(tiny_dir, ElasticConfig(sink=8, window=16)).attach_routers()
-    model.save_routers(tmp_path / "r")
+    model = with_routers(load(tiny_dir, ElasticConfig(sink=8, window=16)))
+    model.routers.save(tmp_path / "r", model.config)
     r = run_sample("--model", tiny_dir, "--routers", tmp_path / "r", "--prompt", "prompts/sky.txt",
                    "--max-new-tokens", 30, "--stats-json", tmp_path / "stats.json")
     assert r.returncode == 0, r.stderr
@@ -155,7 +164,8 @@ def test_sample_py_static_hybrid_and_all_modes(tiny_dir, tmp_path):
 
 
 def test_sample_py_rejects_routers_of_another_model(tiny_dir, tmp_path):
-    load(tiny_dir, ElasticConfig()).attach_routers().save_routers(tmp_path / "r")
+    model = with_routers(load(tiny_dir, ElasticConfig()))
+    model.routers.save(tmp_path / "r", model.config)
     r = run_sample("--routers", tmp_path / "r", "--prompt", "prompts/sky.txt")  # the default model: 30 layers
     assert r.returncode != 0
     assert "trained for another model: num_hidden_layers 2 there vs 30 here" in r.stderr, r.stderr
@@ -168,12 +178,11 @@ def test_calibrate_routers_standardises_the_dense_pooled_keys(tiny_dir):
     Checked against keys rebuilt from HuggingFace's hidden states (the input of every layer)."""
     from transformers import LlamaForCausalLM
     from router import boundary_pool
-    model = load(tiny_dir, ElasticConfig())
-    model.attach_routers()
+    model = with_routers(load(tiny_dir, ElasticConfig()))
     G, D = model.config.num_key_value_heads, model.config.head_dim
     batches = [(torch.randint(0, 1000, (2, 30)), torch.tensor([30, 12])),
                (torch.randint(0, 1000, (3, 21)), torch.tensor([5, 21, 17]))]
-    assert model.calibrate_routers(batches) == 5 * G                      # 5 samples x G KV heads per layer
+    assert calibrate_routers(model, batches) == 5 * G                      # 5 samples x G KV heads per layer
     hf = LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         for i, block in enumerate(hf.model.layers):
@@ -183,10 +192,10 @@ def test_calibrate_routers_standardises_the_dense_pooled_keys(tiny_dir):
                 k = block.self_attn.k_proj(block.input_layernorm(h)).view(*idx.shape, G, D)
                 pooled.append(boundary_pool(k, lens, 100).flatten(0, 1))
             pooled = torch.cat(pooled)                                     # [5 * G, D]
-            router = model.model.layers[i].self_attn.router
+            router = model.routers[i]
             torch.testing.assert_close(router.in_mean, pooled.mean(0), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(router.in_std, (pooled.var(0) + 1e-6).sqrt(), rtol=1e-4, atol=1e-5)
-    assert all(block.self_attn.key_probe is None for block in model.model.layers)  # the probes are removed
+    assert all(not block.self_attn.tap._forward_pre_hooks for block in model.model.layers)  # the probes are removed
 
 
 def test_router_logits_keep_their_gradient_under_checkpointing(tiny_dir):
@@ -194,16 +203,16 @@ def test_router_logits_keep_their_gradient_under_checkpointing(tiny_dir):
     same with gradient checkpointing (the block recomputed in backward) as without."""
     model = load(tiny_dir, ElasticConfig(sink=4, window=8))
     torch.manual_seed(0)
-    model.attach_routers()
+    with_routers(model)
     idx = torch.randint(0, 1000, (2, 40))
     grads = []
     for checkpointing in (False, True):
         model.grad_checkpointing = checkpointing
-        model.routers().zero_grad()
+        model.routers.zero_grad()
         torch.manual_seed(1)  # the same Gumbel noise
         _, routing = model(idx, tau=1.0, return_routing=True)
         (routing.logits[..., 1] - routing.logits[..., 0]).pow(2).mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.routers().parameters()]))
+        grads.append(torch.cat([p.grad.flatten() for p in model.routers.parameters()]))
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0])
     with torch.no_grad():  # inference: detached

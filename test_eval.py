@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 from model import Transformer
-from router import ElasticConfig
+from router import ElasticConfig, Routers
 
 
 def test_eval_runs_and_reports_every_method(tiny_dir, tmp_path):
-    Transformer.from_pretrained(tiny_dir).attach_routers(ElasticConfig(sink=8, window=32)).save_routers(tmp_path / "r")
-    Transformer.from_pretrained(tiny_dir).attach_routers(ElasticConfig("XA-SSA", sink=8, window=32)).save_routers(tmp_path / "r2")
+    cfg = Transformer.from_pretrained(tiny_dir).config
+    for name, pair in (("r", "FA-SSA"), ("r2", "XA-SSA")):
+        Routers(cfg.num_hidden_layers, cfg.head_dim, ElasticConfig(pair, sink=8, window=32)).save(tmp_path / name, cfg)
     out = tmp_path / "eval.md"
     r = subprocess.run([sys.executable, "eval.py", "--model", tiny_dir, "--routers", tmp_path / "r", tmp_path / "r2", "--limit", "1", "--lengths", "200", "300",
                         "--out", out, "--figure", ""], cwd=Path(__file__).parent, capture_output=True, text=True,

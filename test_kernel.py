@@ -1,5 +1,5 @@
 """
-Tests of kernel.py against its PyTorch reference (METHOD.md sections 4 and 5).
+Tests of kernel.py against its PyTorch reference (README: The method, the attention modes and the fused kernel).
 
 On a CPU machine the Triton kernels run in Triton's interpreter (small shapes, fp32); with CUDA they
 run on the GPU (bf16 and fp16, plus larger shapes). Every run draws fresh random inputs (the seed is
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import kernel
+from attention import flex_block_mask
 from kernel import FA, SSA, XA, elastic_attention, reference_attention, xattn_block_mask
 
 CUDA = torch.cuda.is_available()
@@ -78,7 +79,7 @@ def test_sink_and_window_larger_than_T(sink, window):
 
 @pytest.mark.parametrize("block_m,block_n", [(128, 32), (128, 128), (64, 64), (64, 32)])
 def test_other_tile_sizes(block_m, block_n):
-    cfg = dict(kernel._default_config(None), BLOCK_M=block_m, BLOCK_N=block_n)
+    cfg = dict(kernel._default_config(torch.empty(0, device=DEV)), BLOCK_M=block_m, BLOCK_N=block_n)
     (q, k, v), seed = rand((1, 4, 333, 32), (1, 2, 333, 32), (1, 2, 333, 32), dtype=DTYPES[0])
     modes = torch.tensor([[SSA, XA]], device=DEV)
     xa = xattn_block_mask(q, k, threshold=0.7)
@@ -198,7 +199,7 @@ def test_flex_block_mask(T):
     (q, k, v), seed = rand((B, H, T, D), (B, G, T, D), (B, G, T, D), dtype=torch.float32)
     modes = torch.tensor([[FA, SSA], [XA, SSA]], device=DEV)
     xa = xattn_block_mask(q, k, threshold=0.6)
-    bm = kernel.flex_block_mask(modes, H, T, sink=sink, window=window, xa_blocks=xa)
+    bm = flex_block_mask(modes, H, T, sink=sink, window=window, xa_blocks=xa)
     # block structure: kept blocks = blocks with a visible pair; full blocks have only visible pairs
     mask = kernel.attention_mask_reference(modes, H, T, sink=sink, window=window, xa_blocks=xa)
     nb = math.ceil(T / 128)
@@ -235,7 +236,7 @@ def test_reference_is_differentiable():
 
 
 def test_reference_modes_by_definition():
-    # the reference's SSA mask, checked pair by pair against METHOD.md's sentence
+    # the reference's SSA mask, checked pair by pair against the rule's sentence in README.md
     T, sink, window = 40, 3, 7
     mask = kernel.attention_mask_reference(torch.tensor([[SSA]]), 1, T, sink=sink, window=window)[0, 0]
     for i in range(T):

@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from model import ModelConfig, Transformer, default_model_dir
+from default_model import default_model_dir
+from generate import generate
+from model import ModelConfig, Transformer
 
 HERE = Path(__file__).parent
 TINY = dict(vocab_size=311, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
@@ -109,7 +111,7 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
     ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True).input_ids
     want = hf.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
-    got = list(ours.generate(ids, 20, eos_token_id=tok.eos_token_id))
+    got = list(generate(ours, ids, 20, eos_token_id=tok.eos_token_id))
     print("ours:", repr(tok.decode(got)), "\nhf:  ", repr(tok.decode(want)))
     assert len(want) == 20 and got == want
 

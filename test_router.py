@@ -1,4 +1,4 @@
-"""Tests of router.py (METHOD.md sections 2-3) on the CPU: `pytest test_router.py`."""
+"""Tests of router.py (arXiv 2601.17367; README: The method) on the CPU: `pytest test_router.py`."""
 
 import math
 
@@ -21,7 +21,7 @@ def mlp_params(d, mult=4):
 
 
 def test_parameter_count():
-    assert sum(p.numel() for p in AttentionRouter(128).parameters()) == 263_682  # METHOD.md section 2
+    assert sum(p.numel() for p in AttentionRouter(128).parameters()) == 263_682  # the paper: "0.27M" per layer
     assert mlp_params(128) == 263_682
     assert sum(p.numel() for p in AttentionRouter(64).parameters()) == mlp_params(64) == 66_306
 
@@ -228,9 +228,9 @@ def test_router_step_lowers_the_violation(task_class, start_bias, target):
 
 
 def test_config_modes_and_roundtrip(tmp_path):
-    assert ElasticConfig().modes == (FA, SSA)
-    assert ElasticConfig(mode_pair="FA-XA").modes == (FA, XA)
-    assert ElasticConfig(mode_pair="XA-SSA").modes == (XA, SSA)
+    assert ElasticConfig().mode_ids == (FA, SSA)
+    assert ElasticConfig(mode_pair="FA-XA").mode_ids == (FA, XA)
+    assert ElasticConfig(mode_pair="XA-SSA").mode_ids == (XA, SSA)
     z = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     assert ElasticConfig(mode_pair="FA-XA").head_modes(z).tolist() == [[FA, XA]]
     cfg = ElasticConfig(mode_pair="XA-SSA", sink=64, window=512)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import Transformer
+from router import Routers
 
 HERE = Path(__file__).parent
 SHORT = ["--min-len", "160", "--max-len", "260", "--sink", "8", "--window", "32", "--eval-samples", "4",
@@ -39,10 +40,9 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
     ev = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["eval"]
     assert ev["margin"] > 0 and ev["class_gap"] >= 0, ev  # 4 held-out samples, both classes among them
     trained = load_file(out / "routers.safetensors")
-    fresh = Transformer.from_pretrained(tiny_dir)
+    cfg = Transformer.from_pretrained(tiny_dir).config
     torch.manual_seed(1337)  # train.py's default seed: the routers it started from
-    fresh.attach_routers()
-    start = fresh.routers().state_dict()
+    start = Routers(cfg.num_hidden_layers, cfg.head_dim).state_dict()
     assert set(trained) == set(start)
     assert any(not torch.equal(trained[k], start[k]) for k in trained if "in_" not in k), \
         "training left the routers unchanged"
@@ -50,9 +50,9 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
     meta = json.loads((out / "routers.json").read_text())
     assert meta["step"] == 3 and len(meta["lambda1"]) == 2
     # the checkpoint loads back into the model, with its ElasticConfig
-    model = Transformer.from_pretrained(tiny_dir).load_routers(out)
-    assert model.elastic.sink == 8 and model.elastic.window == 32
-    assert all(torch.equal(v, trained[k]) for k, v in model.routers().state_dict().items())
+    routers = Routers.load(out, cfg)
+    assert routers.elastic.sink == 8 and routers.elastic.window == 32
+    assert all(torch.equal(v, trained[k]) for k, v in routers.state_dict().items())
     # and training resumes where it stopped
     log = train("--model", tiny_dir, "--out-dir", out, "--steps", 5, "--batch-size", 2, "--eval-every", 0,
                 "--resume", *SHORT)

@@ -1,5 +1,5 @@
 """
-Train the Attention Routers of a frozen model (Elastic Attention, arXiv 2601.17367; METHOD.md section 3).
+Train the Attention Routers of a frozen model (Elastic Attention, arXiv 2601.17367; README: The method).
 
     python train.py                                        # SmolLM2-135M + the built-in synthetic mix
     python train.py --model path/to/Llama-3.1-8B-Instruct --data train.jsonl --max-len 32768
@@ -32,9 +32,11 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from data import ROBUST, SENSITIVE, JsonlDataset, SyntheticMix, collate
+from default_model import default_model_dir
 from kernel import FA
-from model import Transformer, default_model_dir
-from router import MODE_PAIRS, ElasticConfig, SparsityConstraint, tau_schedule
+from model import Transformer
+from router import (MODE_PAIRS, TARGETS, TAU_END, TAU_FRAC, TAU_START, ElasticConfig, Routers, SparsityConstraint,
+                    calibrate_routers, tau_schedule)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,11 +46,12 @@ parser.add_argument("--data", default="synthetic", help="'synthetic' (built-in m
 parser.add_argument("--out-dir", default="out-routers", help="where routers, lambdas and the resume state go")
 parser.add_argument("--resume", action="store_true", help="continue from the state saved in --out-dir")
 # how routed heads run
-parser.add_argument("--mode-pair", default="FA-SSA", choices=MODE_PAIRS, help="{retrieval}-{sparse} modes")
-parser.add_argument("--sink", type=int, default=128, help="SSA sink tokens")
-parser.add_argument("--window", type=int, default=2048, help="SSA local window in tokens")
-parser.add_argument("--xa-threshold", type=float, default=0.9, help="XAttention cumulative block-mass threshold")
-parser.add_argument("--xa-stride", type=int, default=16, help="XAttention antidiagonal stride")
+parser.add_argument("--mode-pair", default=ElasticConfig.mode_pair, choices=MODE_PAIRS, help="{retrieval}-{sparse} modes")
+parser.add_argument("--sink", type=int, default=ElasticConfig.sink, help="SSA sink tokens")
+parser.add_argument("--window", type=int, default=ElasticConfig.window, help="SSA local window in tokens")
+parser.add_argument("--xa-threshold", type=float, default=ElasticConfig.xa_threshold,
+                    help="XAttention cumulative block-mass threshold")
+parser.add_argument("--xa-stride", type=int, default=ElasticConfig.xa_stride, help="XAttention antidiagonal stride")
 # data
 parser.add_argument("--min-len", type=int, default=1024, help="synthetic mix: shortest sample, in tokens")
 parser.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens (JSONL: contexts are cut)")
@@ -65,10 +68,10 @@ parser.add_argument("--lambda-lr", type=float, default=1e-3, help="Lagrange mult
 parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the routers")
 parser.add_argument("--warmup", type=float, default=0.2, help="share of steps of linear warm-up")
 parser.add_argument("--grad-clip", type=float, default=5.0, help="router gradient norm clip")
-parser.add_argument("--tau-start", type=float, default=1.5, help="Gumbel temperature at step 0")
-parser.add_argument("--tau-end", type=float, default=1.0, help="Gumbel temperature after --tau-frac of the steps")
-parser.add_argument("--tau-frac", type=float, default=0.6, help="share of steps over which tau anneals")
-parser.add_argument("--targets", type=float, nargs=2, default=(0.7, 1.0), metavar=("SENSITIVE", "ROBUST"),
+parser.add_argument("--tau-start", type=float, default=TAU_START, help="Gumbel temperature at step 0")
+parser.add_argument("--tau-end", type=float, default=TAU_END, help="Gumbel temperature after --tau-frac of the steps")
+parser.add_argument("--tau-frac", type=float, default=TAU_FRAC, help="share of steps over which tau anneals")
+parser.add_argument("--targets", type=float, nargs=2, default=TARGETS, metavar=("SENSITIVE", "ROBUST"),
                     help="Omega targets of the two task classes")
 parser.add_argument("--abs-linear", action="store_true", help="|Omega - t| in the linear term (released code)")
 parser.add_argument("--margin-penalty", type=float, default=1e-2, help="weight of the mean squared router logit "
@@ -120,11 +123,12 @@ if args.fsdp and not ddp:
 dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 # With --fsdp each process reads the checkpoint into host memory and keeps only its shard on the device.
 model = Transformer.from_pretrained(model_dir, device="cpu" if args.fsdp else device, dtype=dtype)
-elastic = ElasticConfig(args.mode_pair, args.sink, args.window, args.xa_threshold, args.xa_stride)
+elastic = ElasticConfig(mode_pair=args.mode_pair, sink=args.sink, window=args.window, xa_threshold=args.xa_threshold,
+                        xa_stride=args.xa_stride)
 torch.manual_seed(args.seed)
-model.attach_routers(elastic)
+model.elastic = elastic
+model.routers = routers = Routers(model.config.num_hidden_layers, model.config.head_dim, elastic).to(device)
 model.grad_checkpointing = args.grad_checkpointing
-routers = model.routers()
 if args.fsdp:
     # FSDP2 (per-parameter sharding): each block's frozen weights live as 1/N shards, all-gathered for its
     # forward (and for the recompute in backward) and freed after. The routers stay whole on every rank
@@ -218,7 +222,7 @@ def evaluate():
         weight = float(i < args.eval_samples)
         sample = heldout[i if weight else 0]
         batch = collate([sample], pad_id, answer_only=True, pad_multiple=args.pad_multiple).to(device)
-        dense = cross_entropy(model(batch.input_ids, modes=torch.full((L, 1, G), FA, device=device)), batch.targets)
+        dense = cross_entropy(model(batch.input_ids, modes=torch.full((1, L, G), FA, device=device)), batch.targets)
         logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, return_routing=True)
         c = batch.task_class.item()
         sums[c] += weight * torch.stack([dense, cross_entropy(logits, batch.targets), routing.omega[0],
@@ -245,7 +249,7 @@ def evaluate():
 def save(step, final=False):
     extra = dict(step=step, lambda1=constraint.lambda1.tolist(), lambda2=constraint.lambda2.tolist(),
                  targets=list(args.targets), args=vars(args))
-    model.save_routers(out_dir, extra=extra)
+    routers.save(out_dir, model.config, extra=extra)
     torch.save(dict(routers=routers.state_dict(), constraint=constraint.state_dict(), optimizer=optimizer.state_dict(),
                     lambda_optimizer=lambda_optimizer.state_dict(), step=step, rng_cpu=torch.get_rng_state(),
                     rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
@@ -268,7 +272,7 @@ def calibration_batches():
 
 
 if start == 0 and args.calib_samples > 0:
-    n = model.calibrate_routers(calibration_batches(), reduce=dist.all_reduce if ddp else None)
+    n = calibrate_routers(model, calibration_batches(), reduce=dist.all_reduce if ddp else None)
     if master:
         print(f"router inputs standardised from {n:,} pooled key vectors per layer (dense model)")
 
