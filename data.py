@@ -175,7 +175,7 @@ class JsonlDataset(torch.utils.data.Dataset):
     def check(cls, line: bytes, where: str) -> dict:
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # the latter: bytes that are not UTF-8
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object with keys {', '.join(cls.KEYS)}")

@@ -10,7 +10,8 @@ dir at once. Every script uses it when no --model is given:
     python -c "import default_model; print(default_model.default_model_dir())"
 
 Several processes may start at once (torchrun, two shells): one converts under a lock while the others wait for
-it, and a conversion that fails or is killed leaves no half-written dir behind.
+it, and a conversion that fails or is killed leaves no half-written dir behind (its temporary dir goes at once,
+or, after SIGKILL, at the next conversion).
 """
 import fcntl
 import importlib.util
@@ -49,6 +50,10 @@ def default_model_dir():
     with open(out.parent / f".{DEFAULT_MODEL}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a peer converting now: wait for it, then find its dir
         if not is_converted(out):
+            # Only the lock's holder writes a temporary dir, so any there now is a killed conversion's (SIGKILL, a
+            # power cut: no `finally` ran).
+            for stale in out.parent.glob(f".{out.name}.tmp*"):
+                shutil.rmtree(stale, ignore_errors=True)
             convert_gguf(gguf_dir, GGUF_FILE, out)
     return out
 
