@@ -20,11 +20,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernel
+from decode_kernel import cache_slot, decode_attention_op, decode_splits
 from kernel import FA, KV_BLOCK, SSA, XA
 from router import ElasticConfig, route, sparsity_ratio
+
+DECODE_SPLIT = 1024  # cache slots per program of the decode kernel on the GPU (decode_kernel.py)
 
 # -----------------------------------------------------------------------------
 # what a forward is, and what a layer reports back
@@ -40,7 +42,7 @@ class Run:
     tau:         Gumbel temperature: training (both branches run, mixed by the sampled z); None: inference
     prompt_lens: [B] the prompt span of each row that the routers pool (None: all T tokens)
     caches:      one KVCache per layer while generating, or None
-    pos:         position of the first token (0: prefill; > 0: one decode step)
+    pos:         int [B] on the device: the position of each row's token in a decode step (None: a prefill)
     """
     elastic: ElasticConfig
     routers: object = None
@@ -48,7 +50,7 @@ class Run:
     tau: float | None = None
     prompt_lens: torch.Tensor | None = None
     caches: list | None = None
-    pos: int = 0
+    pos: torch.Tensor | None = None
 
 
 class Routed(NamedTuple):
@@ -82,11 +84,9 @@ class Routing:
 
 def attend(q, k, v, k_pre, run: Run, i: int):
     """Layer i's attention. q [B, H, T, D], k and v [B, G, T, D] (after RoPE), k_pre [B, T, G, D] (before RoPE;
-    what the router reads) -> (y [B, H, T, D], Routed or None). Decode: T = 1, pos > 0, run.caches given."""
+    what the router reads) -> (y [B, H, T, D], Routed or None). Decode: T = 1, run.pos and run.caches given."""
     cache = run.caches[i] if run.caches is not None else None
-    if run.pos > 0:
-        if cache is None or q.shape[2] != 1:
-            raise ValueError("decode steps (pos > 0) take one token at a time and need the KV caches of a prefill")
+    if run.pos is not None:
         return cache.decode(q, k, v, run.pos), None
     routed = None
     if run.modes is not None:
@@ -217,71 +217,97 @@ def flex_block_mask(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
 # decode: the KV cache
 
 
-# cuDNN's SDPA builds a plan for every new shape, and a decode step's cache length is new every time
-DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 class KVCache:
-    """One layer's keys and values (after RoPE) while generating.
+    """One layer's keys and values (after RoPE) while generating B rows: every (row, KV head) owns a segment of
+    one flat buffer, k and v [N, D], of `cap` slots starting at `base` (decode_kernel.py says how a segment is
+    read and written):
+        FA and XA heads  cap = prompt + max_new_tokens: every position;
+        SSA heads        cap = sink + window (at most prompt + max_new_tokens): the sinks and a ring of the last
+                         `window` positions, so their memory is constant and decoding is token-exact against a
+                         full recomputation with the SSA mask (the paper's code keeps a full cache for every head).
+    The buffers are allocated once, at prefill, for the whole generation; a decode step writes one slot per
+    segment and reads the filled ones in one launch of the decode kernel, with no host sync (CUDA graphs)."""
 
-    FA and XA heads keep every position. SSA heads keep only the `sink` first positions and a ring buffer of
-    the last `window` ones: constant memory, and token-exact, so decoding gives what a full recomputation with
-    the SSA mask gives (the paper's code keeps a full cache for every head). The heads of all
-    batch rows are flattened to one axis of B*G and split by mode once, at prefill; a decode step is then two
-    batched SDPA calls, with the query heads of a group as the query axis. No loop over heads.
-    """
-
-    def __init__(self, max_len, sink=0, window=0):
-        self.max_len, self.sink, self.window = max_len, sink, window
-
-    def slot(self, pos):
-        """Ring position of token pos (an int or a tensor of them): sinks stay put, the rest cycle through
-        the `window` slots after them."""
-        wrapped = self.sink + (pos - self.sink) % self.window
-        return (pos if pos < self.sink else wrapped) if isinstance(pos, int) else torch.where(pos < self.sink, pos, wrapped)
+    def __init__(self, max_new_tokens, sink, window):
+        self.max_new_tokens, self.sink, self.window = max_new_tokens, sink, window
 
     def prefill(self, k, v, modes):
-        """k, v [B, G, T, D]; modes int [B, G] (None: every head FA)."""
+        """k, v [B, G, T, D] of B rows of T prompt tokens; modes int [B, G] (None: every head FA)."""
         B, G, T, D = k.shape
-        flat = torch.full((B * G,), FA, device=k.device) if modes is None else modes.reshape(B * G)
-        self.full = (flat != SSA).nonzero().squeeze(1)  # [n_full] flattened (b, g) of FA and XA heads
-        self.ssa = (flat == SSA).nonzero().squeeze(1)   # [n_ssa]
+        kinds = [FA] * (B * G) if modes is None else modes.reshape(B * G).tolist()  # the segment sizes: host
+        ring = min(self.sink + self.window, T + self.max_new_tokens)
+        caps = [ring if m == SSA else T + self.max_new_tokens for m in kinds]
+        full = [i for i, m in enumerate(kinds) if m != SSA]
+        ssa = [i for i, m in enumerate(kinds) if m == SSA]
+        # memory order: per row, its full segments, then its rings; so a row's segments of one size lie side by
+        # side, a [count, cap, D] view for the CPU path of decode (`runs`: row, its (b, g) indices, first slot, cap)
+        bases, self.runs, at = [0] * (B * G), [], 0
+        for b in range(B):
+            for group in ([i for i in full if i // G == b], [i for i in ssa if i // G == b]):
+                if group:
+                    self.runs.append((b, group, at, caps[group[0]]))
+                for i in group:
+                    bases[i], at = at, at + caps[i]
+        self.k, self.v = k.new_zeros(sum(caps), D), v.new_zeros(sum(caps), D)
         k, v = k.reshape(B * G, T, D), v.reshape(B * G, T, D)
-        self.k_full = k.new_empty(len(self.full), self.max_len, D)
-        self.v_full = v.new_empty(len(self.full), self.max_len, D)
-        self.k_full[:, :T], self.v_full[:, :T] = k[self.full], v[self.full]
-        n_ring = min(self.sink + self.window, self.max_len) if len(self.ssa) else 0  # short runs never evict
-        self.k_ring = k.new_zeros(len(self.ssa), n_ring, D)
-        self.v_ring = v.new_zeros(len(self.ssa), n_ring, D)
-        self.ring_pos = torch.full((n_ring,), -1, dtype=torch.long, device=k.device)  # -1: empty slot
-        if n_ring:
-            # keep what the last prompt token sees under SSA: the sinks and the last `window` positions
-            j = torch.arange(T, device=k.device)
+        j = torch.arange(T, device=k.device)
+        if full:  # positions 0 .. T-1 in slots 0 .. T-1
+            at = torch.tensor([bases[i] for i in full], device=k.device)[:, None] + j   # [n_full, T]
+            self.k[at], self.v[at] = k[full], v[full]
+        if ssa:  # what the next query sees under SSA: the sinks and the last `window` positions
             j = j[(j < self.sink) | (T - 1 - j < self.window)]
-            s = self.slot(j)
-            self.k_ring[:, s], self.v_ring[:, s] = k[self.ssa][:, j], v[self.ssa][:, j]
-            self.ring_pos[s] = j
+            at = torch.tensor([bases[i] for i in ssa], device=k.device)[:, None] + cache_slot(j, ring, self.sink,
+                                                                                              self.window)
+            self.k[at], self.v[at] = k[ssa][:, j], v[ssa][:, j]
+        self.base = torch.tensor(bases, dtype=torch.int32, device=k.device)  # int32: a [B*G] table the kernel reads
+        self.cap = torch.tensor(caps, dtype=torch.int32, device=k.device)
+        self.n_splits = decode_splits(1 << (max(caps) - 1).bit_length(), DECODE_SPLIT)  # a power of two: few graphs
+        self.rows = B
+
+    @classmethod
+    def cat(cls, caches):
+        """The rows of several prefilled caches of one layer, in order, as one cache (each prompt is prefilled
+        alone; then all decode together). The inputs' buffers are copied once and can be freed."""
+        if len(caches) == 1:
+            return caches[0]
+        out = cls(caches[0].max_new_tokens, caches[0].sink, caches[0].window)
+        offsets = torch.tensor([0] + [c.k.shape[0] for c in caches[:-1]]).cumsum(0).tolist()
+        out.k, out.v = torch.cat([c.k for c in caches]), torch.cat([c.v for c in caches])
+        out.base = torch.cat([c.base + o for c, o in zip(caches, offsets)])
+        out.cap = torch.cat([c.cap for c in caches])
+        out.n_splits = max(c.n_splits for c in caches)
+        out.runs, rows = [], 0
+        for c, o in zip(caches, offsets):
+            out.runs += [(b + rows, [i + rows * len(c.base) // c.rows for i in group], at + o, cap)
+                         for b, group, at, cap in c.runs]
+            rows += c.rows
+        out.rows = rows
+        return out
 
     def decode(self, q, k, v, pos):
-        """One new token at position pos: q [B, H, 1, D], k and v [B, G, 1, D] -> [B, H, 1, D]."""
+        """One new token per row at positions pos (int [B], on the device): q [B, H, 1, D], k and v [B, G, 1, D]
+        -> [B, H, 1, D]. The decode kernel on the GPU; on the CPU the same rule (decode_attention_reference, the
+        definition) by runs of equal segments, each a view of the buffer: no gather, a few SDPA calls per layer."""
+        if q.is_cuda:
+            y = decode_attention_op(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k, self.v, self.base, self.cap, pos,
+                                    self.sink, self.window, self.n_splits, DECODE_SPLIT)
+            return y[:, :, None]
         B, H, _, D = q.shape
         G = k.shape[1]
-        q = q.reshape(B * G, 1, H // G, D)  # [B*G, 1, H/G, D]: a group's query heads on the query axis
+        q = q.reshape(B * G, H // G, D)  # [B*G, H/G, D]: a group's query heads share its keys
         k, v = k.reshape(B * G, D), v.reshape(B * G, D)
         y = torch.empty_like(q)
-        with sdpa_kernel(DECODE_BACKENDS):
-            if len(self.full):
-                self.k_full[:, pos], self.v_full[:, pos] = k[self.full], v[self.full]
-                kf, vf = self.k_full[:, None, :pos + 1], self.v_full[:, None, :pos + 1]  # [n_full, 1, pos+1, D]
-                y[self.full] = F.scaled_dot_product_attention(q[self.full], kf, vf)
-            if len(self.ssa):
-                s = self.slot(pos)
-                self.k_ring[:, s], self.v_ring[:, s] = k[self.ssa], v[self.ssa]
-                self.ring_pos[s] = pos  # overwrites the position that just left the window
-                seen = (self.ring_pos >= 0)[None]  # [1, sink + window]: every stored position is in pos's mask
-                y[self.ssa] = F.scaled_dot_product_attention(q[self.ssa], self.k_ring[:, None],
-                                                             self.v_ring[:, None], attn_mask=seen)
+        for b, group, at, cap in self.runs:
+            p = int(pos[b])
+            slot = p if p < cap else self.sink + (p - self.sink) % self.window
+            keys = self.k[at:at + len(group) * cap].view(len(group), cap, D)
+            values = self.v[at:at + len(group) * cap].view(len(group), cap, D)
+            keys[:, slot], values[:, slot] = k[group], v[group]
+            n = min(p + 1, cap)
+            y[group] = F.scaled_dot_product_attention(q[group], keys[:, :n], values[:, :n])
         return y.reshape(B, H, 1, D)
 
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.k_full, self.v_full, self.k_ring, self.v_ring))
+    def nbytes(self, row=None):
+        """Bytes of keys and values held, for all rows or one."""
+        caps = self.cap.view(self.rows, -1)[row] if row is not None else self.cap
+        return 2 * int(caps.sum()) * self.k.shape[1] * self.k.element_size()

@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -56,10 +57,19 @@ parser.add_argument("--out", type=str, default=None,
 parser.add_argument("--model", type=str, default=None, help="config.json of a model: time it end to end instead")
 parser.add_argument("--sparse-ratio", type=float, default=0.7, help="with --model: Omega of the elastic runs")
 parser.add_argument("--decode-tokens", type=int, default=32, help="with --model: tokens decoded per run")
+parser.add_argument("--decode", action="store_true", help="time the decode kernel alone (a few tile configs) "
+                    "against SDPA's flash decode and the memory floor, at the --seq-lens, B = 1 and --batch")
+parser.add_argument("--compile-sdpa", action="store_true", help="with --model: torch.compile the dense SDPA "
+                    "baseline's step too (gpt-fast's way; a minute of compiling per length, little gain)")
+parser.add_argument("--batch", type=int, default=8, help="with --model: also decode this many prompts of the first "
+                    "length together (1: skip)")
 args = parser.parse_args()
-args.out = args.out or ("bench_model_results.md" if args.model else "bench_results.md")
-
-assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
+args.out = args.out or ("bench_model_results.md" if args.model else "bench_decode_results.md" if args.decode
+                        else "bench_results.md")
+if not torch.cuda.is_available():
+    sys.exit("error: bench.py times kernels on a CUDA GPU and this machine has none (pytest runs the CPU checks)")
+if args.model and not os.path.isfile(args.model):
+    sys.exit(f"error: --model {args.model}: no such config.json (try configs/llama-3.1-8b.json)")
 dev = "cuda"
 dtype = torch.bfloat16
 B, H, G, D = 1, args.heads, args.kv_heads, args.head_dim
@@ -168,13 +178,56 @@ def slog(line):  # a sweep line: printed and kept for the report
 
 
 # -----------------------------------------------------------------------------
-# end to end (--model): prefill and decode of a whole model, dense against elastic
+# end to end (--model): prefill, decode and KV cache of a whole model, dense against elastic
+
+
+class SdpaCache:
+    """The dense baseline's KV cache: one contiguous [B, G, T + new, D] buffer per layer and SDPA over it (what a
+    HuggingFace-style model does). graphed=False slices the cache to its length each step (flash backend; a host
+    read of the length: eager); graphed=True reads the whole buffer with a mask of the filled positions, so that a
+    step has static shapes and can be captured in a CUDA graph (gpt-fast's way). Same interface as
+    attention.KVCache."""
+
+    def __init__(self, max_new_tokens, graphed):
+        self.max_new_tokens, self.graphed = max_new_tokens, graphed
+
+    def prefill(self, k, v, modes):
+        B, G, T, D = k.shape
+        self.k, self.v = k.new_zeros(B, G, T + self.max_new_tokens, D), v.new_zeros(B, G, T + self.max_new_tokens, D)
+        self.k[:, :, :T], self.v[:, :, :T] = k, v
+
+    def decode(self, q, k, v, pos):
+        B, H, _, D = q.shape
+        G = k.shape[1]
+        rows = torch.arange(B, device=q.device)
+        self.k[rows, :, pos], self.v[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+        q = q.reshape(B, G, H // G, D)  # a group's query heads on the query axis: GQA without copies
+        if self.graphed:
+            mask = torch.arange(self.k.shape[2], device=q.device) <= pos[:, None, None, None]  # [B, 1, 1, T + new]
+            y = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)
+        else:
+            n = int(pos.max()) + 1
+            mask = None if B == 1 else torch.arange(n, device=q.device) <= pos[:, None, None, None]
+            y = F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask)
+        return y.reshape(B, H, 1, D)
+
+    def nbytes(self, row=None):
+        return 2 * self.k[0].numel() * self.k.element_size() * (self.k.shape[0] if row is None else 1)
+
+
+def copy_bandwidth():
+    """Device-to-device copy bandwidth in bytes/s (read + write), the ceiling a decode step works against."""
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    ms = timeit(lambda: y.copy_(x), budget_ms=300)
+    return 2 * x.numel() / (ms * 1e-3)
 
 
 def bench_model():
-    from generate import generate
+    from attention import KVCache
+    from generate import CUDAGraphStep, compiled_decode_one_token, decode_one_token
     from model import ModelConfig, Transformer, rope_inv_freq
-    from router import ElasticConfig
+    from router import ElasticConfig, Routers
     from static_hybrid import static_modes
 
     cfg = ModelConfig.from_json(args.model)
@@ -185,49 +238,163 @@ def bench_model():
     torch.set_default_dtype(torch.float32)
     model.inv_freq = rope_inv_freq(cfg).to(dev)  # in fp32, as from_pretrained makes it
     model.eval().requires_grad_(False)
-    L, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    L, n_kv, Dh = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                       if "embed_tokens" not in name or cfg.tie_word_embeddings)  # a step reads B embedding rows
+    bandwidth = copy_bandwidth()
+    log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights read per step {weight_bytes / 1e9:.2f} GB")
     scores = torch.rand(L, n_kv, device=dev)  # which heads stay full does not change the time
-    setups = [("dense, SDPA", "FA-SSA", None),
-              ("dense, our kernel (all FA)", "FA-SSA", torch.full((1, L, n_kv), FA, dtype=torch.int32, device=dev))]
+    fixed = lambda mode: torch.full((1, L, n_kv), mode, dtype=torch.int32, device=dev)  # noqa: E731
+    # (name, mode pair, fixed modes, cache, torch.compile): every run but the first replays a CUDA graph per step
+    setups = [("dense SDPA, eager", "FA-SSA", None, "sdpa", False),
+              ("dense SDPA, CUDA graph", "FA-SSA", None, "sdpa-graph", args.compile_sdpa),
+              ("dense, ours (all FA)", "FA-SSA", fixed(FA), "ours", True)]
     for pair in ("FA-SSA", "XA-SSA"):
         ec = ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window)
-        setups.append((f"{pair}, Omega {args.sparse_ratio}", pair, static_modes(scores, args.sparse_ratio, ec)))
+        setups.append((f"{pair}, Omega {args.sparse_ratio}", pair, static_modes(scores, args.sparse_ratio, ec), "ours",
+                       True))
+    setups.append((setups[-2][0] + ", not compiled", *setups[-2][1:4], False))
+    runs = [(1, T) for T in args.seq_lens] + ([(args.batch, args.seq_lens[0])] if args.batch > 1 else [])
     rows = []
-    for T in args.seq_lens:
-        idx = torch.randint(0, cfg.vocab_size, (1, T), device=dev)
-        for name, pair, modes in setups:
+    new = args.decode_tokens
+    for Bm, T in runs:
+        idx = torch.randint(0, cfg.vocab_size, (Bm, T), device=dev)
+        for name, pair, modes, path, compiled in setups:
             model.elastic = ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window)
-            prefill = timeit(lambda: model(idx, modes=modes, last_only=True), budget_ms=2000, min_reps=2, max_reps=10)
-            stats, stamps = {}, []
-            for _ in generate(model, idx, args.decode_tokens, modes=modes, stats=stats):
-                stamps.append(time.perf_counter())  # generate() syncs on every token (.item())
-            step = statistics.median(b - a for a, b in zip(stamps, stamps[1:])) * 1e3
-            rows.append((T, name, prefill, step, stats["kv_bytes"], stats["kv_bytes_dense"]))
-            log(f"T={T} {name}: prefill {prefill:.1f} ms, decode {step:.2f} ms/token, KV cache "
-                f"{stats['kv_bytes'] / 2**30:.2f} GiB (dense {stats['kv_bytes_dense'] / 2**30:.2f} GiB)")
-            del stats
+            if path == "ours":
+                caches = [KVCache(new, args.sink, args.window) for _ in range(L)]
+            else:
+                caches = [SdpaCache(new, graphed=path == "sdpa-graph") for _ in range(L)]
+            try:
+                model(idx[:, :1024], modes=modes)  # warm-up: kernels compile once
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                logits = model(idx, modes=modes, caches=caches, last_only=True)[:, -1]  # B prompts of T tokens
+                torch.cuda.synchronize()
+                ttft = (time.perf_counter() - t0) * 1e3
+                token, pos = logits.argmax(-1), torch.full((Bm,), T, dtype=torch.int32, device=dev)
+                if path == "sdpa":  # eager: the host launches every kernel of every step
+                    step = lambda t, p: decode_one_token(model, t, p, caches)  # noqa: E731
+                else:
+                    t0 = time.perf_counter()
+                    step = CUDAGraphStep(model, token, pos, caches,
+                                         compiled_decode_one_token() if compiled else decode_one_token)
+                    log(f"  CUDA graph{' and torch.compile' if compiled else ''}: {time.perf_counter() - t0:.1f} s")
+                for _ in range(3):
+                    step(token, pos)  # rewrites position T: the same keys each time
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for i in range(new - 1):
+                    token = step(token, pos + i).argmax(-1)
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - t0) * 1e3 / (new - 1)
+                kv = sum(c.nbytes() for c in caches)
+                # a step reads the weights once and every filled cache slot once (SSA rings: sink + window)
+                read = weight_bytes + kv * (T + new // 2) / (T + new) if path != "ours" else weight_bytes + sum(
+                    2 * int(torch.minimum(c.cap, torch.tensor(T + new // 2, device=dev)).sum()) * Dh * c.k.element_size()
+                    for c in caches)
+                floor = read / bandwidth * 1e3
+                rows.append((Bm, T, name, ttft, ms, floor, kv))
+                log(f"B={Bm} T={T} {name}: first token {ttft:.0f} ms, decode {ms:.2f} ms/step "
+                    f"({Bm * 1e3 / ms:.0f} tokens/s), floor {floor:.2f} ms ({ms / floor:.2f}x), KV {kv / 2**30:.2f} GiB")
+            except Exception as e:  # out of memory, or a compile that fails: the row says so, the others run
+                log(f"B={Bm} T={T} {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            del caches
             torch.cuda.empty_cache()
+    # the routers' latency per prefill: every layer's router on its keys, eager (boundary pooling + both MLPs)
+    routers = Routers(L, Dh).to(dev)
+    router_ms = {}
+    for T in args.seq_lens:
+        k_pre = torch.randn(1, T, n_kv, Dh, device=dev, dtype=dtype)
+        router_ms[T] = timeit(lambda: [r(k_pre) for r in routers], budget_ms=300)
+        log(f"routers at T={T}: {router_ms[T]:.2f} ms per prefill, {router_ms[T] / L:.3f} ms per layer")
+
     gpu = torch.cuda.get_device_name()
     lines = [f"# End to end: {args.model}, random weights", "",
-             f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · {datetime.date.today()}", "",
-             f"bf16, B = 1; SSA sink {args.sink}, window {args.window}; XA threshold {args.xa_threshold}; "
-             f"Omega {args.sparse_ratio}: that share of KV heads sparse (SSA), the rest full (FA) or XA. Prefill: "
-             f"median ms of the whole forward (last position's logits). Decode: median ms per token over "
-             f"{args.decode_tokens} greedy tokens, with the per-head cache (SSA heads keep sink + window). KV cache: "
-             f"bytes held after prefill for prompt + decoded tokens.", "",
-             "| prompt tokens | setup | prefill ms | vs dense SDPA | decode ms/token | KV cache GiB | vs dense |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    for T, name, prefill, step, kv, kv_dense in rows:
-        base = next(r[2] for r in rows if r[0] == T and r[1] == "dense, SDPA")
-        lines.append(f"| {T} | {name} | {prefill:.1f} | {base / prefill:.2f}x | {step:.2f} | {kv / 2**30:.2f} | "
-                     f"{kv / kv_dense:.0%} |")
+             f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · {datetime.date.today()} · "
+             f"`python bench.py --model {args.model} {' '.join(sys.argv[3:])}`".rstrip(), "",
+             f"bf16; SSA sink {args.sink}, window {args.window}; Omega {args.sparse_ratio}: that share of KV heads "
+             f"sparse (SSA), the rest full (FA) or XA. First token: the prefill of B prompts of T tokens (a single "
+             f"run after a warm-up). Decode: mean ms per step over {new - 1} greedy steps, B tokens per step. "
+             f"Floor: the bytes a step must read (the weights once, {weight_bytes / 1e9:.2f} GB, and every filled "
+             f"cache slot once) over the copy bandwidth measured in the same run, {bandwidth / 1e12:.2f} TB/s. "
+             f"KV cache: bytes held for prompt + new tokens. Dense SDPA: a contiguous cache; eager (sliced to its "
+             f"length, flash) or in a CUDA graph (the whole buffer with a mask). Ours: the per-head cache of "
+             f"attention.py, the decode kernel of decode_kernel.py, one CUDA graph per step; compiled: the step's small "
+             f"operations fused by torch.compile around the GEMVs and the attention kernel (generate.py, compile=True).", "",
+             "| B | prompt | setup | first token ms | decode ms/step | tokens/s | floor ms | x floor | vs SDPA eager "
+             "| vs SDPA graph | vs ours dense | KV GiB |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for Bm, T, name, ttft, ms, floor, kv in rows:
+        base = {r[2]: r[4] for r in rows if r[:2] == (Bm, T)}
+        vs = [base.get(n, float("nan")) / ms for n in ("dense SDPA, eager", "dense SDPA, CUDA graph",
+                                                       "dense, ours (all FA)")]
+        lines.append(f"| {Bm} | {T} | {name} | {ttft:.0f} | {ms:.2f} | {Bm * 1e3 / ms:.1f} | {floor:.2f} | "
+                     f"{ms / floor:.2f} | {vs[0]:.2f}x | {vs[1]:.2f}x | {vs[2]:.2f}x | {kv / 2**30:.2f} |")
+    lines += ["", "Router latency per prefill (all layers, eager, random routers): " + ", ".join(
+        f"T={T}: {ms:.2f} ms ({ms / L:.3f} ms per layer)" for T, ms in router_ms.items()) + "."]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     log("\n".join(lines))
 
 
+def bench_decode():
+    """The decode kernel alone: B rows of T cached tokens, the Llama-3.1-8B attention shape, every head FA or 70%
+    of them SSA rings (sink + window); time per layer against the bytes it must read."""
+    from decode_kernel import decode_attention, decode_splits
+    bandwidth = copy_bandwidth()
+    lines = [f"# The decode kernel alone (`python bench.py {' '.join(sys.argv[1:])}`)", "",
+             f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "
+             f"{datetime.date.today()} · copy bandwidth {bandwidth / 1e12:.2f} TB/s. Each call replayed from a CUDA "
+             f"graph (as in a decode step); one layer of {H} query / {G} KV heads, D {D}, bf16; floor: the filled "
+             f"cache bytes over the copy bandwidth. SSA share 0.7: 70% of KV heads are rings of sink {args.sink} + "
+             f"window {args.window}.", ""]
+    for Bm, T in [(1, T) for T in args.seq_lens] + [(args.batch, args.seq_lens[0])]:
+        q = torch.randn(Bm, H, D, device=dev, dtype=dtype)
+        k_new, v_new = (torch.randn(Bm, G, D, device=dev, dtype=dtype) for _ in range(2))
+        pos = torch.full((Bm,), T, dtype=torch.int32, device=dev)
+        ring = args.sink + args.window
+        for share in (0.0, 0.7):
+            n_ssa = round(share * G)
+            caps = torch.tensor(([T + 64] * (G - n_ssa) + [ring] * n_ssa) * Bm, dtype=torch.int32, device=dev)
+            base = torch.cat([caps.new_zeros(1), caps.cumsum(0)[:-1].int()])
+            kc, vc = (torch.randn(int(caps.sum()), D, device=dev, dtype=dtype) for _ in range(2))
+            floor = 2 * int(torch.minimum(caps, pos.repeat_interleave(G) + 1).sum()) * D * 2 / bandwidth * 1e3
+            for split, bn, warps, stages in [(512, 64, 4, 2), (256, 64, 4, 2), (1024, 64, 4, 3)]:
+                n_splits = decode_splits(int(caps.max()), split)
+                fn = lambda: decode_attention(q, k_new, v_new, kc, vc, base, caps, pos, sink=args.sink,  # noqa: E731
+                                              window=args.window, n_splits=n_splits,
+                                              split=split, _config=dict(BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages))
+                fn()
+                graph = torch.cuda.CUDAGraph()  # replayed, as in a decode step: no Python launch overhead
+                with torch.cuda.graph(graph):
+                    fn()
+                ms = timeit(graph.replay, budget_ms=200)
+                lines.append(f"- B={Bm} T={T} SSA share {share}: split {split} BLOCK_N {bn} warps {warps} stages "
+                             f"{stages}: {ms * 1e3:.1f} us, floor {floor * 1e3:.1f} us ({floor / ms:.0%} of bandwidth)")
+                log(lines[-1])
+            if share == 0.0:  # SDPA flash decode over the same dense cache, the group's query heads as query rows
+                kd = kc.view(Bm, G, T + 64, D)[:, :, :T + 1]
+                vd = vc.view(Bm, G, T + 64, D)[:, :, :T + 1]
+                qd = q.view(Bm, G, H // G, D)
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    F.scaled_dot_product_attention(qd, kd, vd)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        F.scaled_dot_product_attention(qd, kd, vd)
+                ms = timeit(graph.replay, budget_ms=200)
+                lines.append(f"- B={Bm} T={T} dense: SDPA flash {ms * 1e3:.1f} us ({floor / ms:.0%} of bandwidth)")
+                log(lines[-1])
+            del kc, vc
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 if args.model:
     bench_model()
+    sys.exit()
+if args.decode:
+    bench_decode()
     sys.exit()
 
 

@@ -19,15 +19,23 @@ def smollm2_dir():
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A 2-layer random Llama (GQA 4:2, head dim 16) with SmolLM2's vocabulary and tokenizer files, so that
-    train.py and sample.py run on it as on a real checkpoint, in seconds."""
-    out = tmp_path_factory.mktemp("tiny-llama")
+def tiny_weights_dir(tmp_path_factory):
+    """A 2-layer random Llama (GQA 4:2, head dim 16) with SmolLM2's vocabulary size, weights and config only."""
+    out = tmp_path_factory.mktemp("tiny-llama-weights")
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                          bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_weights_dir, smollm2_dir):
+    """The tiny random Llama with SmolLM2's tokenizer files, so that train.py and sample.py run on it as on a real
+    checkpoint, in seconds."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    shutil.copytree(tiny_weights_dir, out, dirs_exist_ok=True)
     for f in smollm2_dir.iterdir():
         if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
             shutil.copy(f, out / f.name)

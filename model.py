@@ -106,8 +106,8 @@ def rope_inv_freq(cfg):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, heads, D]; cos, sin [T, D]. Rotates the two halves of each head (HuggingFace's layout)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D], broadcast over heads
+    """x [B, T, heads, D]; cos, sin [B or 1, T, D]. Rotates the two halves of each head (HuggingFace's layout)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B|1, T, 1, D], broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -166,7 +166,7 @@ class Attention(nn.Module):
         k_pre = k  # what the router reads: key states before RoPE, after Qwen3's k_norm
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if run.pos == 0:
+        if run.pos is None:  # a prefill
             self.tap(q, k, k_pre)
         y, routed = attention.attend(q, k, v, k_pre, run, i)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
@@ -223,25 +223,30 @@ class Transformer(nn.Module):
     def output_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, idx, pos=0, *, prompt_lens=None, tau=None, modes=None, caches=None, return_routing=False,
+    def forward(self, idx, pos=None, *, prompt_lens=None, tau=None, modes=None, caches=None, return_routing=False,
                 last_only=False):
-        """idx [B, T] token ids at positions pos..pos+T-1 -> logits [B, T, V] (fp32 when the model is fp32).
+        """idx [B, T] token ids -> logits [B, T, V] (fp32 when the model is fp32).
 
-        With routers, each layer routes its KV heads at prefill (pos 0) from the keys of the prompt, the first
-        prompt_lens [B] tokens of each row (default: all T). tau: Gumbel temperature, training only: both
-        branches run and mix by z. modes int [B, L, G]: fixed modes instead of the routers' (static hybrids,
-        all-FA, ...). caches: one attention.KVCache per layer, filled at prefill and used by decode steps
-        (pos > 0, one token). return_routing: also return an attention.Routing of what the heads ran (None when
+        A prefill (pos None) reads positions 0..T-1. With routers, each layer routes its KV heads from the keys
+        of the prompt, the first prompt_lens [B] tokens of each row (default: all T). tau: Gumbel temperature,
+        training only: both branches run and mix by z. modes int [B, L, G] (or [1, L, G]): fixed modes instead
+        of the routers' (static hybrids, all-FA, ...). caches: one attention.KVCache per layer, filled by a
+        prefill and used by decode steps: pos (int [B] on the device, or an int) is then the position of each
+        row's one token. return_routing: also return an attention.Routing of what the heads ran (None when
         nothing was routed). last_only: logits of the last position only, [B, 1, V] (a long prefill need not
         hold T x V logits)."""
         B, T = idx.shape
         if prompt_lens is not None:
             check_prompt_lens(prompt_lens, T)  # once here, not in every layer's router (a sync on the GPU)
+        if isinstance(pos, int):
+            pos = torch.full((B,), pos, dtype=torch.int32, device=idx.device)
+        if pos is not None and (caches is None or T != 1):
+            raise ValueError("a decode step (pos given) takes one token per row and the caches of a prefill")
         run = attention.Run(self.elastic, self.routers, modes, tau, prompt_lens, caches, pos)
         x = self.model.embed_tokens(idx)
-        positions = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq[None, :]    # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                # [T, D]
+        positions = torch.arange(T, device=idx.device)[None] if pos is None else pos[:, None]  # [1, T] or [B, 1]
+        freqs = positions.float()[..., None] * self.inv_freq                                 # [B|1, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                                              # [B|1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         routed = []
         for i, block in enumerate(self.model.layers):

@@ -43,7 +43,7 @@ def test_decode_equals_recompute(which, tiny_dir, smollm2_dir):
     modes[0] = (torch.arange(G) + torch.arange(L)[:, None]) % 3  # FA, SSA and XA all present
     T0, steps = 40, 60  # prompt 40, then 60 tokens: the 16-token window turns over several times
     tokens = torch.randint(0, V, (1, T0 + steps))  # fresh every run
-    caches = [KVCache(T0 + steps, 4, 16) for _ in range(L)]
+    caches = [KVCache(steps, 4, 16) for _ in range(L)]  # room for the prompt and `steps` more
     decoded = [model(tokens[:, :T0], modes=modes, caches=caches)[:, -1]]
     for p in range(T0, T0 + steps - 1):
         decoded.append(model(tokens[:, p:p + 1], pos=p, caches=caches)[:, -1])
@@ -57,14 +57,92 @@ def test_decode_equals_recompute(which, tiny_dir, smollm2_dir):
     assert (dense - full).abs().max() > 1e-3 * scale
 
 
+def mixed_modes(model):
+    """[1, L, G] with FA, SSA and XA all present."""
+    L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
+    return ((torch.arange(G) + torch.arange(L)[:, None]) % 3).int()[None]
+
+
+def test_batched_decode_equals_recompute(tiny_dir):
+    """Several prompts of different lengths, prefilled alone and decoded together (each row at its own position):
+    every row's logits at every step equal a full recomputation of that row alone under the same modes."""
+    from generate import decode_one_token, prefill
+    model = load(tiny_dir, ElasticConfig(sink=4, window=16))
+    modes, V = mixed_modes(model), model.config.vocab_size
+    lengths, steps = [23, 40, 9], 30
+    seqs = [torch.randint(0, V, (T + steps,)) for T in lengths]
+    logits, caches, _ = prefill(model, [s[:T] for s, T in zip(seqs, lengths)], steps, modes)
+    decoded = [logits]
+    pos = torch.tensor(lengths, dtype=torch.int32)
+    for i in range(steps - 1):
+        token = torch.stack([s[T + i] for s, T in zip(seqs, lengths)])
+        decoded.append(decode_one_token(model, token, pos + i, caches))
+    decoded = torch.stack(decoded, 1)  # [B, steps, V]
+    for b, (s, T) in enumerate(zip(seqs, lengths)):
+        full = model(s[None, :T + steps - 1], modes=modes)[0, T - 1:]
+        err, scale = (decoded[b] - full).abs().max().item(), full.abs().max().item()
+        assert err < 1e-4 * scale, f"row {b} (prompt {T}): decode vs recompute {err:.3e} (scale {scale:.3e})"
+
+
+def test_batched_generation_equals_generating_alone(smollm2_dir, tiny_dir):
+    """A prompt's greedy tokens in a batch are those of generating it alone: fixed mixed modes on SmolLM2 (with a
+    ring that wraps), and per-prompt routing with routers on the tiny model (each prompt routed from its own keys)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    texts = ["The capital of France is", "Water boils at a temperature of one hundred degrees Celsius at sea level, "
+             "and it freezes at", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+    prompts = [tok(t, return_tensors="pt").input_ids[0] for t in texts]
+    model = load(smollm2_dir, ElasticConfig(sink=4, window=16))
+    modes = mixed_modes(model)
+    together = list(generate(model, prompts, 12, modes=modes))
+    for b, p in enumerate(prompts):
+        alone = [t for (t,) in generate(model, [p], 12, modes=modes)]
+        assert [step[b] for step in together] == alone, f"prompt {b}"
+    model = with_routers(load(tiny_dir, ElasticConfig(sink=4, window=8)))
+    prompts = [torch.randint(0, 1000, (T,)) for T in (30, 17, 52)]
+    stats = []
+    together = list(generate(model, prompts, 10, stats=stats))
+    for b, p in enumerate(prompts):
+        alone_stats = []
+        alone = [t for (t,) in generate(model, [p], 10, stats=alone_stats)]
+        assert [step[b] for step in together] == alone, f"prompt {b}"
+        assert torch.equal(stats[b]["routing"].modes, alone_stats[0]["routing"].modes)
+        assert stats[b]["kv_bytes"] == alone_stats[0]["kv_bytes"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_equals_eager(tiny_weights_dir):
+    """On the GPU a decode step is replayed from a CUDA graph, compiled or not: the same tokens as eager steps, several
+    prompts. fp32, so that the fusions of torch.compile round like the eager ops."""
+    model = Transformer.from_pretrained(tiny_weights_dir, device="cuda", dtype=torch.float32)
+    model.elastic = ElasticConfig(sink=4, window=16)
+    prompts = [torch.randint(0, 1000, (T,)) for T in (300, 41, 77)]
+    modes = mixed_modes(model).cuda()
+    eager = list(generate(model, prompts, 40, modes=modes, cuda_graph=False))
+    assert list(generate(model, prompts, 40, modes=modes, cuda_graph=True)) == eager
+    assert list(generate(model, prompts, 40, modes=modes, cuda_graph=True, compile=True)) == eager
+
+
+def test_generate_errors(tiny_dir):
+    model = load(tiny_dir, ElasticConfig())
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        list(generate(model, [torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)], 4))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        list(generate(model, [torch.tensor([1, 2])], 0))
+    with pytest.raises(ValueError, match="prompt 0 has 8190 tokens: with 5 new ones that exceeds the model's context "
+                                         "of 8192"):
+        list(generate(model, [torch.zeros(8190, dtype=torch.long)], 5))
+
+
 def test_ssa_cache_is_constant(tiny_dir):
     model = load(tiny_dir, ElasticConfig(sink=8, window=32))
     L, G, D = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
     modes = torch.full((1, L, G), SSA, dtype=torch.int32)
     modes[:, :, 0] = FA  # one full head per layer
     for T in (100, 400):
-        stats = {}
+        stats = []
         list(generate(model, torch.randint(0, 1000, (1, T)), 3, modes=modes, stats=stats))
+        stats = stats[0]  # one prompt
         per_layer = 2 * 4 * D * ((T + 3) * 1 + (8 + 32) * (G - 1))  # k and v, fp32: full head + ring heads
         assert stats["kv_bytes"] == L * per_layer
         assert stats["kv_bytes_dense"] == L * 2 * 4 * D * (T + 3) * G
@@ -146,7 +224,7 @@ def test_sample_py_with_routers_writes_stats(tiny_dir, tmp_path):
     r = run_sample("--model", tiny_dir, "--routers", tmp_path / "r", "--prompt", "prompts/sky.txt",
                    "--max-new-tokens", 30, "--stats-json", tmp_path / "stats.json")
     assert r.returncode == 0, r.stderr
-    stats = json.loads((tmp_path / "stats.json").read_text())
+    stats = json.loads((tmp_path / "stats.json").read_text())[0]  # one entry per prompt
     assert stats["source"] == "routers" and stats["sink"] == 8 and stats["window"] == 16
     assert len(stats["modes"]) == 2 and all(len(row) == 2 and set(row) <= set("FS") for row in stats["modes"])
     sparse = sum(row.count("S") for row in stats["modes"]) / 4
@@ -160,7 +238,7 @@ def test_sample_py_static_hybrid_and_all_modes(tiny_dir, tmp_path):
         r = run_sample("--model", tiny_dir, "--prompt", "prompts/sky.txt", "--max-new-tokens", 5,
                        "--stats-json", tmp_path / "s.json", *flags)
         assert r.returncode == 0, r.stderr
-        assert json.loads((tmp_path / "s.json").read_text())["omega"] == omega, flags
+        assert json.loads((tmp_path / "s.json").read_text())[0]["omega"] == omega, flags
 
 
 def test_sample_py_rejects_routers_of_another_model(tiny_dir, tmp_path):

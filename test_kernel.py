@@ -298,3 +298,56 @@ def test_gpu_xa_selection_large():
     ref_scores = kernel.xattn_block_scores_reference(q, k)
     assert (scores - ref_scores).abs().max() < 1e-3, f"seed {seed}"
     assert mask.equal(kernel.xattn_select_reference(scores, 0.5)), f"seed {seed}"
+
+
+# -----------------------------------------------------------------------------
+# the decode kernel (decode_kernel.py) against its reference: every mode is a segment of `cap` slots
+
+def decode_case(B, H, G, D, caps, positions, dtype, sink, window, split):
+    """A decode step of B rows over segments of the given caps (FA: prompt + new; SSA: sink + window), at the
+    given positions; compares output and written caches with the reference."""
+    from decode_kernel import decode_attention, decode_attention_reference, decode_splits
+    caps_t = torch.tensor(caps, dtype=torch.int32, device=DEV)
+    base = torch.cat([torch.zeros(1, dtype=torch.int32, device=DEV), caps_t.cumsum(0)[:-1].int()])
+    N = sum(caps)
+    (q, k_new, v_new, kc, vc), seed = rand((B, H, D), (B, G, D), (B, G, D), (N, D), (N, D), dtype=dtype)
+    pos = torch.tensor(positions, dtype=torch.int32, device=DEV)
+    kc2, vc2 = kc.clone(), vc.clone()
+    ref = decode_attention_reference(q, k_new, v_new, kc, vc, base, caps_t, pos, sink=sink, window=window)
+    out = torch.full_like(q, float("nan"))  # poison
+    o = decode_attention(q, k_new, v_new, kc2, vc2, base, caps_t, pos, sink=sink, window=window,
+                         n_splits=decode_splits(max(caps), split), split=split, out=out)
+    assert not o.isnan().any(), f"{int(o.isnan().sum())} outputs unwritten (seed {seed})"
+    err, max_abs = rel_err(o, ref)
+    assert err < TOL[dtype], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed}, caps {caps}, pos {positions})"
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2), f"the cache writes differ (seed {seed})"
+
+
+DECODE_DTYPES = DTYPES if CUDA else [torch.float32, torch.float16]  # the interpreter is right on fp16 dots
+
+
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_decode_every_mode_gqa(group, dtype):
+    # row 0 (prompt + new = 100): an FA segment and an SSA ring (sink 4 + window 16) that has wrapped; row 1
+    # (prompt + new = 9, shorter than sink + window): an XA head (decodes like FA) and an SSA segment of 9 slots
+    sink, window = 4, 16
+    caps = [100, 20, 9, 9]
+    decode_case(2, 2 * group, 2, 32, caps, [93, 7], dtype, sink, window, split=32)
+    decode_case(2, 2 * group, 2, 32, caps, [19, 0], dtype, sink, window, split=32)
+
+
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
+def test_decode_splits_and_odd_lengths(dtype):
+    # one chunk, a position on a chunk's edge, an odd one, and the first decode step after a 1-token prompt
+    for pos in (0, 1, 63, 64, 127, 200):
+        decode_case(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64)
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [32768 + 5, 1000])
+def test_gpu_decode_large(T):
+    # the method's shape: 32 query / 8 KV heads, D 128, bf16; 5 FA heads, 3 SSA rings (128 + 2048) wrapped
+    caps = [T + 8] * 5 + [128 + 2048] * 3
+    decode_case(1, 32, 8, 128, caps, [T + 3], torch.bfloat16, 128, 2048, split=512)
+    decode_case(2, 32, 8, 128, caps * 2, [T + 3, T - 1], torch.bfloat16, 128, 2048, split=512)

@@ -111,7 +111,7 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
     ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True).input_ids
     want = hf.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
-    got = list(generate(ours, ids, 20, eos_token_id=tok.eos_token_id))
+    got = [t for (t,) in generate(ours, ids, 20, eos_token_id=tok.eos_token_id)]
     print("ours:", repr(tok.decode(got)), "\nhf:  ", repr(tok.decode(want)))
     assert len(want) == 20 and got == want
 

@@ -1,0 +1,223 @@
+"""
+Elastic Attention's decode kernel: one new token per row attends its KV cache, every KV head in the mode its
+prefill gave it (FA, SSA, XA), all (row, KV head) pairs in one Triton launch, with its PyTorch reference.
+
+The cache (attention.KVCache) gives every (row, KV head) a segment of one flat buffer per layer, [N, D] for keys
+and the same for values. A segment has `cap` slots and starts at `base`:
+    FA and XA heads  cap = prompt + new tokens: position j lives in slot j;
+    SSA heads        cap = sink + window (or less for a short run): the sinks stay put, the other positions
+                     cycle through the `window` slots after them, so at position p the segment holds exactly
+                     the keys an SSA query sees (j < sink or p - j < window), token-exact.
+So one rule serves every mode: write the new key at slot(p) = p if p < cap else sink + (p - sink) % window,
+then attend the n = min(p + 1, cap) filled slots. The order of the keys in a segment does not matter to a
+softmax; the mode is only in `cap`.
+
+At B = 1 with GQA there are only a handful of (row, KV head) pairs: one program each would leave an H200's
+132 multiprocessors idle and read the cache at a quarter of its bandwidth. So each segment is split along its
+length into chunks of SPLIT slots (flash-decoding), one program per (row, KV head, chunk); each keeps an online
+softmax over its chunk and writes (max, sum, partial output); a second kernel merges the chunks. A group's query
+heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x [D, BLOCK_N]). Positions and cache lengths are
+read on the device, the grid depends only on the largest segment: a step has no host sync and static shapes,
+so it can be captured once in a CUDA graph and replayed (generate.py).
+
+    pytest test_kernel.py -k decode      # CPU (Triton's interpreter, which the tests turn on) and, with CUDA, GPU
+    python bench.py --model configs/llama-3.1-8b.json   # decode speed against dense SDPA, on the GPU
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# -----------------------------------------------------------------------------
+# 1. The reference: plain PyTorch, fp32 math. The definition the kernel is tested against; the model uses it on
+# the CPU.
+
+
+def cache_slot(pos, cap, sink, window):
+    """Slot of position pos in a segment of cap slots: FA/XA heads never wrap; SSA rings keep the sinks."""
+    return torch.where(pos < cap, pos, sink + (pos - sink) % window)
+
+
+def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink, window, sm_scale=None):
+    """One decode step of B rows. q [B, H, D]; k_new, v_new [B, G, D]; k_cache, v_cache [N, D] (written in
+    place); base, cap [B * G] int (the segment of row b, KV head g at index b * G + g); pos [B] int (the
+    position of the new token of each row). Writes the new keys and values at slot(pos), then every query head
+    attends the min(pos + 1, cap) filled slots of its group's segment -> o [B, H, D]."""
+    B, H, D = q.shape
+    G = k_new.shape[1]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    p = pos.to(base.device, torch.long).repeat_interleave(G)                 # [B*G] the row's position
+    base, cap = base.long(), cap.long()
+    at = base + cache_slot(p, cap, sink, window)                             # [B*G]
+    k_cache[at] = k_new.reshape(B * G, D).to(k_cache.dtype)
+    v_cache[at] = v_new.reshape(B * G, D).to(v_cache.dtype)
+    n = torch.minimum(p + 1, cap)                                            # [B*G] filled slots
+    j = torch.arange(int(n.max()), device=base.device)                       # a host sync: the reference only
+    idx = (base[:, None] + j).clamp(max=k_cache.shape[0] - 1)               # [B*G, n_max]
+    filled = (j < n[:, None])[..., None]                                     # [B*G, n_max, 1]
+    k = torch.where(filled, k_cache[idx].float(), 0.0)                       # [B*G, n_max, D]; slots past
+    v = torch.where(filled, v_cache[idx].float(), 0.0)                       # n may hold anything
+    s = q.reshape(B * G, H // G, D).float() @ k.transpose(1, 2) * scale      # [B*G, H/G, n_max]
+    s = s.masked_fill(~filled.transpose(1, 2), float("-inf"))
+    return (s.softmax(-1) @ v).reshape(B, H, D).to(q.dtype)
+
+# -----------------------------------------------------------------------------
+# 2. The kernels
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, KNew, VNew, KC, VC, Base, Cap, Pos, MOut, LOut, AccOut,
+    stride_qb, stride_qh, stride_nb, stride_ng,
+    G, GROUP, N_SPLITS, sink, window, qk_scale,
+    D: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # program -> (row b and KV head g, chunk s of the segment)
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    pos = tl.load(Pos + b)
+    cap = tl.load(Cap + bg)
+    base = tl.load(Base + bg).to(tl.int64)
+    n = tl.minimum(pos + 1, cap)                                       # filled slots once the new key is in
+    slot_new = tl.where(pos < cap, pos, sink + (pos - sink) % window)
+    offs_h = tl.arange(0, GROUP_P2)                                    # the group's query heads (padded)
+    offs_d = tl.arange(0, D)
+    h_ok = offs_h < GROUP
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
+                mask=h_ok[:, None], other=0.0)                         # [GROUP_P2, D]
+    m_i = tl.full([GROUP_P2], -float("inf"), tl.float32)               # running max (log2 units)
+    l_i = tl.zeros([GROUP_P2], tl.float32)                             # running sum of exp2(score - m_i)
+    acc = tl.zeros([GROUP_P2, D], tl.float32)
+    if s == 0:
+        # the new token: chunk 0 writes it into its slot and counts it from its registers; every program skips
+        # that slot when reading (it held a key that just left the window, or nothing), so no program reads a
+        # slot while it is written
+        kn = tl.load(KNew + b.to(tl.int64) * stride_nb + g * stride_ng + offs_d)
+        vn = tl.load(VNew + b.to(tl.int64) * stride_nb + g * stride_ng + offs_d)
+        tl.store(KC + (base + slot_new) * D + offs_d, kn)
+        tl.store(VC + (base + slot_new) * D + offs_d, vn)
+        m_i = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale
+        l_i = tl.full([GROUP_P2], 1.0, tl.float32)
+        acc = tl.zeros([GROUP_P2, D], tl.float32) + vn.to(tl.float32)[None, :]
+    # the chunk's filled slots, a BLOCK_N tile at a time, online softmax as in flash attention
+    lo = s * SPLIT
+    hi = tl.minimum(lo + SPLIT, n)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = (offs_n < hi) & (offs_n != slot_new)
+        k = tl.load(KC + (base + offs_n)[None, :] * D + offs_d[:, None], mask=keep[None, :], other=0.0)  # [D, BN]
+        qk = tl.dot(q, k) * qk_scale                                   # [GROUP_P2, BLOCK_N]
+        qk = tl.where(keep[None, :], qk, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)          # a chunk may hold nothing yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VC + (base + offs_n)[:, None] * D + offs_d[None, :], mask=keep[:, None], other=0.0)  # [BN, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = bg.to(tl.int64) * N_SPLITS + s                               # this chunk's partial results
+    tl.store(MOut + out * GROUP_P2 + offs_h, m_i)
+    tl.store(LOut + out * GROUP_P2 + offs_h, l_i)
+    tl.store(AccOut + (out * GROUP_P2 + offs_h)[:, None] * D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _decode_merge_kernel(MOut, LOut, AccOut, O, stride_ob, stride_oh, G, GROUP, N_SPLITS,
+                         D: tl.constexpr, GROUP_P2: tl.constexpr, S_P2: tl.constexpr, BLOCK_S: tl.constexpr):
+    # program -> one query head: merge its chunks' (max, sum, partial output) into softmax(q K^T) V
+    bg = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, D)
+    first = bg.to(tl.int64) * N_SPLITS                                 # this head's first chunk
+    offs_s = tl.arange(0, S_P2)
+    ok = offs_s < N_SPLITS
+    m = tl.load(MOut + (first + offs_s) * GROUP_P2 + h, mask=ok, other=-float("inf"))
+    l = tl.load(LOut + (first + offs_s) * GROUP_P2 + h, mask=ok, other=0.0)
+    m_max = tl.max(m, 0)                                               # finite: chunk 0 holds the new token
+    denom = tl.sum(tl.where(ok, tl.math.exp2(m - m_max), 0.0) * l, 0)
+    o = tl.zeros([D], tl.float32)
+    for s0 in range(0, N_SPLITS, BLOCK_S):  # the partial outputs, BLOCK_S chunks at a time (registers)
+        offs = s0 + tl.arange(0, BLOCK_S)
+        ok_s = offs < N_SPLITS
+        rows = (first + offs) * GROUP_P2 + h
+        w = tl.where(ok_s, tl.math.exp2(tl.load(MOut + rows, mask=ok_s, other=-float("inf")) - m_max), 0.0)
+        part = tl.load(AccOut + rows[:, None] * D + offs_d[None, :], mask=ok_s[:, None], other=0.0)  # [BLOCK_S, D]
+        o += tl.sum(part * w[:, None], 0)
+    b = bg // G
+    head = (bg % G) * GROUP + h
+    tl.store(O + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, (o / denom).to(O.dtype.element_ty))
+
+# -----------------------------------------------------------------------------
+# 3. The wrapper
+
+
+def decode_splits(max_cap, split):
+    """Chunks per segment for a cache whose longest segment has max_cap slots: fixed for a generate() call."""
+    return triton.cdiv(max_cap, split)
+
+
+def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink, window, n_splits, split=None,
+                     sm_scale=None, out=None, _config=None):
+    """The kernel version of decode_attention_reference (same arguments, same result), in two launches.
+    n_splits: chunks per segment, decode_splits(max(cap), split), passed in so that the launch needs nothing
+    from the device (CUDA graphs); split: slots per chunk (default 512 on the GPU, 64 in the interpreter).
+    fp16 / bf16 (fp32 for the CPU tests); D a power of two >= 16."""
+    B, H, D = q.shape
+    G = k_new.shape[1]
+    if k_new.shape != (B, G, D) or v_new.shape != (B, G, D) or H % G:
+        raise ValueError(f"q [B, H, D] and k_new, v_new [B, G, D] with H % G == 0; got q {tuple(q.shape)}, "
+                         f"k_new {tuple(k_new.shape)}, v_new {tuple(v_new.shape)}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[1] != D or not k_cache.is_contiguous() \
+            or not v_cache.is_contiguous():
+        raise ValueError(f"k_cache and v_cache must be contiguous [N, D={D}]; got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    if base.shape != (B * G,) or cap.shape != (B * G,) or pos.shape != (B,):
+        raise ValueError(f"base, cap must be [B*G={B * G}] and pos [B={B}]; got {tuple(base.shape)}, "
+                         f"{tuple(cap.shape)}, {tuple(pos.shape)}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head dim D={D} must be a power of two >= 16")
+    split = split or (512 if q.is_cuda else 64)
+    cfg = {"BLOCK_N": 64, "NUM_WARPS": 4, "NUM_STAGES": 3 if q.is_cuda else 1, **(_config or {})}  # bench.py --decode
+    block_n = min(cfg["BLOCK_N"], split)
+    group_p2 = max(16, triton.next_power_of_2(H // G))  # tl.dot needs 16 rows
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * math.log2(math.e)
+    dev = q.device
+    m = torch.empty(B * G * n_splits * group_p2, device=dev, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(B * G * n_splits * group_p2, D, device=dev, dtype=torch.float32)
+    if k_new.stride(-1) != 1 or v_new.stride(1) != k_new.stride(1) or v_new.stride(0) != k_new.stride(0):
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    _decode_split_kernel[(B * G, n_splits)](
+        q, k_new, v_new, k_cache, v_cache, base, cap, pos, m, l, acc,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
+        G, H // G, n_splits, sink, window, scale,
+        D=D, GROUP_P2=group_p2, SPLIT=split, BLOCK_N=block_n, num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    _decode_merge_kernel[(B * G, H // G)](
+        m, l, acc, out, out.stride(0), out.stride(1), G, H // G, n_splits,
+        D=D, GROUP_P2=group_p2, S_P2=max(2, triton.next_power_of_2(n_splits)), BLOCK_S=16, num_warps=4)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 4. The kernel as a torch operator, so that torch.compile (generate.py, compile=True) keeps it as one opaque call
+# and fuses what lies around it (norms, RoPE, residuals) instead of tracing into the wrapper.
+
+@torch.library.custom_op("elastic::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, base: torch.Tensor, cap: torch.Tensor, pos: torch.Tensor,
+                        sink: int, window: int, n_splits: int, split: int) -> torch.Tensor:
+    return decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink=sink, window=window,
+                            n_splits=n_splits, split=split)
+
+
+@decode_attention_op.register_fake
+def _(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink, window, n_splits, split):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
