@@ -29,6 +29,31 @@ def cache_root():
     return Path(os.environ.get("ELASTIC_ATTENTION_CACHE") or Path.home() / ".cache" / "elastic-attention")
 
 
+def checkpoint_dir(model=None):
+    """The checkpoint dir that a script's --model names (None: the default model, converted if need be), checked
+    before anything loads; a bad one is a ValueError of one line naming it."""
+    try:
+        path = Path(model) if model else default_model_dir()
+    except (ModuleNotFoundError, FileNotFoundError, OSError) as e:  # the package missing, its conversion failing
+        raise ValueError(str(e)) from None
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {path}: {'it has no config.json' if path.is_dir() else 'no such directory'}; "
+                         "pass a HuggingFace checkpoint dir (config.json, model.safetensors, tokenizer files)")
+    return path
+
+
+def check_device(device):
+    """A script's --device (None: the default) before anything loads: a ValueError of one line if it cannot run."""
+    import torch
+    try:
+        cuda = device is not None and torch.device(device).type == "cuda"
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device; use cuda or cpu") from None
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA device (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+
+
 def is_converted(out):
     return (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from data import SyntheticMix
-from default_model import default_model_dir
+from default_model import check_device, checkpoint_dir
 from generate import generate
 from kernel import FA, SSA, XA
 from model import ModelConfig, Transformer
@@ -92,19 +92,10 @@ def main():
         if not ok:
             fail(f"{flag} {value} is out of range: it must be {want}")
     try:
-        cuda = args.device is not None and torch.device(args.device).type == "cuda"
-    except RuntimeError:
-        fail(f"--device {args.device} is not a device; use cuda or cpu")
-    if cuda and not torch.cuda.is_available():
-        fail(f"--device {args.device}: this torch has no CUDA device (torch.cuda.is_available() is False); "
-             "use --device cpu")
-    try:
-        model_dir = Path(args.model) if args.model else default_model_dir()
-    except Exception as e:  # the default model's package missing, its conversion failing
+        check_device(args.device)
+        model_dir = checkpoint_dir(args.model)
+    except ValueError as e:
         fail(e)
-    if not (model_dir / "config.json").is_file():
-        fail(f"--model {model_dir}: {'it has no config.json' if model_dir.is_dir() else 'no such directory'}; "
-             "pass a HuggingFace checkpoint dir (config.json, model.safetensors, tokenizer files)")
     try:
         config = ModelConfig.from_json(model_dir / "config.json")
     except (ValueError, KeyError, TypeError) as e:

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from default_model import check_device, checkpoint_dir
 from router import MODE_IDS, MODE_PAIRS, ElasticConfig
 
 
@@ -64,13 +65,12 @@ def parse_args(argv=None):
         fail(f"--top-p {args.top_p}: the nucleus mass must lie in (0, 1]")
     if args.sparse_ratio is not None and not 0 <= args.sparse_ratio <= 1:
         fail(f"--sparse-ratio {args.sparse_ratio}: the share of sparse heads must lie in [0, 1]")
-    if args.device is not None:
-        if not args.device.startswith(("cuda", "cpu")):
-            fail(f"--device {args.device}: use cuda or cpu")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            fail(f"--device {args.device}: this torch has no CUDA device; use --device cpu")
-    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
-        fail(f"--model {args.model}: not a checkpoint dir (no config.json)")
+    try:
+        check_device(args.device)
+        if args.model is not None:
+            checkpoint_dir(args.model)
+    except ValueError as e:
+        fail(e)
     if args.routers is not None and not os.path.isfile(os.path.join(args.routers, "routers.safetensors")):
         fail(f"--routers {args.routers}: holds no routers.safetensors (train them with train.py --out-dir)")
     if args.prompt.count("-") > 1:
@@ -110,14 +110,16 @@ def main():
     # model and tokenizer (imported here: --help and argument errors need none of it)
     from transformers import AutoTokenizer
 
-    from default_model import default_model_dir
     from generate import generate
     from model import Transformer
     from router import Routers
     from static_hybrid import static_hybrid_modes
 
     torch.manual_seed(args.seed)
-    model_dir = args.model or default_model_dir()
+    try:
+        model_dir = checkpoint_dir(args.model)  # the default model is converted here, once
+    except ValueError as e:
+        fail(e)
     try:
         model = Transformer.from_pretrained(model_dir, device=args.device,
                                             dtype=getattr(torch, args.dtype) if args.dtype else None)

@@ -303,7 +303,7 @@ def test_gpu_xa_selection_large():
 # -----------------------------------------------------------------------------
 # the decode kernel (decode_kernel.py) against its reference: every mode is a segment of `cap` slots
 
-def decode_case(B, H, G, D, caps, positions, dtype, sink, window, split):
+def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, window, split):
     """A decode step of B rows over segments of the given caps (FA: prompt + new; SSA: sink + window), at the
     given positions; compares output and written caches with the reference."""
     from decode_kernel import decode_attention, decode_attention_reference, decode_splits
@@ -333,15 +333,15 @@ def test_decode_every_mode_gqa(group, dtype):
     # (prompt + new = 9, shorter than sink + window): an XA head (decodes like FA) and an SSA segment of 9 slots
     sink, window = 4, 16
     caps = [100, 20, 9, 9]
-    decode_case(2, 2 * group, 2, 32, caps, [93, 7], dtype, sink, window, split=32)
-    decode_case(2, 2 * group, 2, 32, caps, [19, 0], dtype, sink, window, split=32)
+    assert_decode_matches_reference(2, 2 * group, 2, 32, caps, [93, 7], dtype, sink, window, split=32)
+    assert_decode_matches_reference(2, 2 * group, 2, 32, caps, [19, 0], dtype, sink, window, split=32)
 
 
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
 def test_decode_splits_and_odd_lengths(dtype):
     # one chunk, a position on a chunk's edge, an odd one, and the first decode step after a 1-token prompt
     for pos in (0, 1, 63, 64, 127, 200):
-        decode_case(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64)
+        assert_decode_matches_reference(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64)
 
 
 @gpu_only
@@ -349,5 +349,5 @@ def test_decode_splits_and_odd_lengths(dtype):
 def test_gpu_decode_large(T):
     # the method's shape: 32 query / 8 KV heads, D 128, bf16; 5 FA heads, 3 SSA rings (128 + 2048) wrapped
     caps = [T + 8] * 5 + [128 + 2048] * 3
-    decode_case(1, 32, 8, 128, caps, [T + 3], torch.bfloat16, 128, 2048, split=512)
-    decode_case(2, 32, 8, 128, caps * 2, [T + 3, T - 1], torch.bfloat16, 128, 2048, split=512)
+    assert_decode_matches_reference(1, 32, 8, 128, caps, [T + 3], torch.bfloat16, 128, 2048, split=512)
+    assert_decode_matches_reference(2, 32, 8, 128, caps * 2, [T + 3, T - 1], torch.bfloat16, 128, 2048, split=512)

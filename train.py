@@ -40,7 +40,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from data import ROBUST, SENSITIVE, JsonlDataset, SyntheticMix, collate
-from default_model import default_model_dir
+from default_model import check_device, checkpoint_dir
 from kernel import FA
 from model import ModelConfig, Transformer
 from router import (MODE_PAIRS, TARGETS, TAU_END, TAU_FRAC, TAU_START, ElasticConfig, Routers, SparsityConstraint,
@@ -209,20 +209,10 @@ def main():
         fail("--fsdp shards the backbone over torchrun's processes: run it under torchrun "
              "(torchrun --standalone --nproc_per_node=N train.py --fsdp ...)")
     try:
-        cuda = args.device is not None and torch.device(args.device).type == "cuda"
-    except RuntimeError:
-        fail(f"--device {args.device} is not a device; use cuda or cpu")
-    if cuda and not torch.cuda.is_available():
-        fail(f"--device {args.device}: this torch has no CUDA device (torch.cuda.is_available() is False); "
-             "use --device cpu")
-    # the checkpoint's config, its tokenizer and the data: cheap, and a bad file fails before the model loads
-    try:
-        model_dir = Path(args.model) if args.model else default_model_dir()
-    except Exception as e:  # the default model's package missing, its conversion failing
+        check_device(args.device)
+        model_dir = checkpoint_dir(args.model)
+    except ValueError as e:
         fail(e)
-    if not (model_dir / "config.json").is_file():
-        fail(f"--model {model_dir}: {'it has no config.json' if model_dir.is_dir() else 'no such directory'}; "
-             "pass a HuggingFace checkpoint dir (config.json, model.safetensors, tokenizer files)")
     try:
         ModelConfig.from_json(model_dir / "config.json")
     except (ValueError, KeyError, TypeError) as e:
