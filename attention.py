@@ -78,7 +78,8 @@ class Routing:
 
     @property
     def margin(self) -> torch.Tensor:
-        """[B, L, G] the sparse-minus-full logit margin: how sure each router is, and of what."""
+        """[B, L, G] the sparse-minus-full logit margin: how sure each router is, and of what (ours: train.py penalises
+        it and reports it against the task class's effect on it)."""
         return self.logits[..., 1] - self.logits[..., 0]
 
 

@@ -56,8 +56,11 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path):
         """Fills the config from a checkpoint's config.json (HuggingFace's names, transformers 4 or 5 layout)."""
-        with open(path) as f:
-            hf = json.load(f)
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid config.json ({e})") from None
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{path}: model_type {model_type!r} is not supported; "
@@ -290,19 +293,24 @@ class Transformer(nn.Module):
         params = dict(model.named_parameters())
         loaded, unexpected = set(), []
         for file in files:
-            with safe_open(path / file, framework="pt") as f:
-                for name in f.keys():
-                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue  # some tied checkpoints store the shared matrix twice
-                    if name not in params or name in loaded:
-                        unexpected.append(name)
-                        continue
-                    tensor = f.get_tensor(name)
-                    if tensor.shape != params[name].shape:
-                        raise ValueError(f"{path / file}: {name} has shape {tuple(tensor.shape)}, "
-                                         f"the config implies {tuple(params[name].shape)}")
-                    params[name].data.copy_(tensor)
-                    loaded.add(name)
+            try:
+                with safe_open(path / file, framework="pt") as f:
+                    for name in f.keys():
+                        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                            continue  # some tied checkpoints store the shared matrix twice
+                        if name not in params or name in loaded:
+                            unexpected.append(name)
+                            continue
+                        tensor = f.get_tensor(name)
+                        if tensor.shape != params[name].shape:
+                            raise ValueError(f"{path / file}: {name} has shape {tuple(tensor.shape)}, "
+                                             f"the config implies {tuple(params[name].shape)}")
+                        params[name].data.copy_(tensor)
+                        loaded.add(name)
+            except ValueError:
+                raise
+            except Exception as e:  # a truncated or corrupt file: name it
+                raise ValueError(f"{path / file}: cannot read it ({str(e).splitlines()[0]})") from None
         missing = sorted(set(params) - loaded)
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not match the config: missing tensors {missing[:8]}"

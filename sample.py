@@ -124,7 +124,7 @@ def main():
         model = Transformer.from_pretrained(model_dir, device=args.device,
                                             dtype=getattr(torch, args.dtype) if args.dtype else None)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # a corrupt config.json, a truncated model.safetensors, missing tokenizer files...
+    except Exception as e:  # a corrupt config.json, a truncated model.safetensors (both named), tokenizer files...
         fail(f"cannot load the model from {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     device = model.output_weight().device
     overrides = {k: getattr(args, k) for k in ("mode_pair", "sink", "window") if getattr(args, k) is not None}

@@ -350,9 +350,9 @@ def main():
         mean = sums[:, :3] / sums[:, 3:].clamp(min=1)
         out = {name: [round(x, 4) for x in mean[c].tolist()]
                for c, name in ((SENSITIVE, "sensitive"), (ROBUST, "robust"))}
-        # Is the routing reading the prompt? Per head: the mean |margin| (how sure the router is) against the gap
-        # between the classes' mean margins (how much the task moves it). A router that ends as fixed per-head
-        # switches shows margins far above the gap, and then its Gumbel noise and gradient die out.
+        # Is the routing reading the prompt? (a diagnostic of ours) Per head: the mean |margin| (how sure the router
+        # is) against the gap between the classes' mean margins (how much the task moves it). A router that ends as
+        # fixed per-head switches shows margins far above the gap, and then its Gumbel noise and gradient die out.
         per_head = margins / sums[:, 3, None, None, None].clamp(min=1)      # [class, (margin, |margin|), L, G]
         size = margins[:, 1].sum(0) / sums[:, 3].sum().clamp(min=1)          # [L, G] mean |margin| over all samples
         out["margin"] = round(size.median().item(), 3)
