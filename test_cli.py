@@ -259,6 +259,13 @@ def test_resume_restores_the_runs_arguments(tiny_dir, tmp_path, monkeypatch, cap
 # interruption
 
 
+def test_a_finished_run_is_not_overwritten_unasked(tiny_dir, tmp_path, monkeypatch):
+    (tmp_path / "routers.safetensors").write_bytes(b"a run of the user's")
+    message = error_of(train, "--model", tiny_dir, "--out-dir", tmp_path, monkeypatch=monkeypatch)
+    assert_one_line_error(message, tmp_path, "--resume", "--overwrite")
+    assert (tmp_path / "routers.safetensors").read_bytes() == b"a run of the user's"
+
+
 def test_a_run_killed_at_any_moment_resumes(tiny_dir, tmp_path):
     """SIGKILL at random moments while a checkpoint is saved every step: the checkpoint always loads, --resume
     (with no other flag) continues; SIGTERM and SIGINT stop with one line that says how to resume (exit 130)."""

@@ -48,7 +48,7 @@ from router import (MODE_PAIRS, TARGETS, TAU_END, TAU_FRAC, TAU_START, ElasticCo
 
 # Flags a resumed run may change: they say how it runs and reports, not what it trains (a new --steps stretches
 # the schedules; the run says so).
-RUN_ONLY = {"steps", "eval_every", "eval_samples", "save_every", "device", "fsdp", "grad_checkpointing"}
+RUN_ONLY = {"steps", "eval_every", "eval_samples", "save_every", "device", "fsdp", "grad_checkpointing", "overwrite"}
 STOP = {signal.SIGINT, signal.SIGTERM}  # held back while a checkpoint is written (save in main)
 RANK0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
 # Where the run stands, for the line an interrupt prints (the end of the file).
@@ -81,6 +81,8 @@ def main():
     parser.add_argument("--data", default="synthetic", help="'synthetic' (built-in mix) or a JSONL file of "
                         "{context, question, answer, task} records (README: Data)")
     parser.add_argument("--out-dir", default="out-routers", help="where routers, lambdas and the resume state go")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that already holds a "
+                        "run (without it, such a dir is refused: resume it or pick another)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir, with its own "
                         "arguments (flags given again must agree with them, except --steps, --eval-every, "
                         "--eval-samples, --save-every, --device, --fsdp, --grad-checkpointing)")
@@ -145,6 +147,10 @@ def main():
     state_file = out_dir / "train_state.pt"
     state, start = None, 0
     progress.update(step=0, out_dir=out_dir)
+    held = [f.name for f in (state_file, out_dir / "routers.safetensors") if f.is_file()]
+    if held and not args.resume and not args.overwrite:  # nothing a user made is overwritten unasked
+        fail(f"--out-dir {out_dir} already holds a run ({', '.join(held)}); continue it with --resume, start afresh "
+             "with --overwrite, or pick another --out-dir")
     if args.resume:
         try:
             state = torch.load(state_file, map_location="cpu")
