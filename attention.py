@@ -15,6 +15,7 @@ which the caller owns and passes in (`Run.caches`, one per layer).
     pytest test_elastic.py          # routing, the training mix, decode against recomputation
 """
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -272,7 +273,7 @@ class KVCache:
         if len(caches) == 1:
             return caches[0]
         out = cls(caches[0].max_new_tokens, caches[0].sink, caches[0].window)
-        offsets = torch.tensor([0] + [c.k.shape[0] for c in caches[:-1]]).cumsum(0).tolist()
+        offsets = list(itertools.accumulate([c.k.shape[0] for c in caches[:-1]], initial=0))  # first slot of each
         out.k, out.v = torch.cat([c.k for c in caches]), torch.cat([c.v for c in caches])
         out.base = torch.cat([c.base + o for c, o in zip(caches, offsets)])
         out.cap = torch.cat([c.cap for c in caches])

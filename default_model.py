@@ -30,8 +30,10 @@ def cache_root():
 
 
 def checkpoint_dir(model=None):
-    """The checkpoint dir that a script's --model names (None: the default model, converted if need be), checked
-    before anything loads; a bad one is a ValueError of one line naming it."""
+    """The checkpoint dir that a script's --model names (None: the default model, converted if need be) and its
+    model.ModelConfig, checked before anything heavy loads; a bad dir or config.json is a ValueError of one line
+    naming it. -> (dir, config)"""
+    from model import ModelConfig
     try:
         path = Path(model) if model else default_model_dir()
     except (ModuleNotFoundError, FileNotFoundError, OSError) as e:  # the package missing, its conversion failing
@@ -39,7 +41,10 @@ def checkpoint_dir(model=None):
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {path}: {'it has no config.json' if path.is_dir() else 'no such directory'}; "
                          "pass a HuggingFace checkpoint dir (config.json, model.safetensors, tokenizer files)")
-    return path
+    try:
+        return path, ModelConfig.from_json(path / "config.json")
+    except (KeyError, TypeError) as e:  # a field missing or of the wrong type (bad JSON is a ValueError already)
+        raise ValueError(f"{path / 'config.json'} is not a model config this code reads: {e!r}") from None
 
 
 def check_device(device):

@@ -38,7 +38,7 @@ from data import SyntheticMix
 from default_model import check_device, checkpoint_dir
 from generate import generate
 from kernel import FA, SSA, XA
-from model import ModelConfig, Transformer
+from model import Transformer
 from router import Routers
 from static_hybrid import probe_samples, retrieval_scores, static_modes
 
@@ -93,13 +93,9 @@ def main():
             fail(f"{flag} {value} is out of range: it must be {want}")
     try:
         check_device(args.device)
-        model_dir = checkpoint_dir(args.model)
+        model_dir, config = checkpoint_dir(args.model)
     except ValueError as e:
         fail(e)
-    try:
-        config = ModelConfig.from_json(model_dir / "config.json")
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"{model_dir / 'config.json'} is not a model config this code reads: {e}")
     if max(args.lengths) + ROOM > config.max_position_embeddings:
         fail(f"--lengths {max(args.lengths)} leaves no room for the answer in the model's context of "
              f"{config.max_position_embeddings} tokens; use lengths <= {config.max_position_embeddings - ROOM}")

@@ -117,7 +117,7 @@ def main():
 
     torch.manual_seed(args.seed)
     try:
-        model_dir = checkpoint_dir(args.model)  # the default model is converted here, once
+        model_dir, _ = checkpoint_dir(args.model)  # the default model is converted here, once
     except ValueError as e:
         fail(e)
     try:

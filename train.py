@@ -42,7 +42,7 @@ from transformers import AutoTokenizer
 from data import ROBUST, SENSITIVE, JsonlDataset, SyntheticMix, collate
 from default_model import check_device, checkpoint_dir
 from kernel import FA
-from model import ModelConfig, Transformer
+from model import Transformer
 from router import (MODE_PAIRS, TARGETS, TAU_END, TAU_FRAC, TAU_START, ElasticConfig, Routers, SparsityConstraint,
                     calibrate_routers, tau_schedule)
 
@@ -216,13 +216,9 @@ def main():
              "(torchrun --standalone --nproc_per_node=N train.py --fsdp ...)")
     try:
         check_device(args.device)
-        model_dir = checkpoint_dir(args.model)
+        model_dir, _ = checkpoint_dir(args.model)
     except ValueError as e:
         fail(e)
-    try:
-        ModelConfig.from_json(model_dir / "config.json")
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"{model_dir / 'config.json'} is not a model config this code reads: {e}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:
