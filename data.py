@@ -8,21 +8,23 @@ sparsity-robust ones (summaries, code, in-context learning, continuation; target
 
 Two sources, one format:
     JsonlDataset(path, tokenizer, max_len)             records {"context", "question", "answer", "task"}
-    SyntheticMix(tokenizer, min_len, max_len, seed)    generated on the fly from Python's own docs
-                                                       (pydoc_data.topics): passkey / multi-key retrieval
-                                                       (sensitive) and text continuation (robust)
-Both yield Sample(input_ids [T], prompt_len, task, task_class); collate() pads a list of them into a
+    SyntheticMix(tokenizer, min_len, max_len, seed)    generated on the fly: 17 task kinds of both classes
+                                                       (tasks.py) over Python's docs, docstrings and source,
+                                                       many wordings and layouts; split="heldout" gives the
+                                                       kinds, wordings and texts training never sees
+Both yield Sample(input_ids [T], prompt_len, task, task_class, keys); collate() pads a list of them into a
 Batch of [B, T] tensors with shifted targets. train.py uses them as
 
     data = SyntheticMix(tokenizer, min_len=1024, max_len=4096, seed=0)   # or JsonlDataset(...)
     batch = collate([data[i] for i in range(8)], pad_id=tokenizer.pad_token_id).to(device)
 
-Prompt layout (the paper's training records; README: Data): the user turn is the non-empty parts of
-    [instruction, context, question, suffix] joined by blank lines,
-where summarization has the instruction "You are given several news passages. Write a one-page summary
-of all news." and the suffix "Summary:", code "Please complete the code given below.", continuation
-"Continue the text given below.", synthetic retrieval "Some special numbers are hidden inside the following
-text. [...]" (RULER-like); then the tokenizer's chat template, the answer as the assistant turn,
+Prompt layout (README: Data): the user turn is the non-empty parts of
+    [instruction, context, question] in the record's order (default: that one), then the task's suffix,
+joined by blank lines. A JSONL record without its own "instruction" gets its task's default (the paper's
+training records): summarization "You are given several news passages. Write a one-page summary of all
+news." and the suffix "Summary:", code "Please complete the code given below.", continuation "Continue the
+text given below.", synthetic retrieval "Some special numbers are hidden inside the following text. [...]"
+(RULER-like). Then the tokenizer's chat template, the answer as the assistant turn,
 EOS. Nothing here runs on its own; `pytest test_data.py` checks it.
 """
 
@@ -33,10 +35,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tasks import HELDOUT_KINDS, KIND_CLASS, KIND_TABLE, KINDS, ROBUST, SENSITIVE, TRIM, Texts, wordings
+
 # -----------------------------------------------------------------------------
 # Tasks and their classes
 
-SENSITIVE, ROBUST = 0, 1  # task classes; index SparsityConstraint's targets (0.7, 1.0) in router.py
 TASK_CLASSES = {
     "single_qa": SENSITIVE,      # single-document QA (ChatQA2-Long-SFT)
     "multi_hop_qa": SENSITIVE,   # multi-hop QA (MuSiQue)
@@ -44,7 +47,7 @@ TASK_CLASSES = {
     "summarization": ROBUST,     # GovReport, XSum
     "code": ROBUST,              # code completion (CoLT-132K)
     "icl": ROBUST,               # few-shot / in-context learning
-    "continuation": ROBUST,      # continue a text (the built-in synthetic mix)
+    **KIND_CLASS,                # the built-in mix's kinds (tasks.py), e.g. "passkey", "summary"
 }
 # (instruction before the context, suffix after the question); tasks not listed have neither.
 TASK_PROMPTS = {
@@ -73,6 +76,7 @@ class Sample:
     prompt_len: int          # tokens before the answer: the span the router pools (router.boundary_pool)
     task: str
     task_class: int          # SENSITIVE or ROBUST
+    keys: tuple[str, ...] = ()  # strings a correct answer contains (the built-in sensitive kinds; eval.py scores them)
 
 # -----------------------------------------------------------------------------
 # Prompts
@@ -85,10 +89,13 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
-def chat_parts(tokenizer, task: str, question: str, answer: str, has_context: bool = True):
+def chat_parts(tokenizer, task: str, question: str, answer: str, has_context: bool = True,
+               instruction: str | None = None, order: str = "icq"):
     """(head, tail, completion) of a chat sample: the prompt is head + context + tail (text), the answer
     turn is completion (token ids).
 
+    The user turn is the instruction (the task's default from TASK_PROMPTS unless given), the context and the
+    question in `order` (a permutation of a subset of "icq"), then the task's suffix; empty parts are left out.
     The chat template renders the prompt with a placeholder for the context; head and tail are the text on
     either side of it. completion = the template's assistant turn (the answer, the end-of-turn token), with
     EOS appended if the template did not already end the turn with it.
@@ -96,8 +103,9 @@ def chat_parts(tokenizer, task: str, question: str, answer: str, has_context: bo
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                          "router training uses instruct models (README: Data)")
-    instruction, suffix = TASK_PROMPTS.get(task, ("", ""))
-    user = "\n\n".join(p for p in (instruction, CONTEXT if has_context else "", question, suffix) if p)
+    default, suffix = TASK_PROMPTS.get(task, ("", ""))
+    parts = {"i": default if instruction is None else instruction, "c": CONTEXT if has_context else "", "q": question}
+    user = "\n\n".join(p for p in [parts[c] for c in order] + [suffix] if p)
     messages = [{"role": "user", "content": user}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
@@ -115,6 +123,8 @@ def chat_parts(tokenizer, task: str, question: str, answer: str, has_context: bo
 
 def encode(tokenizer, record: dict, max_len: int | None, truncate: str = "middle") -> Sample:
     """One record {"context", "question", "answer", "task"} -> Sample of at most max_len tokens (None: no limit).
+    Optional keys: "instruction" (replaces the task's default), "order" (of instruction, context, question:
+    "icq" by default), "keys" (strings a correct answer contains).
 
     The prompt is tokenised as one text, as a chat prompt is at inference. Only the context
     is truncated: when the whole does not fit, the middle of the context's tokens goes (truncate="middle":
@@ -126,8 +136,13 @@ def encode(tokenizer, record: dict, max_len: int | None, truncate: str = "middle
         raise ValueError(f"truncate must be 'middle' or 'left', got {truncate!r}")
     task = record["task"]
     cls = task_class(task)
+    order = record.get("order", "icq")
+    if not isinstance(order, str) or len(set(order)) != len(order) or set(order) - set("icq"):
+        raise ValueError(f"order must be some of the letters i, c, q (instruction, context, question), each at most "
+                         f"once, e.g. 'icq' or 'qci'; got {order!r}")
     head, tail, completion = chat_parts(tokenizer, task, record["question"], record["answer"],
-                                        has_context=bool(record["context"]))
+                                        has_context=bool(record["context"]), instruction=record.get("instruction"),
+                                        order=order if "c" in order else order + "c")
     enc = tokenizer(head + record["context"] + tail, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc.input_ids
     if max_len is not None and len(ids) + len(completion) > max_len:
@@ -142,7 +157,8 @@ def encode(tokenizer, record: dict, max_len: int | None, truncate: str = "middle
                              f"max_len={max_len}; raise max_len or shorten its question/answer")
         keep_first = room // 2 if truncate == "middle" else 0
         ids = ids[:c0 + keep_first] + ids[c1 - (room - keep_first):]
-    return Sample(torch.tensor(ids + completion, dtype=torch.long), len(ids), task, cls)
+    return Sample(torch.tensor(ids + completion, dtype=torch.long), len(ids), task, cls,
+                  tuple(record.get("keys", ())))
 
 # -----------------------------------------------------------------------------
 # JSONL records
@@ -182,6 +198,13 @@ class JsonlDataset(torch.utils.data.Dataset):
         for key in cls.KEYS:
             if not isinstance(record.get(key), str):
                 raise ValueError(f"{where}: {key!r} must be a string, got {type(record.get(key)).__name__}")
+        for key, ok in (("instruction", isinstance(record.get("instruction", ""), str)),
+                        ("order", isinstance(record.get("order", ""), str)),
+                        ("keys", isinstance(record.get("keys", []), list)
+                         and all(isinstance(k, str) for k in record.get("keys", [])))):
+            if not ok:
+                raise ValueError(f"{where}: optional {key!r} must be a " + ("list of strings" if key == "keys"
+                                                                           else "string"))
         try:
             task_class(record["task"])
         except ValueError as e:
@@ -198,140 +221,83 @@ class JsonlDataset(torch.utils.data.Dataset):
         return encode(self.tokenizer, record, self.max_len)
 
 # -----------------------------------------------------------------------------
-# The built-in synthetic mix
-
-
-FILLER_HEAD = 32  # filler tokens before the first needle
-KINDS = ("passkey", "multi_key", "multi_value", "continuation")  # what SyntheticMix generates
-NAMES = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
-         "kestrel", "lotus", "marble", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra",
-         "umber", "violet", "willow", "yarrow", "zephyr", "birch", "copper", "dune", "falcon", "glacier")
+# The built-in mix
 
 
 class SyntheticMix(torch.utils.data.Dataset):
     """Samples generated from a seed, so training runs with no data files (README: Data).
 
-    Filler: Python's documentation topics (pydoc_data.topics, in sorted order), tokenised once here and
-    repeated as often as max_len needs. Sample i is a pure function of (seed, i), the tokenizer and the
-    Python version's docs: any order, any worker, any rank gives the same sample. Its length is drawn
-    uniformly from [min_len, max_len] and met to within a token or two, always inside the range. Kinds:
-      sensitive (probability sensitive_frac), task "synthetic", a third each (RULER-like):
-        passkey:     "The pass key is 48213. Remember it. 48213 is the pass key." at a uniform depth;
-                     question "What is the pass key?"
-        multi_key:   2-4 lines "The secret number of <name> is <7 digits>." at uniform depths; the question
-                     asks for one of them.
-        multi_value: 2-4 lines "One of the special numbers for <name> is <7 digits>." for one name; the
-                     question asks for all of them.
-      robust, task "continuation": the text up to a line start; the answer is the true next 32 or more
-        tokens of the text, up to the next line start (at most 160 tokens).
-    kinds: draw only these kinds (uniformly), e.g. ("multi_value",) for one evaluation task; None: the mix above.
-    The numbers to retrieve are the digit runs of the answer.
-    Needles go in at line starts, after the first FILLER_HEAD tokens, so the filler's own lines stay whole.
+    The kinds are tasks.py's: 9 sensitive and 8 robust ones for training (KINDS), 3 + 3 more held out for
+    evaluation (HELDOUT_KINDS), each with its own wordings, over Python's documentation topics, the stdlib's
+    docstrings and its source. Sample i is a pure function of (seed, split, i), the tokenizer and the Python
+    version's stdlib: any order, any worker, any rank gives the same sample. Per sample: a length uniform in
+    [min_len, max_len] (met to within a few tokens, always inside the range), a kind (sensitive with probability
+    sensitive_frac, then uniform among the class's kinds), an instruction and a question from the kind's
+    wordings, the instruction before the context, after it or nowhere, the question before or after it.
+    split: "train" (trained kinds, their first wordings, 4 in 5 documents) or "heldout" (every kind, the held-out
+    wordings and documents; with kinds=None, the held-out kinds only). kinds: draw only these (uniformly).
     Every sample is built as a record and goes through encode(), exactly like a JSONL record.
     """
 
     def __init__(self, tokenizer, min_len: int = 1024, max_len: int = 4096, seed: int = 0,
-                 sensitive_frac: float = 0.5, size: int = 1_000_000, kinds: tuple[str, ...] | None = None):
-        from pydoc_data.topics import topics
-
-        if kinds is not None and (not kinds or set(kinds) - set(KINDS)):
-            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
-        self.kinds = kinds
+                 sensitive_frac: float = 0.5, size: int = 1_000_000, kinds: tuple[str, ...] | None = None,
+                 split: str = "train"):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        allowed = KINDS if split == "train" else KINDS + HELDOUT_KINDS
+        if kinds is not None and (not kinds or set(kinds) - set(allowed)):
+            raise ValueError(f"kinds of the {split} split must be a non-empty subset of {allowed}, got {kinds!r}")
         if not 1 <= min_len <= max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
         if not 0.0 <= sensitive_frac <= 1.0:
             raise ValueError(f"sensitive_frac must lie in [0, 1], got {sensitive_frac}")
         self.tokenizer, self.min_len, self.max_len = tokenizer, min_len, max_len
-        self.seed, self.sensitive_frac, self.size = seed, sensitive_frac, size
-        ids = encode_text(tokenizer, "\n\n".join(topics[name] for name in sorted(topics)))
-        self.n_text = len(ids)
-        # The tape: the text repeated so that a continuation can start max_len tokens into it anywhere in
-        # its second copy (room for the context before and the answer after).
-        copies = 2 + -(-(max_len + 256) // self.n_text)
-        self.tape = ids * copies
-        # Line starts: positions right after a token holding a newline, and the start of each copy; sorted.
-        ends_line = {t for t in set(ids) if "\n" in tokenizer.decode([t])}
-        starts = [0] + [p for p in range(1, self.n_text) if ids[p - 1] in ends_line]
-        self.line_starts = [c * self.n_text + p for c in range(copies) for p in starts]
+        self.seed, self.sensitive_frac, self.size, self.split = seed, sensitive_frac, size, split
+        self.kinds = kinds
+        pool = kinds or (KINDS if split == "train" else HELDOUT_KINDS)
+        self.by_class = [[k for k in pool if KIND_CLASS[k] == c] for c in (SENSITIVE, ROBUST)]
+        self.texts = Texts(tokenizer, split)
 
     def __len__(self):
         return self.size
 
-    def __getitem__(self, i: int) -> Sample:
-        rng = random.Random(f"{self.seed}:{i}")  # string seeds hash with SHA-512: the same in every process
-        length = rng.randint(self.min_len, self.max_len)
+    def kind(self, rng) -> str:
         if self.kinds is not None:
-            kind = rng.choice(self.kinds)
-        elif rng.random() < self.sensitive_frac:
-            kind = rng.choice(KINDS[:3])
-        else:
-            kind = "continuation"
-        make = self.continuation(rng) if kind == "continuation" else self.retrieval(rng, kind)
-        # make(n) builds the record with n filler tokens. The prompt and answer take a few dozen tokens and
+            return rng.choice(self.kinds)
+        sensitive = rng.random() < self.sensitive_frac
+        return rng.choice(self.by_class[0 if sensitive and self.by_class[0] or not self.by_class[1] else 1])
+
+    def __getitem__(self, i: int) -> Sample:
+        rng = random.Random(f"{self.seed}:{self.split}:{i}")  # string seeds hash with SHA-512: the same everywhere
+        length = rng.randint(self.min_len, self.max_len)
+        kind = self.kind(rng)
+        plan = KIND_TABLE[kind][1](rng, self.texts, self.max_len)
+        instructions, questions = wordings(plan, kind, self.split)
+        instruction, question = rng.choice(instructions), rng.choice(questions)
+        where_i, where_q = rng.choice(("before", "after", "none")), rng.choice(("before", "after"))
+        order = {("before", "after"): "icq", ("before", "before"): "iqc", ("after", "after"): "ciq",
+                 ("after", "before"): "qci", ("none", "after"): "cq", ("none", "before"): "qc"}[where_i, where_q]
+
+        def make(n):
+            return {"context": plan.context(n), "question": question, "answer": plan.answer, "task": kind,
+                    "instruction": instruction, "order": order, "keys": list(plan.keys)}
+        # make(n) builds the record with about n context tokens. The prompt and answer take a few dozen tokens and
         # the text re-tokenises a little differently at the seams: measure on a short probe, then correct n.
-        # The first full try is usually in range (within a token or two of the draw); when it is over
-        # max_len by a little, the surplus comes off the start of the context, which holds only filler.
-        n = length - (len(encode(self.tokenizer, make(16), max_len=None).input_ids) - 16)
-        for _ in range(6):
+        # When a try is over max_len by a little, the surplus comes off the start of the context, which holds
+        # no planted line (tasks.HEAD > tasks.TRIM).
+        n = length - (len(encode(self.tokenizer, make(64), max_len=None).input_ids) - 64)
+        for _ in range(8):
             if n < 1:
-                raise ValueError(f"a {make(1)['task']} sample of {length} tokens has no room for text: its prompt "
-                                 f"and answer alone take about {length - n} tokens; raise min_len")
+                raise ValueError(f"a {kind} sample of {length} tokens has no room for text: its prompt and answer "
+                                 f"alone take about {length - n} tokens; raise min_len")
             sample = encode(self.tokenizer, make(n), max_len=None)
             got = len(sample.input_ids)
             if self.min_len <= got <= self.max_len:
                 return sample
-            if 0 < got - self.max_len <= FILLER_HEAD // 2:
+            if 0 < got - self.max_len <= TRIM:
                 return encode(self.tokenizer, make(n), max_len=self.max_len, truncate="left")
-            n += length - got
-        raise RuntimeError(f"sample {i}: could not fit {length} tokens into [{self.min_len}, {self.max_len}]")
-
-    def text(self, a: int, b: int) -> str:
-        return self.tokenizer.decode(self.tape[a:b]).strip("\ufffd")  # a cut UTF-8 character decodes to U+FFFD
-
-    def retrieval(self, rng, kind: str):
-        if kind == "passkey":
-            key = rng.randint(10_000, 99_999)
-            needles = [f"The pass key is {key}. Remember it. {key} is the pass key.\n"]
-            question, answer = "What is the pass key?", f"The pass key is {key}."
-        elif kind == "multi_value":
-            name, values = rng.choice(NAMES), [rng.randint(1_000_000, 9_999_999) for _ in range(rng.randint(2, 4))]
-            needles = [f"One of the special numbers for {name} is {v}.\n" for v in values]
-            question = f"What are all the special numbers for {name}?"
-            answer = f"The special numbers for {name} are {', '.join(map(str, values[:-1]))} and {values[-1]}."
-        else:
-            names = rng.sample(NAMES, rng.randint(2, 4))
-            values = [rng.randint(1_000_000, 9_999_999) for _ in names]
-            needles = [f"The secret number of {n} is {v}.\n" for n, v in zip(names, values)]
-            j = rng.randrange(len(names))
-            question = f"What is the secret number of {names[j]}?"
-            answer = f"The secret number of {names[j]} is {values[j]}."
-        start = self.line_starts[rng.randrange(bisect_left(self.line_starts, self.n_text))]
-        depths = [rng.random() for _ in needles]
-
-        def make(n_fill):
-            # Each needle at its depth of the filler after the first FILLER_HEAD tokens (so that trimming the
-            # context's start never cuts a needle), moved on to the next line start.
-            head = min(FILLER_HEAD, n_fill)
-            pos = [start + head + int(d * (n_fill - head)) for d in depths]
-            cuts = [min(self.line_starts[bisect_left(self.line_starts, p)], start + n_fill) for p in pos]
-            bounds = [start] + sorted(cuts) + [start + n_fill]
-            parts = [self.text(bounds[0], bounds[1])]
-            for needle, a, b in zip(needles, bounds[1:], bounds[2:]):
-                parts += [needle, self.text(a, b)]
-            return {"context": "".join(parts), "question": question, "answer": answer, "task": "synthetic"}
-        return make
-
-    def continuation(self, rng):
-        # The answer starts at a line start in the tape's second copy and runs to the first line start
-        # 32 or more tokens later (at most 160 tokens); the context is the text just before it.
-        lo = bisect_left(self.line_starts, self.n_text + self.max_len)
-        hi = bisect_left(self.line_starts, 2 * self.n_text + self.max_len)
-        b = self.line_starts[rng.randrange(lo, hi)]
-        k = bisect_left(self.line_starts, b + 32)
-        e = min(self.line_starts[k] if k < len(self.line_starts) else b + 160, b + 160)
-        answer = self.text(b, e)
-        return lambda n_ctx: {"context": self.text(b - min(n_ctx, b), b), "question": "", "answer": answer,
-                              "task": "continuation"}
+            n += max(length - got, 1) if got < self.min_len else length - got
+        raise RuntimeError(f"sample {i} ({kind}): could not fit {length} tokens into [{self.min_len}, {self.max_len}]")
 
 # -----------------------------------------------------------------------------
 # Batches

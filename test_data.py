@@ -7,8 +7,9 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
-from data import (IGNORE, ROBUST, SENSITIVE, TASK_CLASSES, JsonlDataset, Sample, SyntheticMix, collate, encode,
-                  task_class)
+import tasks
+from data import (HELDOUT_KINDS, IGNORE, KIND_CLASS, KINDS, ROBUST, SENSITIVE, TASK_CLASSES, JsonlDataset, Sample,
+                  SyntheticMix, collate, encode, task_class)
 
 END_OF_PROMPT = "<|im_end|>\n<|im_start|>assistant\n"  # SmolLM2's template between user turn and answer
 
@@ -35,8 +36,13 @@ def record(task="single_qa", context="Paris is the capital of France.", question
 
 
 def test_task_classes():
-    assert {t for t, c in TASK_CLASSES.items() if c == SENSITIVE} == {"single_qa", "multi_hop_qa", "synthetic"}
-    assert {t for t, c in TASK_CLASSES.items() if c == ROBUST} == {"summarization", "code", "icl", "continuation"}
+    paper = {"single_qa", "multi_hop_qa", "synthetic", "summarization", "code", "icl"}
+    assert set(TASK_CLASSES) == paper | set(KIND_CLASS)
+    assert {t for t in paper if TASK_CLASSES[t] == SENSITIVE} == {"single_qa", "multi_hop_qa", "synthetic"}
+    # the issue's bar: at least 8 trained kinds of each class, and held-out kinds of both classes
+    for c in (SENSITIVE, ROBUST):
+        assert sum(KIND_CLASS[k] == c for k in KINDS) >= 8 and any(KIND_CLASS[k] == c for k in HELDOUT_KINDS)
+    assert not set(KINDS) & set(HELDOUT_KINDS)
     assert (SENSITIVE, ROBUST) == (0, 1)
     with pytest.raises(ValueError, match=r"unknown task 'qa'; expected one of single_qa, multi_hop_qa"):
         task_class("qa")
@@ -53,8 +59,9 @@ def test_encode_equals_the_chat_template(tok):
         "summarization": "You are given several news passages. Write a one-page summary of all news.\n\nCTX\n\nSummary:",
         "code": "Please complete the code given below.\n\nCTX",
         "continuation": "Continue the text given below.\n\nCTX",
+        "passkey": "CTX\n\nQ?",  # a kind of the built-in mix: no default instruction
     }
-    assert set(users) == set(TASK_CLASSES)
+    assert set(users) <= set(TASK_CLASSES)
     ctx = "Some text.\nMore text here."
     for task, user in users.items():
         question = "Q?" if "Q?" in user else ""
@@ -76,6 +83,19 @@ def test_task_prompts(tok):
     assert "user\nPlease complete the code given below.\n\ndef f(x):" + END_OF_PROMPT in text
     text = tok.decode(encode(tok, record("multi_hop_qa", context="CTX", question="Q?"), 4096).input_ids)
     assert "user\nCTX\n\nQ?" + END_OF_PROMPT in text
+
+
+def test_record_instruction_order_and_keys(tok):
+    r = {**record(), "instruction": "Answer briefly.", "order": "qci", "keys": ["Paris"]}
+    s = encode(tok, r, 4096)
+    assert "user\nWhat is the capital of France?\n\nParis is the capital of France.\n\nAnswer briefly." \
+        + END_OF_PROMPT in tok.decode(s.input_ids) and s.keys == ("Paris",)
+    s = encode(tok, {**record("synthetic"), "instruction": "", "order": "q"}, 4096)  # no instruction; the context last
+    assert "user\nWhat is the capital of France?\n\nParis is the capital of France." + END_OF_PROMPT \
+        in tok.decode(s.input_ids)
+    for bad in ("icqq", "abc", 3):
+        with pytest.raises(ValueError, match="order must be some of the letters i, c, q"):
+            encode(tok, {**record(), "order": bad}, 4096)
 
 
 def test_length_limit_truncates_the_middle_of_the_context(tok):
@@ -112,6 +132,8 @@ def test_jsonl_reader(tok, tmp_path):
     ('{"context": "c", "question": "q", "task": "code"}', r"bad.jsonl:2: 'answer' must be a string"),
     ('{"context": 3, "question": "q", "answer": "a", "task": "code"}', r"bad.jsonl:2: 'context' must be a string"),
     ('["c", "q", "a", "code"]', r"bad.jsonl:2: expected a JSON object"),
+    ('{"context": "c", "question": "q", "answer": "a", "task": "code", "keys": "a"}',
+     r"bad.jsonl:2: optional 'keys' must be a list of strings"),
     ('{"context": "c", ', r"bad.jsonl:2: not valid JSON"),
 ])
 def test_jsonl_errors(tok, tmp_path, line, match):
@@ -121,7 +143,7 @@ def test_jsonl_errors(tok, tmp_path, line, match):
         JsonlDataset(path, tok, max_len=512)
 
 
-# --- the synthetic mix ----------------------------------------------------
+# --- the built-in mix ------------------------------------------------------
 
 
 def test_synthetic_is_deterministic(tok, mix):
@@ -130,7 +152,7 @@ def test_synthetic_is_deterministic(tok, mix):
     order = [7, 3, 0, 12, 5]
     for i in order:                                   # any order, a fresh instance: the same samples
         a, b = mix[i], again[i]
-        assert torch.equal(a.input_ids, b.input_ids) and (a.prompt_len, a.task) == (b.prompt_len, b.task)
+        assert torch.equal(a.input_ids, b.input_ids) and (a.prompt_len, a.task, a.keys) == (b.prompt_len, b.task, b.keys)
     assert sum(torch.equal(mix[i].input_ids, other[i].input_ids) for i in range(10)) == 0
 
 
@@ -138,48 +160,69 @@ def test_synthetic_lengths_and_mix(tok, mix):
     samples = [mix[i] for i in range(60)]
     lengths = [len(s.input_ids) for s in samples]
     assert all(300 <= n <= 700 for n in lengths) and len(set(lengths)) > 30
-    tasks = [s.task for s in samples]
-    assert 15 < tasks.count("synthetic") < 45 and tasks.count("synthetic") + tasks.count("continuation") == 60
-    assert all(s.task_class == TASK_CLASSES[s.task] for s in samples)
+    classes = [s.task_class for s in samples]
+    assert 15 < classes.count(SENSITIVE) < 45 and len({s.task for s in samples}) >= 12
+    assert all(s.task in KINDS and s.task_class == KIND_CLASS[s.task] for s in samples)
     assert all(s.input_ids.dtype == torch.long for s in samples)
     fixed = SyntheticMix(tok, min_len=512, max_len=512, seed=3, sensitive_frac=1.0)
     assert {len(fixed[i].input_ids) for i in range(10)} == {512}
-    assert {fixed[i].task for i in range(10)} == {"synthetic"}
-    assert {SyntheticMix(tok, 400, 500, sensitive_frac=0.0)[i].task for i in range(10)} == {"continuation"}
+    assert {fixed[i].task_class for i in range(10)} == {SENSITIVE}
+    assert {SyntheticMix(tok, 400, 500, sensitive_frac=0.0)[i].task_class for i in range(10)} == {ROBUST}
 
 
-def test_synthetic_answers(tok, mix):
-    docs = "\n\n".join(topics[name] for name in sorted(topics))
-    seen = set()
-    for i in range(40):
+@pytest.mark.parametrize("split,kind", [("train", k) for k in KINDS] + [("heldout", k) for k in HELDOUT_KINDS])
+def test_every_kind_makes_well_formed_samples(tok, split, kind):
+    """Each kind, in range, of its class, with its keys in the prompt (a count is computed, not copied), the same
+    again from a fresh instance; the answer is the assistant turn."""
+    mix = SyntheticMix(tok, 380, 420, seed=11, kinds=(kind,), split=split)
+    for i in range(2):
         s = mix[i]
+        assert 380 <= len(s.input_ids) <= 420 and s.task == kind and s.task_class == KIND_CLASS[kind]
         prompt, answer = tok.decode(s.input_ids[:s.prompt_len]), tok.decode(s.input_ids[s.prompt_len:])
-        assert prompt.endswith(END_OF_PROMPT) and answer.endswith("<|im_end|>\n")
-        answer = answer.removesuffix("<|im_end|>\n")
-        if s.task == "continuation":
-            # The answer is the true next passage: the context's end followed by it is in the docs.
-            context = prompt.removesuffix(END_OF_PROMPT)
-            assert (context[-200:] + answer) in docs + docs, i
-            seen.add("continuation")
-        elif m := re.fullmatch(r"The pass key is (\d{5})\.", answer):
-            assert prompt.count(f"The pass key is {m[1]}. Remember it. {m[1]} is the pass key.") == 1
-            assert prompt.endswith("What is the pass key?" + END_OF_PROMPT)
-            seen.add("passkey")
-        elif m := re.fullmatch(r"The special numbers for (\w+) are ([\d, ]+) and (\d{7})\.", answer):
-            values = m[2].split(", ") + [m[3]]
-            assert 2 <= len(values) <= 4 and all(len(v) == 7 for v in values)
-            assert all(prompt.count(f"One of the special numbers for {m[1]} is {v}.") == 1 for v in values)
-            assert len(re.findall(r"One of the special numbers for \w+ is \d{7}\.", prompt)) == len(values)
-            assert prompt.endswith(f"What are all the special numbers for {m[1]}?" + END_OF_PROMPT)
-            seen.add("multivalue")
-        else:
-            m = re.fullmatch(r"The secret number of (\w+) is (\d{7})\.", answer)
-            assert m, answer
-            assert prompt.count(f"The secret number of {m[1]} is {m[2]}.") == 1
-            assert len(re.findall(r"The secret number of \w+ is \d{7}\.", prompt)) in (2, 3, 4)
-            assert prompt.endswith(f"What is the secret number of {m[1]}?" + END_OF_PROMPT)
-            seen.add("multikey")
-    assert seen == {"continuation", "passkey", "multikey", "multivalue"}
+        assert prompt.endswith(END_OF_PROMPT) and answer.endswith("<|im_end|>\n") and len(answer) > len("<|im_end|>\n")
+        assert bool(s.keys) == (s.task_class == SENSITIVE)
+        assert all(k in answer for k in s.keys)
+        if kind != "counting":
+            assert all(k in prompt for k in s.keys), (kind, s.keys)
+        assert torch.equal(s.input_ids, SyntheticMix(tok, 380, 420, seed=11, kinds=(kind,), split=split)[i].input_ids)
+
+
+def test_heldout_split_is_never_trained(tok):
+    """Held-out kinds, wordings and documents: the train split draws none of them."""
+    train, held = tasks.Texts(tok, "train"), tasks.Texts(tok, "heldout")
+    for source in ("docs", "docstrings", "code"):
+        assert held._docs[source] and train._docs[source] and not set(held._docs[source]) & set(train._docs[source])
+    import random
+    for kind in KINDS:
+        plan = tasks.KIND_TABLE[kind][1](random.Random(0), train, 300)
+        (ti, tq), (hi, hq) = tasks.wordings(plan, kind, "train"), tasks.wordings(plan, kind, "heldout")
+        assert len(set(ti)) >= 6 and hi and not set(hi) & set(ti) and (not set(hq) & set(tq) or tq == ("",) * 3)
+    heldout_instructions = {w for kind in KINDS for w in tasks.wordings(
+        tasks.KIND_TABLE[kind][1](random.Random(0), train, 300), kind, "heldout")[0]}
+    mix = SyntheticMix(tok, 300, 400, seed=4)
+    for i in range(40):
+        prompt = tok.decode(mix[i].input_ids[:mix[i].prompt_len])
+        assert mix[i].task in KINDS and not any(w in prompt for w in heldout_instructions)
+    with pytest.raises(ValueError, match="kinds of the train split must be a non-empty subset"):
+        SyntheticMix(tok, 300, 300, kinds=("variable_tracking",))
+    assert {SyntheticMix(tok, 300, 300, split="heldout")[i].task for i in range(12)} <= set(HELDOUT_KINDS)
+
+
+def test_continuation_answers_are_the_true_next_lines(tok):
+    import random
+    mix = SyntheticMix(tok, 300, 400, seed=2, kinds=("continuation", "code_completion"))
+    docs = [tasks.document(src, n) for src in ("docs", "docstrings", "code") for n in tasks.names(src)]
+    follows = 0
+    for i in range(6):
+        s = mix[i]
+        prompt = tok.decode(s.input_ids[:s.prompt_len]).removesuffix(END_OF_PROMPT)
+        answer = tok.decode(s.input_ids[s.prompt_len:]).removesuffix("<|im_end|>\n")
+        plan = tasks.KIND_TABLE[s.task][1](random.Random(0), mix.texts, 300)
+        for w in plan.instructions:  # an instruction placed after the context
+            prompt = prompt.removesuffix("\n\n" + w)
+        assert len(answer) > 40 and any(answer in d for d in docs), i
+        follows += any(prompt[-30:] + answer in d for d in docs)  # not when the cut falls between two documents
+    assert follows >= 4
 
 
 def test_synthetic_errors(tok):
@@ -187,6 +230,8 @@ def test_synthetic_errors(tok):
         SyntheticMix(tok, min_len=500, max_len=400)
     with pytest.raises(ValueError, match="raise min_len"):
         SyntheticMix(tok, min_len=40, max_len=40)[0]
+    with pytest.raises(ValueError, match="split must be"):
+        SyntheticMix(tok, 300, 300, split="test")
 
 
 # --- batches --------------------------------------------------------------
@@ -216,15 +261,3 @@ def test_collate_shapes_and_targets(tok, mix):
     assert batch.to("cpu").input_ids is not None
     with pytest.raises(ValueError, match="pad_id"):
         collate(samples, pad_id=None)
-
-
-def test_synthetic_kinds(tok):
-    for kind, pattern in (("passkey", r"The pass key is \d{5}\."), ("multi_key", r"The secret number of \w+ is \d{7}\."),
-                          ("multi_value", r"The special numbers for \w+ are [\d, ]+ and \d{7}\.")):
-        mix = SyntheticMix(tok, 300, 300, seed=5, kinds=(kind,))
-        for i in range(4):
-            s = mix[i]
-            assert re.fullmatch(pattern, tok.decode(s.input_ids[s.prompt_len:]).removesuffix("<|im_end|>\n"))
-    assert {SyntheticMix(tok, 300, 300, kinds=("continuation",))[i].task for i in range(4)} == {"continuation"}
-    with pytest.raises(ValueError, match="kinds must be a non-empty subset"):
-        SyntheticMix(tok, 300, 300, kinds=("needle",))

@@ -94,12 +94,40 @@ def test_fsdp_needs_torchrun(tiny_dir, tmp_path):
 
 
 def test_a_few_steps_on_smollm2(tmp_path):
-    out = tmp_path / "smol"
-    log = train("--out-dir", out, "--steps", 2, "--batch-size", 2, "--eval-every", 0, *SHORT)
-    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2]
-    assert all(0.0 < l["ce"] < 10.0 for l in lines), lines  # a trained model, not random logits (ln V = 10.8)
-    assert "final: routers at step 2" in log
+    """Both objectives: CE of the targets, and KL from the dense model (its loss is the KL plus the Lagrangian,
+    which starts near zero, so it sits far below the CE)."""
+    for loss in ("ce", "kl"):
+        out = tmp_path / loss
+        log = train("--out-dir", out, "--steps", 2, "--batch-size", 2, "--eval-every", 0, "--loss", loss, *SHORT)
+        lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+        assert [l["step"] for l in lines] == [1, 2]
+        assert all(0.0 < l["ce"] < 10.0 for l in lines), lines  # a trained model, not random logits (ln V = 10.8)
+        assert "final: routers at step 2" in log
+        if loss == "kl":
+            assert all(l["loss"] < 0.5 * l["ce"] for l in lines), lines
+
+
+def test_distillation_loss_is_zero_for_the_dense_model(tiny_dir):
+    from data import IGNORE
+    from kernel import FA, SSA
+    from router import ElasticConfig
+    from train import distillation_loss
+    model = Transformer.from_pretrained(tiny_dir)
+    model.elastic = ElasticConfig(sink=4, window=8)
+    L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
+    idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    targets = torch.full((2, 40), IGNORE)
+    targets[:, 20:39] = idx[:, 21:]
+    with torch.no_grad():
+        dense = model(idx, modes=torch.full((1, L, G), FA))
+        routed = model(idx, modes=torch.full((1, L, G), FA))
+        sparse = model(idx, modes=torch.full((1, L, G), SSA))
+    assert distillation_loss(routed, dense, targets).item() == 0.0
+    kl = distillation_loss(sparse, dense, targets).item()
+    assert kl > 1e-4
+    sel = targets != IGNORE  # against a direct sum: KL(p||q) = sum p (log p - log q), mean over trained positions
+    p, q = dense[sel].double().softmax(-1), sparse[sel].double().softmax(-1)
+    assert abs(kl - (p * (p.log() - q.log())).sum(-1).mean().item()) < 1e-4 * max(kl, 1)
 
 
 def test_margin_penalty_shrinks_the_router_margins(tiny_dir, tmp_path):

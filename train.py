@@ -9,9 +9,12 @@ Train the Attention Routers of a frozen model (Elastic Attention, arXiv 2601.173
 Only the routers (one per layer) and two Lagrange multipliers per task class train; the backbone is frozen
 (bf16 on the GPU). Every step samples each router's decision with a Gumbel-softmax straight-through estimator,
 runs both branches of every KV head and mixes them by that decision, and takes
-    loss = CE + lambda1[c] * (Omega - t[c]) + lambda2[c] * (Omega - t[c])^2        (paper Eq. 8)
+    loss = D + lambda1[c] * (Omega - t[c]) + lambda2[c] * (Omega - t[c])^2         (paper Eq. 8)
               + beta * mean(margin^2)                                               (ours, --margin-penalty)
-which the routers minimise and the lambdas maximise (gradient ascent). Omega is the share of sparse KV heads,
+which the routers minimise and the lambdas maximise (gradient ascent). D is the CE of the targets (--loss ce, as
+the paper) or the KL divergence from the frozen dense model's next-token distribution on the same positions
+(--loss kl, distillation as DuoAttention trains its gates: a task with no reference answer keeps the dense
+model's behaviour; one no-grad dense pass more per step). Omega is the share of sparse KV heads,
 t the target of the sample's task class (0.7 sensitive, 1.0 robust), margin the routers' sparse-minus-full logit
 margin: kept small, it stays within reach of the Gumbel noise and the routers keep learning from the prompt.
 Before step 0 the routers' input standardisation is set from the dense model's pooled keys (ours,
@@ -25,6 +28,7 @@ stops with one line that says where to resume (exit status 130).
 """
 import argparse
 import json
+import functools
 import math
 import os
 import shlex
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from data import ROBUST, SENSITIVE, JsonlDataset, SyntheticMix, collate
+from data import IGNORE, ROBUST, SENSITIVE, JsonlDataset, SyntheticMix, collate
 from default_model import check_device, checkpoint_dir
 from kernel import FA
 from model import Transformer
@@ -48,7 +52,8 @@ from router import (MODE_PAIRS, TARGETS, TAU_END, TAU_FRAC, TAU_START, ElasticCo
 
 # Flags a resumed run may change: they say how it runs and reports, not what it trains (a new --steps stretches
 # the schedules; the run says so).
-RUN_ONLY = {"steps", "eval_every", "eval_samples", "save_every", "device", "fsdp", "grad_checkpointing", "overwrite"}
+RUN_ONLY = {"steps", "eval_every", "eval_samples", "save_every", "device", "fsdp", "grad_checkpointing", "overwrite",
+            "workers"}
 STOP = {signal.SIGINT, signal.SIGTERM}  # held back while a checkpoint is written (save in main)
 RANK0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
 # Where the run stands, for the line an interrupt prints (the end of the file).
@@ -64,6 +69,15 @@ def flag(name, value):
     """`--name value`, as it is typed on the command line."""
     value = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
     return f"--{name.replace('_', '-')} {value}"
+
+
+def distillation_loss(logits, dense_logits, targets):
+    """KL(dense || routed) of the next-token distributions at the trained positions (targets != -100), summed
+    over the vocabulary, averaged over positions. Zero when the routed model is the dense one."""
+    sel = targets != IGNORE
+    routed = F.log_softmax(logits[sel].float(), -1)
+    dense = F.log_softmax(dense_logits[sel].float(), -1)
+    return F.kl_div(routed, dense, log_target=True, reduction="sum") / sel.sum().clamp(min=1)
 
 
 def logged_step(line):
@@ -99,6 +113,10 @@ def main():
     parser.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens (JSONL: contexts are cut)")
     parser.add_argument("--sensitive-frac", type=float, default=0.5, help="synthetic mix: share of retrieval samples")
     parser.add_argument("--answer-only", action="store_true", help="CE on the answer only (paper: whole sequence)")
+    parser.add_argument("--loss", default="ce", choices=["ce", "kl"], help="ce: cross-entropy of the targets (paper); "
+                        "kl: KL from the frozen dense model's next-token distribution on the same positions "
+                        "(distillation; README: Training)")
+    parser.add_argument("--workers", type=int, default=2, help="processes that build batches ahead of the step")
     parser.add_argument("--pad-multiple", type=int, default=1024, help="pad each batch to a multiple of this many "
                         "tokens: few distinct lengths, so few FlexAttention compiles (padding changes no result)")
     # optimisation (paper Table 6)
@@ -185,7 +203,8 @@ def main():
     # every flag in range before anything loads: a bad value is one line now, not a traceback minutes later
     for name, ok, want in (
             ("steps", args.steps >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
-            ("micro_batch", args.micro_batch >= 1, ">= 1"), ("pad_multiple", args.pad_multiple >= 1, ">= 1"),
+            ("micro_batch", args.micro_batch >= 1, ">= 1"), ("workers", args.workers >= 0, ">= 0"),
+            ("pad_multiple", args.pad_multiple >= 1, ">= 1"),
             ("min_len", 1 <= args.min_len <= args.max_len, f"in [1, --max-len {args.max_len}]"),
             ("sensitive_frac", 0 <= args.sensitive_frac <= 1, "in [0, 1]"),
             ("warmup", 0 <= args.warmup <= 1, "in [0, 1]"), ("lr", args.lr > 0, "> 0"),
@@ -231,8 +250,8 @@ def main():
         if args.data == "synthetic":
             dataset = SyntheticMix(tokenizer, args.min_len, args.max_len, seed=args.seed,
                                    sensitive_frac=args.sensitive_frac)
-            heldout = SyntheticMix(tokenizer, args.min_len, args.max_len, seed=args.seed + 1,
-                                   sensitive_frac=args.sensitive_frac)
+            heldout = SyntheticMix(tokenizer, args.min_len, args.max_len, seed=args.seed + 1,  # kinds, wordings,
+                                   sensitive_frac=args.sensitive_frac, split="heldout")      # texts never trained
         elif not Path(args.data).is_file():
             fail(f"--data {args.data}: no such file; pass a JSONL file of records (README: Data) or 'synthetic'")
         else:
@@ -314,10 +333,15 @@ def main():
         if master:
             print(f"resumed from {state_file} at step {start}")
 
-    def get_batch(step, micro):
-        first = step * args.batch_size + (rank * accum + micro) * args.micro_batch
-        samples = [dataset[(first + b) % len(dataset)] for b in range(args.micro_batch)]
-        batch = collate(samples, pad_id, answer_only=args.answer_only, pad_multiple=args.pad_multiple)
+    # This rank's micro-batches, step by step, built ahead by --workers processes (samples take tens of ms each)
+    indices = [[(step * args.batch_size + (rank * accum + micro) * args.micro_batch + b) % len(dataset)
+                for b in range(args.micro_batch)] for step in range(start, args.steps) for micro in range(accum)]
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=indices, num_workers=args.workers, collate_fn=functools.partial(
+            collate, pad_id=pad_id, answer_only=args.answer_only, pad_multiple=args.pad_multiple)))
+
+    def get_batch():
+        batch = next(loader)
         return batch.to(device), int(batch.lengths.sum())  # its real tokens, counted on the host (no device sync)
 
     def cross_entropy(logits, targets):
@@ -416,6 +440,7 @@ def main():
                                    if logged_step(line) <= start))
             os.replace(tmp, log_file)
         log = open(log_file, "a")
+    dense_modes = torch.full((1, model.config.num_hidden_layers, model.config.num_key_value_heads), FA, device=device)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, dynamic_ncols=True)
     for step in bar:
         progress["step"] = step
@@ -426,10 +451,15 @@ def main():
         stats = torch.zeros(2, 4, device=device)  # per class: sums of CE, Omega, loss; count
         tokens = 0
         for micro in range(accum):
-            batch, n_tokens = get_batch(step, micro)
+            batch, n_tokens = get_batch()
             logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, tau=tau, return_routing=True)
             ce = cross_entropy(logits, batch.targets)
-            loss = ce + constraint(routing.omega, batch.task_class) + args.margin_penalty * routing.margin.pow(2).mean()
+            fit = ce  # what the routers fit; the log shows CE either way
+            if args.loss == "kl":
+                with torch.no_grad():
+                    dense = model(batch.input_ids, modes=dense_modes)
+                fit = distillation_loss(logits, dense, batch.targets)
+            loss = fit + constraint(routing.omega, batch.task_class) + args.margin_penalty * routing.margin.pow(2).mean()
             (loss / accum).backward()
             for c in (SENSITIVE, ROBUST):
                 sel = batch.task_class == c
