@@ -47,6 +47,23 @@ def checkpoint_dir(model=None):
         raise ValueError(f"{path / 'config.json'} is not a model config this code reads: {e!r}") from None
 
 
+SHIPPED_ROUTERS = Path(__file__).parent / "routers"  # routers trained for the default model (README: Results)
+
+
+def routers_dir(name):
+    """A --routers value: a dir that train.py wrote, or the name of a set shipped under routers/ (fa-ssa, ...).
+    A ValueError of one line, naming the shipped sets, when it is neither."""
+    path = Path(name)
+    if (path / "routers.safetensors").is_file():
+        return path
+    if path.name == str(name) and (SHIPPED_ROUTERS / name / "routers.safetensors").is_file():
+        return SHIPPED_ROUTERS / name
+    shipped = sorted(p.name for p in SHIPPED_ROUTERS.glob("*") if (p / "routers.safetensors").is_file())
+    raise ValueError(f"--routers {name}: " + ("holds no routers.safetensors" if path.is_dir() else "no such dir") +
+                     "; pass a dir that train.py --out-dir wrote" +
+                     (f", or a shipped set: {', '.join(shipped)}" if shipped else ""))
+
+
 def check_device(device):
     """A script's --device (None: the default) before anything loads: a ValueError of one line if it cannot run."""
     import torch

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from default_model import check_device, checkpoint_dir
+from default_model import check_device, checkpoint_dir, routers_dir
 from router import MODE_IDS, MODE_PAIRS, ElasticConfig
 
 
@@ -41,7 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly, without a CUDA graph")
     # elastic attention
-    parser.add_argument("--routers", default=None, help="dir of routers trained by train.py (--out-dir)")
+    parser.add_argument("--routers", default=None, help="dir of routers trained by train.py (--out-dir), or the "
+                        "name of a set shipped for the default model under routers/ (fa-ssa, fa-xa, xa-ssa, ...)")
     parser.add_argument("--sparse-ratio", type=float, default=None,
                         help="no routers: a static hybrid where the top (1 - R) KV heads by retrieval score stay full")
     parser.add_argument("--modes", default=None, choices=["all-fa", "all-ssa", "all-xa"], help="every head in one mode")
@@ -71,8 +72,11 @@ def parse_args(argv=None):
             checkpoint_dir(args.model)
     except ValueError as e:
         fail(e)
-    if args.routers is not None and not os.path.isfile(os.path.join(args.routers, "routers.safetensors")):
-        fail(f"--routers {args.routers}: holds no routers.safetensors (train them with train.py --out-dir)")
+    if args.routers is not None:
+        try:
+            args.routers = routers_dir(args.routers)
+        except ValueError as e:
+            fail(e)
     if args.prompt.count("-") > 1:
         fail("--prompt -: stdin can be read once only")
     try:
