@@ -1,25 +1,33 @@
 """
-The paper's central claim, measured on SmolLM2: accuracy against sparsity by task type, and elastic routing
-against static hybrids at the same sparsity (Elastic Attention, arXiv 2601.17367; README: Results).
+The paper's central claim, measured with error bars on SmolLM2: accuracy against sparsity by task class, elastic
+routing against dense and against static hybrids at the same sparsity, and whether Omega still follows the task
+class on task kinds the routers never saw (Elastic Attention, arXiv 2601.17367; README: Results).
 
-    python eval.py --routers out-routers                                    # one H100: about 2 min per method
-    python eval.py --routers out-fa-ssa out-fa-xa out-xa-ssa                # several trained routers
+    python eval.py --routers fa-ssa                                         # shipped routers (routers/<name>)
+    python eval.py --routers fa-ssa fa-xa xa-ssa --lengths 1024 2048 4096   # several routers dirs or names
     python eval.py --routers out-routers --limit 2 --lengths 512 1024       # a quick run, also on the CPU
+    python eval.py --routers fa-ssa --probe                                 # + the linear probe's ceiling
     python eval.py --routers fa-ssa fa-xa xa-ssa --out eval_results.md      # regenerate the committed results
 
-Tasks come from a seed, built out of Python's own docs (data.SyntheticMix, the generator training uses, with
-another seed):
-  sensitive (RULER-like): passkey, multi-key and multi-value retrieval; the score is the share of the answer's
-    numbers found in a greedy answer (exact match for one number, recall for several);
-  robust: text continuation; the score is teacher-forced next-token accuracy on the true next passage (the
-    share of answer tokens that are the model's top prediction), so it needs no reference model.
-Methods: dense FA; the static hybrid (DuoAttention / PruLong style) with the top 30% of KV heads by retrieval
-score kept full (Omega 0.7), and again at the elastic model's own average Omega; XAttention on every head;
-Elastic Attention with each dir of routers given (its mode pair read from its elastic.json; the first must be
-FA-SSA: its sink and window serve every SSA method). Writes out-eval/eval_results.md (rewritten after every
-method, so a stopped run leaves what it measured) and, with matplotlib, the figure beside it; `--out
-eval_results.md` writes the committed eval_results.md and eval_results.png instead. Every flag and every file
-given is checked before the model loads; a bad one is one line on stderr.
+Tasks (data.SyntheticMix, built from Python's own docs, docstrings and source):
+  seen:     passkey, multi_key, multi_value (sensitive) and continuation (robust), kinds the routers trained on,
+            drawn from the train split with another seed;
+  held-out: every kind of data.HELDOUT_KINDS, in held-out wordings over held-out texts (split="heldout").
+Scores: sensitive, the share of the sample's keys found (case-insensitive) in a greedy answer; robust, teacher-forced
+next-token agreement with the reference answer (the share of answer tokens that are the model's top-1).
+Methods: dense FA; the static hybrid (DuoAttention / PruLong style: the top 30% of KV heads by retrieval score
+full, Omega 0.7); XAttention on every head; Elastic Attention with each routers dir (its mode pair from its
+elastic.json; the first must be FA-SSA: its sink and window serve every other SSA method), each followed by the
+static hybrid of its mode pair at its own mean Omega (the fair comparison). Prompts of one (task, length) cell run
+in batches of --batch-size through generate.generate, each routed from its own keys.
+Statistics: every mean with a percentile-bootstrap 95% interval (1000 resamples, fixed seed); paired differences
+(elastic minus dense, elastic minus its matched static hybrid) resample the samples; the AUC of Omega as a score
+of the task class (robust positive) on the held-out kinds. --probe fits a logistic regression on the dense model's
+boundary-pooled pre-RoPE keys (the routers' input) over train-split samples and reports its held-out AUC next to
+the routers': a probe far above the routers says the routers fail, one near them says the data does.
+Writes out-eval/eval_results.md (rewritten after every method) and, with matplotlib, the figure beside it;
+`--out eval_results.md` writes the committed files instead. Every flag is checked before the model loads; a bad
+one is one line on stderr.
 """
 import argparse
 import datetime
@@ -30,25 +38,34 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import triton
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from data import SyntheticMix
+import data
 from default_model import check_device, checkpoint_dir
 from generate import generate
-from kernel import FA, SSA, XA
+from kernel import FA, XA
 from model import Transformer
-from router import Routers
+from router import Routers, boundary_pool
 from static_hybrid import probe_samples, retrieval_scores, static_modes
 
-TASKS = {"passkey": "sensitive", "multi_key": "sensitive", "multi_value": "sensitive", "continuation": "robust"}
-ROOM = 64  # tokens a prompt leaves for the answer in the model's context
+HERE = Path(__file__).parent
+SEEN = ("passkey", "multi_key", "multi_value", "continuation")  # kinds of the first mix, still trained on
+ROOM = 64           # tokens a prompt leaves for the answer in the model's context
+EXTRA_TOKENS = 16   # a greedy answer may run this many tokens past the reference's length
+TOKENS_PER_PASS = 1 << 16  # teacher-forced rows per forward: at most this many tokens (the logits are [B, T, V])
+TIMED = 4           # prompts per task timed for the prefill column, at the longest length
+CLASS_NAME = {data.SENSITIVE: "sensitive", data.ROBUST: "robust"}
 
 
 def fail(message):
     """A user error: one line on stderr, exit status 1, no traceback."""
     sys.exit("error: " + " ".join(str(message).split()))
+
+# -----------------------------------------------------------------------------
+# statistics: plain torch, at module level so that tests call them
 
 
 def mean(xs):
@@ -56,20 +73,172 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def is_xa(name):
-    return name.startswith("XAttention")  # every head XA: Omega (share of SSA heads) does not apply
+def bootstrap_ci(values, stat=mean, resamples=1000, seed=0, level=0.95):
+    """(stat(values), low, high): the percentile bootstrap interval of stat, from `resamples` resamples of the
+    values with replacement (a fixed seed: the same interval every run). values: a list of numbers, or of tuples
+    that stat reads (e.g. (omega, task class) for a difference of class means or an AUC). Resamples where stat
+    is nan (a class missing) are dropped."""
+    values = list(values)
+    if not values:
+        return float("nan"), float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(values), (resamples, len(values)), generator=g)
+    if stat is mean and not isinstance(values[0], tuple):
+        boot = torch.tensor(values, dtype=torch.float64)[idx].mean(1)  # all resamples in one go
+    else:
+        boot = torch.tensor([stat([values[i] for i in row]) for row in idx.tolist()], dtype=torch.float64)
+    boot = boot[~boot.isnan()]
+    if len(boot) == 0:
+        return stat(values), float("nan"), float("nan")
+    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return stat(values), lo, hi
+
+
+def auc(scores, labels):
+    """Area under the ROC curve of scores for labels (1 positive, 0 negative): the chance that a random positive
+    scores above a random negative, ties counting half (Mann-Whitney). nan without both classes."""
+    s, y = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels).bool()
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean().item()
+
+
+def auc_of_pairs(pairs):
+    """AUC of (score, label) pairs: the stat bootstrap_ci resamples."""
+    return auc([s for s, _ in pairs], [y for _, y in pairs])
+
+
+def class_gap(pairs):
+    """mean score of the robust pairs minus that of the sensitive ones, for (score, task class) pairs."""
+    return mean(s for s, c in pairs if c == data.ROBUST) - mean(s for s, c in pairs if c == data.SENSITIVE)
+
+# -----------------------------------------------------------------------------
+# the linear probe: can the routers' input tell the task class at all?
+
+
+@torch.no_grad()
+def pooled_keys(model, samples, boundary=100, batch_size=16):
+    """The dense model's boundary-pooled pre-RoPE keys of every layer (router.boundary_pool of each prompt, what
+    the routers read), [N, L * G * D] fp32 on the CPU. Prompts right-padded (causal: padding is never seen)."""
+    layers = [block.self_attn for block in model.model.layers]
+    device, got, feats = model.output_weight().device, {}, []
+    routers, model.routers = model.routers, None  # dense
+
+    def keep(i):
+        def hook(tap, args):  # args: q, k, k_pre [B, T, G, D]
+            got[i] = boundary_pool(args[2], got["lens"], boundary).flatten(1)
+        return hook
+    hooks = [a.tap.register_forward_pre_hook(keep(i)) for i, a in enumerate(layers)]
+    try:
+        for b in range(0, len(samples), batch_size):
+            batch = samples[b:b + batch_size]
+            lens = torch.tensor([s.prompt_len for s in batch], device=device)
+            ids = torch.zeros(len(batch), int(lens.max()), dtype=torch.long, device=device)
+            for r, s in enumerate(batch):
+                ids[r, :s.prompt_len] = s.input_ids[:s.prompt_len]
+            got["lens"] = lens
+            model(ids, prompt_lens=lens, last_only=True)
+            feats.append(torch.cat([got[i] for i in range(len(layers))], 1).float().cpu())
+    finally:
+        model.routers = routers
+        for h in hooks:
+            h.remove()
+    return torch.cat(feats)
+
+
+def fit_probe(x, y, l2=0.1, steps=300):
+    """L2-regularised logistic regression of labels y [N] (0/1) on features x [N, F] (standardised by their train
+    mean and std), fitted by LBFGS. -> a function from features [M, F] to logits [M]."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z, y = (x - mu) / sd, torch.as_tensor(y, dtype=torch.float32)
+    w, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * w.square().sum() / 2
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda x_new: ((x_new - mu) / sd) @ w + b
+
+
+def probe_auc(model, train_samples, test_samples, boundary=100, batch_size=16):
+    """Fits the probe on the task class of train_samples and scores test_samples: (auc, low, high) with the
+    bootstrap interval over the test samples."""
+    probe = fit_probe(pooled_keys(model, train_samples, boundary, batch_size),
+                      [s.task_class for s in train_samples])
+    scores = probe(pooled_keys(model, test_samples, boundary, batch_size)).tolist()
+    return bootstrap_ci(list(zip(scores, [s.task_class for s in test_samples])), auc_of_pairs)
+
+# -----------------------------------------------------------------------------
+# scoring one batch of a (task, length) cell
+
+
+def keys_found(text, keys):
+    return sum(k.lower() in text.lower() for k in keys) / len(keys)
+
+
+@torch.no_grad()
+def score_batch(model, tokenizer, samples, modes):
+    """Scores samples of one task (all sensitive or all robust) -> [(score, omega, head modes [L, G])], each from
+    the sample's own routing. modes: fixed [1, L, G], or None (the routers decide)."""
+    device = model.output_weight().device
+    if samples[0].task_class == data.SENSITIVE:  # greedy answers, all prompts of the batch decoding together
+        prompts = [s.input_ids[:s.prompt_len] for s in samples]
+        limits = [len(s.input_ids) - s.prompt_len + EXTRA_TOKENS for s in samples]
+        outs, stats = [[] for _ in samples], []
+        for step in generate(model, prompts, max(limits), eos_token_id=tokenizer.eos_token_id, modes=modes,
+                             stats=stats):
+            for out, t in zip(outs, step):
+                if t is not None:
+                    out.append(t)
+        rows = []
+        for s, out, limit, st in zip(samples, outs, limits, stats):
+            keys = s.keys or tuple(re.findall(r"\d{5,}", tokenizer.decode(s.input_ids[s.prompt_len:])))
+            text = tokenizer.decode(out[:limit], skip_special_tokens=True)
+            rows.append((keys_found(text, keys) if keys else float("nan"), st["routing"].omega.item(),
+                         st["routing"].modes[0].cpu()))
+        return rows
+    # teacher-forced agreement: rows of one length go through one forward, no padding
+    rows = [None] * len(samples)
+    by_len = {}
+    for j, s in enumerate(samples):
+        by_len.setdefault(len(s.input_ids), []).append(j)
+    for T, js in by_len.items():
+        step = max(1, TOKENS_PER_PASS // T)
+        for a in range(0, len(js), step):
+            part = js[a:a + step]
+            ids = torch.stack([samples[j].input_ids for j in part]).to(device)
+            P = [samples[j].prompt_len for j in part]
+            logits, routing = model(ids, prompt_lens=torch.tensor(P, device=device), modes=modes,
+                                    return_routing=True)
+            for r, (j, p) in enumerate(zip(part, P)):
+                hit = (logits[r, p - 1:-1].argmax(-1) == ids[r, p:]).float().mean().item()
+                rows[j] = (hit, routing.omega[r].item(), routing.modes[r].cpu())
+    return rows
 
 
 def main():
     # -------------------------------------------------------------------------
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HuggingFace checkpoint dir (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--routers", required=True, nargs="+", help="dirs of routers from train.py; the first FA-SSA, "
-                        "whose sink and window every SSA method here uses")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000], help="prompt lengths "
+    parser.add_argument("--routers", required=True, nargs="+", help="dirs of routers from train.py, or names of "
+                        "shipped ones (routers/<name>); the first FA-SSA, whose sink and window every SSA method "
+                        "here uses")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="prompt lengths "
                         f"(each >= {ROOM}, and {ROOM} tokens below the model's context)")
-    parser.add_argument("--samples", type=int, default=8, help="samples per task and length")
+    parser.add_argument("--samples", type=int, default=32, help="samples per task and length")
     parser.add_argument("--limit", type=int, default=None, help="at most this many samples per task and length")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch of one task and length")
+    parser.add_argument("--heldout-only", action="store_true", help="only the held-out kinds")
+    parser.add_argument("--probe", action="store_true", help="also fit the linear probe on the dense model's "
+                        "pooled keys and report its held-out AUC")
+    parser.add_argument("--probe-samples", type=int, default=256, help="train-split samples the probe fits on, at "
+                        "the shortest length")
     parser.add_argument("--static-ratio", type=float, default=0.7, help="Omega of the static hybrid (paper: 0.7)")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the task sets")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -86,6 +255,8 @@ def main():
     # every flag and file checked before the model loads: a bad one is one line now, not a traceback minutes later
     for flag, value, ok, want in (("--samples", args.samples, args.samples >= 1, ">= 1"),
                                   ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+                                  ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+                                  ("--probe-samples", args.probe_samples, args.probe_samples >= 2, ">= 2"),
                                   ("--lengths", " ".join(map(str, args.lengths)), min(args.lengths) >= ROOM,
                                    f">= {ROOM} each"),
                                   ("--static-ratio", args.static_ratio, 0 <= args.static_ratio <= 1, "in [0, 1]")):
@@ -99,15 +270,17 @@ def main():
     if max(args.lengths) + ROOM > config.max_position_embeddings:
         fail(f"--lengths {max(args.lengths)} leaves no room for the answer in the model's context of "
              f"{config.max_position_embeddings} tokens; use lengths <= {config.max_position_embeddings - ROOM}")
-    loaded = []  # the routers of each dir, checked against the model's shape
-    for path in args.routers:
-        if not Path(path).is_dir():
-            fail(f"--routers {path}: no such directory; pass dirs that train.py --out-dir wrote")
+    loaded = []  # (label, routers) of each dir, checked against the model's shape
+    for name in args.routers:
+        path = Path(name) if Path(name).is_dir() or not (HERE / "routers" / name).is_dir() else HERE / "routers" / name
+        if not path.is_dir():
+            fail(f"--routers {name}: no such directory, nor a shipped set routers/{name}; pass dirs that train.py "
+                 "--out-dir wrote")
         try:
-            loaded.append(Routers.load(path, config))
+            loaded.append((path.resolve().name, Routers.load(path, config)))
         except Exception as e:  # no routers.safetensors, an unreadable routers.json / elastic.json, another model
-            fail(f"--routers {path}: {e}")
-    ssa_config = loaded[0].elastic
+            fail(f"--routers {name}: {e}")
+    ssa_config = loaded[0][1].elastic
     if ssa_config.mode_pair != "FA-SSA":
         fail(f"--routers {args.routers[0]} holds {ssa_config.mode_pair} routers; the first dir must hold FA-SSA ones")
     out = Path(args.out)
@@ -123,7 +296,7 @@ def main():
         fail(f"cannot load the tokenizer from {model_dir}: {e}")
 
     # -------------------------------------------------------------------------
-    # model, tasks
+    # model, tasks: cells (split, task, length) -> samples
     try:
         model = Transformer.from_pretrained(model_dir, device=args.device,
                                             dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -134,143 +307,186 @@ def main():
     device = model.output_weight().device
     L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
     n = min(args.samples, args.limit or args.samples)
+    plan = ([] if args.heldout_only else [("seen", t, "train") for t in SEEN]) + \
+        [("held-out", t, "heldout") for t in data.HELDOUT_KINDS]
     try:
-        tasks = {(task, T): [SyntheticMix(tokenizer, T, T, seed=args.seed + T, kinds=(task,))[i] for i in range(n)]
-                 for task in TASKS for T in args.lengths}
+        cells = {(where, task, T): [mix[i] for i in range(n)] for where, task, split in plan for T in args.lengths
+                 for mix in [data.SyntheticMix(tokenizer, T, T, seed=args.seed + T, kinds=(task,), split=split)]}
+        train_probe = [] if not args.probe else \
+            [data.SyntheticMix(tokenizer, min(args.lengths), min(args.lengths), seed=args.seed + 1, kinds=data.KINDS,
+                               split="train")[i] for i in range(args.probe_samples)]
     except ValueError as e:  # a length too short for a task's prompt
         fail(f"--lengths {' '.join(map(str, args.lengths))}: {e}")
+    TASKS = {(where, task): data.KIND_CLASS[task] for where, task, _ in plan}
 
     # -------------------------------------------------------------------------
-    # methods: each gives the modes [L, 1, G] for a sample, or None to let the loaded routers decide
+    # methods: name -> (routers or None, fixed modes [1, L, G] or None, ElasticConfig); the matched static hybrids
+    # are added as their elastic methods finish
     model.elastic = ssa_config
     scores = retrieval_scores(model, probe_samples(tokenizer, model.config.max_position_embeddings))
 
     def fixed(mode):
         return torch.full((1, L, G), mode, dtype=torch.int32, device=device)
 
-    methods = {
-        "dense FA": (None, fixed(FA), ssa_config),
-        f"static FA-SSA {args.static_ratio:.2f}": (None, static_modes(scores, args.static_ratio, ssa_config),
-                                                   ssa_config),
-        "XAttention (all heads)": (None, fixed(XA), ssa_config),
-    }
-    for path, routers in zip(args.routers, loaded):
-        name = f"elastic {routers.elastic.mode_pair}" + (f" ({path.rstrip('/').split('/')[-1]})"
-                                                          if len(args.routers) > 1 else "")
-        methods[name] = (routers, None, None)
-    ELASTIC = next(name for name in methods if name.startswith("elastic FA-SSA"))  # the first routers
-    print(f"{len(tasks) * n} samples per method: {', '.join(TASKS)} x lengths {args.lengths} x {n}; methods: "
-          f"{', '.join(methods)}; SSA sink {ssa_config.sink}, window {ssa_config.window}")
+    methods = {"dense FA": (None, fixed(FA), ssa_config),
+               f"static FA-SSA {args.static_ratio:.2f}": (None, static_modes(scores, args.static_ratio, ssa_config),
+                                                          ssa_config),
+               "XAttention (all heads)": (None, fixed(XA), ssa_config)}
+    elastic = {}  # elastic method name -> its label (dir name)
+    for label, routers in loaded:
+        name = f"elastic {routers.elastic.mode_pair}" + (f" ({label})" if len(loaded) > 1 else "")
+        methods[name], elastic[name] = (routers, None, routers.elastic), label
+    n_samples = sum(len(v) for v in cells.values())
+    print(f"{n_samples} samples per method: {len(TASKS)} tasks x lengths {args.lengths} x {n}; methods: "
+          f"{', '.join(methods)}, each elastic one then a static hybrid at its mean Omega; SSA sink {ssa_config.sink}, "
+          f"window {ssa_config.window}; batches of {args.batch_size}")
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    @torch.no_grad()
-    def run(sample, T, modes):
-        """Score one sample of length T; also return its Omega, its head modes [L, G], and, at the longest length,
-        the prefill time in ms (else nan)."""
-        ids = sample.input_ids.to(device)
-        prompt, P = ids[None, :sample.prompt_len], sample.prompt_len
-        prefill_ms = float("nan")
-        if T == max(args.lengths):
-            sync()
-            t0 = time.perf_counter()
-            model(prompt, modes=modes, last_only=True)
-            sync()
-            prefill_ms = (time.perf_counter() - t0) * 1e3
-        if sample.task == "continuation":  # teacher-forced next-token accuracy on the true next passage
-            logits, routing = model(ids[None], prompt_lens=torch.tensor([P], device=device), modes=modes,
-                                    return_routing=True)
-            score = (logits[0, P - 1:-1].argmax(-1) == ids[P:]).float().mean().item()
-        else:  # the share of the answer's numbers found in a greedy answer
-            stats = []
-            out = [t for (t,) in generate(model, prompt, len(ids) - P + 8, eos_token_id=tokenizer.eos_token_id,
-                                          modes=modes, stats=stats)]
-            text, routing = tokenizer.decode(out, skip_special_tokens=True), stats[0]["routing"]
-            want = re.findall(r"\d{5,}", tokenizer.decode(ids[P:], skip_special_tokens=True))
-            score = sum(w in text for w in want) / len(want)
-        return score, routing.omega.item(), routing.modes[0].cpu(), prefill_ms
-
-    results = {}  # method -> list of (task, T, score, omega, modes, prefill_ms)
+    results = {}  # method -> {(where, task, T, i): (score, omega, modes [L, G])}
+    prefill = {}  # method -> mean prefill ms at the longest length
+    matched = {}  # elastic method -> its matched static hybrid
 
     def evaluate(name, routers, modes, config):
-        if routers is not None:
-            model.routers = routers.to(device)
-            model.elastic = routers.elastic
-        else:
-            model.routers, model.elastic = None, config
-        rows = []
-        for (task, T), samples in tqdm(tasks.items(), desc=name, dynamic_ncols=True):
-            for s in samples:
-                rows.append((task, T) + run(s, T, modes))
-        results[name] = rows
+        model.routers = routers.to(device) if routers is not None else None
+        model.elastic = config
+        rows, times = {}, []
+        for (where, task, T), samples in tqdm(cells.items(), desc=name, dynamic_ncols=True):
+            for b in range(0, len(samples), args.batch_size):
+                batch = samples[b:b + args.batch_size]
+                for i, row in enumerate(score_batch(model, tokenizer, batch, modes), start=b):
+                    rows[where, task, T, i] = row
+            if T == max(args.lengths):  # prefill time of a few prompts, one at a time
+                for s in samples[:TIMED]:
+                    sync()
+                    t0 = time.perf_counter()
+                    model(s.input_ids[None, :s.prompt_len].to(device), modes=modes, last_only=True)
+                    sync()
+                    times.append((time.perf_counter() - t0) * 1e3)
+        results[name], prefill[name] = rows, mean(times[1:] or times)  # the first call warms up
 
     # -------------------------------------------------------------------------
     # tables
 
-    def summary(rows):
-        kind = lambda r: TASKS[r[0]]  # noqa: E731
-        return dict(acc_sensitive=100 * mean(r[2] for r in rows if kind(r) == "sensitive"),
-                    acc_robust=100 * mean(r[2] for r in rows if kind(r) == "robust"),
-                    omega_sensitive=mean(r[3] for r in rows if kind(r) == "sensitive"),
-                    omega_robust=mean(r[3] for r in rows if kind(r) == "robust"),
-                    omega=mean(r[3] for r in rows),
-                    prefill_ms=mean(r[5] for r in rows if r[1] == max(args.lengths)))
+    def ci(values, stat=mean, scale=1.0, digits=3):
+        est, lo, hi = bootstrap_ci(values, stat)
+        return f"{scale * est:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
-    def write_table(matched=None, figure_written=False):
-        """The markdown tables of what has run so far; with matched, the claim checked too, and the figure linked
-        when it was written."""
+    def pick(name, where=None, cls=None, task=None, T=None):
+        """(key, score, omega) of the method's samples that match."""
+        return [(k, r[0], r[1]) for k, r in results[name].items() if (where is None or k[0] == where)
+                and (cls is None or TASKS[k[:2]] == cls) and (task is None or k[1] == task) and (T is None or k[2] == T)]
+
+    def paired(a, b, where, cls):
+        """Per-sample score differences a - b on the matching samples (paired by sample)."""
+        rb = results[b]
+        return [s - rb[k][0] for k, s, _ in pick(a, where, cls) if s == s and rb[k][0] == rb[k][0]]
+
+    def is_static(name):
+        return name not in elastic
+
+    def verdict(lo, hi, want_above):
+        if want_above:  # a lead: the interval must lie above 0
+            return "holds" if lo > 0 else "does not hold" if hi < 0 else "not shown (the interval holds 0)"
+        return "does not hold (below dense)" if hi < 0 else "holds (the interval reaches 0 or above)"
+
+    wheres = [w for w in ("seen", "held-out") if any(k[0] == w for k in TASKS)]
+    groups = [(w, c) for w in wheres for c in (data.SENSITIVE, data.ROBUST) if (w, c) in
+              {(k[0], v) for k, v in TASKS.items()}]
+
+    def write_table(final=False, probe=None, figure_written=False):
         gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-        lines = ["# Accuracy against sparsity on SmolLM2-135M-Instruct",
-                 "",
+        lines = ["# Accuracy against sparsity on SmolLM2-135M-Instruct, with 95% intervals", "",
                  f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}. "
-                 f"Command: `python eval.py {' '.join(sys.argv[1:])}`. "
-                 f"{n} samples per task and length, lengths {args.lengths}; SSA sink {ssa_config.sink}, window "
+                 f"Command: `python eval.py {' '.join(sys.argv[1:])}`. {n} samples per task and length, lengths "
+                 f"{args.lengths}; seen kinds {', '.join(t for w, t in TASKS if w == 'seen') or 'none'}; held-out "
+                 f"kinds {', '.join(t for w, t in TASKS if w == 'held-out')}. SSA sink {ssa_config.sink}, window "
                  f"{ssa_config.window}; XA threshold {ssa_config.xa_threshold}, stride {ssa_config.xa_stride}. "
-                 "Sensitive score: share of the answer's numbers in a greedy answer; robust score: teacher-forced "
-                 "next-token accuracy on the true continuation. Omega: share of KV heads in the sparse mode (SSA; it "
-                 "does not apply to XAttention on every head). Prefill: mean ms at the longest length, our fused "
-                 "kernel for every method.",
-                 "",
-                 "| method | sensitive acc. | robust acc. | Omega sensitive | Omega robust | Omega mean | prefill ms |",
-                 "|---|---|---|---|---|---|---|"]
-        for name, rows in results.items():
-            s = summary(rows)
-            omegas = " | ".join("n/a" if is_xa(name) else f"{s[k]:.3f}"
-                                for k in ("omega_sensitive", "omega_robust", "omega"))
-            lines.append(f"| {name} | {s['acc_sensitive']:.1f} | {s['acc_robust']:.1f} | {omegas} | "
-                         f"{s['prefill_ms']:.1f} |")
-        lines += ["", "Score per task and length (%):", "",
-                  "| method | " + " | ".join(f"{t} {T}" for t in TASKS for T in args.lengths) + " |",
-                  "|---|" + "---|" * (len(TASKS) * len(args.lengths))]
-        for name, rows in results.items():
-            cells = [100 * mean(r[2] for r in rows if r[0] == t and r[1] == T) for t in TASKS for T in args.lengths]
-            lines.append(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+                 "Sensitive score: share of the sample's keys in a greedy answer; robust score: teacher-forced "
+                 "top-1 agreement with the reference answer. Omega: share of KV heads in the sparse mode of the "
+                 "method's pair (n/a for XAttention on every head). Every cell: mean [95% bootstrap interval, 1000 "
+                 "resamples]. Prefill: mean ms over a few prompts at the longest length, one at a time.", "",
+                 "| method | " + " | ".join(f"{w} {CLASS_NAME[c]} (%)" for w, c in groups)
+                 + " | Omega sensitive | Omega robust | Omega mean | prefill ms |",
+                 "|---|" + "---|" * (len(groups) + 4)]
+        for name in results:
+            accs = [ci([s for _, s, _ in pick(name, w, c) if s == s], scale=100, digits=1) for w, c in groups]
+            omegas = ["n/a"] * 3 if name.startswith("XAttention") else \
+                [ci([o for _, _, o in pick(name, cls=c)]) for c in (data.SENSITIVE, data.ROBUST)] + \
+                [f"{mean(o for _, _, o in pick(name)):.3f}"]
+            lines.append(f"| {name} | " + " | ".join(accs + omegas) + f" | {prefill[name]:.1f} |")
 
-        if matched is not None:  # the claim, checked
-            d, e, st = summary(results["dense FA"]), summary(results[ELASTIC]), summary(results[matched])
-            holds = lambda ok: "holds" if ok else "does not hold"  # noqa: E731
-            lines += ["", "The claim on this run:", "",
-                      f"- retrieval within 2 points of dense: {ELASTIC} {e['acc_sensitive']:.1f} vs dense "
-                      f"{d['acc_sensitive']:.1f} -> {holds(e['acc_sensitive'] >= d['acc_sensitive'] - 2)}",
-                      f"- robust tasks at Omega >= 0.9: {e['omega_robust']:.3f} -> {holds(e['omega_robust'] >= 0.9)}",
-                      f"- elastic above the static hybrid at equal average Omega ({e['omega']:.3f}): sensitive "
-                      f"{e['acc_sensitive']:.1f} vs {st['acc_sensitive']:.1f}, robust {e['acc_robust']:.1f} vs "
-                      f"{st['acc_robust']:.1f} -> "
-                      f"{holds(e['acc_sensitive'] + e['acc_robust'] > st['acc_sensitive'] + st['acc_robust'])}"]
+        lines += ["", "Score per task and length (%):", "", "| task | " + " | ".join(results) + " |",
+                  "|---|" + "---|" * len(results)]
+        for (where, task), c in TASKS.items():
+            for T in args.lengths:
+                cells_ = [ci([s for _, s, _ in pick(name, where, task=task, T=T) if s == s], scale=100, digits=0)
+                          for name in results]
+                lines.append(f"| {task} ({where}, {CLASS_NAME[c]}) {T} | " + " | ".join(cells_) + " |")
+
+        routed = [name for name in results if name in elastic]
+        if routed:
+            lines += ["", "Omega per task (all lengths):", "", "| task | " + " | ".join(routed) + " |",
+                      "|---|" + "---|" * len(routed)]
+            for (where, task), c in TASKS.items():
+                lines.append(f"| {task} ({where}, {CLASS_NAME[c]}) | "
+                             + " | ".join(ci([o for _, _, o in pick(name, where, task=task)]) for name in routed) + " |")
+
+        done = [name for name in routed if matched.get(name) in results]
+        if done and "held-out" in wheres:
+            lines += ["", "Held-out kinds: does Omega follow the task class, and what does it cost? (differences in "
+                      "points, paired by sample)", "",
+                      "| routers | Omega sensitive | Omega robust | robust - sensitive | AUC of Omega | sensitive "
+                      "acc. (%) | - dense | - matched static |", "|---|---|---|---|---|---|---|---|"]
+            for name in done:
+                pairs = [(o, TASKS[k[:2]]) for k, _, o in pick(name, "held-out")]
+                lines.append(f"| {name} | " + " | ".join(
+                    [ci([o for o, c in pairs if c == cl]) for cl in (data.SENSITIVE, data.ROBUST)]
+                    + [ci(pairs, class_gap), ci(pairs, auc_of_pairs),
+                       ci([s for _, s, _ in pick(name, "held-out", data.SENSITIVE) if s == s], scale=100, digits=1),
+                       ci(paired(name, "dense FA", "held-out", data.SENSITIVE), scale=100, digits=1),
+                       ci(paired(name, matched[name], "held-out", data.SENSITIVE), scale=100, digits=1)]) + " |")
+        if probe is not None:
+            lines += ["", f"Linear probe (logistic regression on the dense model's boundary-pooled pre-RoPE keys of "
+                      f"every layer, fitted on {args.probe_samples} train-split samples of the trained kinds at "
+                      f"{min(args.lengths)} tokens): AUC {probe[0]:.3f} [{probe[1]:.3f}, {probe[2]:.3f}] on the "
+                      "held-out samples. Near the routers' AUC: the training data limits routing; far above it: the "
+                      "routers do."]
+
+        if final and done:  # the claims, with their intervals
+            lines += ["", "The claims on this run (95% intervals):", ""]
+            for name in done:
+                for where in wheres:
+                    _, lo, hi = est = bootstrap_ci(paired(name, "dense FA", where, data.SENSITIVE))
+                    lines.append(f"- {name}, {where} sensitive accuracy on par with dense: elastic - dense = "
+                                 f"{100 * est[0]:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] -> "
+                                 f"{verdict(lo, hi, False)}")
+                    _, lo, hi = est = bootstrap_ci(paired(name, matched[name], where, data.SENSITIVE))
+                    lines.append(f"- {name}, {where} sensitive accuracy above the static hybrid at its mean Omega "
+                                 f"({matched[name]}): {100 * est[0]:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                                 f"-> {verdict(lo, hi, True)}")
+                if "held-out" in wheres:
+                    pairs = [(o, TASKS[k[:2]]) for k, _, o in pick(name, "held-out")]
+                    gap, a = bootstrap_ci(pairs, class_gap), bootstrap_ci(pairs, auc_of_pairs)
+                    meets = gap[0] >= 0.15 and gap[1] > 0 and a[0] >= 0.8
+                    lines.append(f"- {name}, Omega follows the task class on the held-out kinds: robust - sensitive "
+                                 f"= {gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}], AUC {a[0]:.3f} [{a[1]:.3f}, "
+                                 f"{a[2]:.3f}] -> {verdict(gap[1], gap[2], True)}; the bar (>= 0.15 with the interval "
+                                 f"above 0, AUC >= 0.80) {'is met' if meets else 'is not met'}")
             if figure_written:
                 link = os.path.relpath(figure, out.resolve().parent)  # as the .md sees it
-                lines += ["", f"![accuracy against Omega, and routing per task type]({link})"]
+                lines += ["", f"![accuracy against Omega, and routing per task class]({link})"]
         tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a kill leaves the previous table
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, out)
-        if matched is not None:
+        if final:
             print("\n".join(lines))
 
     # -------------------------------------------------------------------------
-    # figure: accuracy against Omega per method, and where the elastic routers send heads per task type
-    def draw_figure():
+    # figure: score against Omega per method, and where the first elastic routers send heads per task class
+    def draw_figure(first):
         """Writes the figure; False when matplotlib is missing."""
         try:
             import matplotlib
@@ -281,22 +497,24 @@ def main():
             return False
         fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw=dict(width_ratios=[1.4, 1, 1], wspace=0.3))
         ax = axes[0]
-        for i, (name, rows) in enumerate(results.items()):
-            s = summary(rows)
-            if is_xa(name):
+        for i, name in enumerate(results):
+            if name.startswith("XAttention"):
                 continue  # no Omega to place it at
-            c = f"C{i}"
-            ax.scatter(s["omega_sensitive"], s["acc_sensitive"], color=c, marker="o", s=60, label=name)
-            ax.scatter(s["omega_robust"], s["acc_robust"], color=c, marker="s", s=60)
+            for c, marker in ((data.SENSITIVE, "o"), (data.ROBUST, "s")):
+                rows = pick(name, cls=c)
+                ax.scatter(mean(o for _, _, o in rows), 100 * mean(s for _, s, _ in rows if s == s), color=f"C{i}",
+                           marker=marker, s=60, label=name if c == data.SENSITIVE else None)
         ax.set(xlabel="Omega (share of sparse KV heads)", ylabel="score (%)")
         ax.set_title("score against sparsity (circles: sensitive tasks, squares: robust)", fontsize=10)
         ax.legend(fontsize=7, loc="lower left")
-        for ax, kind in zip(axes[1:], ("sensitive", "robust")):
-            maps = [r[4] for r in results[ELASTIC] if TASKS[r[0]] == kind]
-            heat = torch.stack([(m == SSA).float() for m in maps]).mean(0)  # [L, G]: share of samples sparse
-            im = ax.imshow(heat.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        sparse = methods[first][2].mode_ids[1]
+        for ax, c in zip(axes[1:], (data.SENSITIVE, data.ROBUST)):
+            maps = [results[first][k][2] for k in results[first] if TASKS[k[:2]] == c]
+            im = ax.imshow(torch.stack([(m == sparse).float() for m in maps]).mean(0).T, aspect="auto",
+                           cmap="viridis", vmin=0, vmax=1)
             ax.set(xlabel="layer", ylabel="KV head", yticks=range(G))
-            ax.set_title(f"{ELASTIC} routing, {kind} tasks\n(share of samples with the head on SSA)", fontsize=10)
+            ax.set_title(f"{first} routing, {CLASS_NAME[c]} tasks\n(share of samples with the head sparse)",
+                         fontsize=10)
         fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8)
         tmp = figure.with_name(f".{figure.name}.tmp")
         fig.savefig(tmp, format=figure.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
@@ -305,20 +523,27 @@ def main():
         return True
 
     # -------------------------------------------------------------------------
-    # run every method, the table rewritten after each; then the static hybrid again, at the elastic model's own
-    # average Omega (the fair comparison), the figure, and the table with the claim checked
+    # run every method, the table rewritten after each; each elastic one is followed by the static hybrid of its
+    # mode pair at its own mean Omega; then the probe, the figure, and the table with the claims checked
+    probe = None
     try:
-        for name, (routers, modes, config) in methods.items():
+        for name, (routers, modes, config) in list(methods.items()):
             evaluate(name, routers, modes, config)
             write_table()
-        omega_elastic = sum(r[3] for r in results[ELASTIC]) / len(results[ELASTIC])
-        matched = f"static FA-SSA {omega_elastic:.2f} (matched)"
-        evaluate(matched, None, static_modes(scores, omega_elastic, ssa_config), ssa_config)
+            if name in elastic:
+                omega = mean(r[1] for r in results[name].values())
+                matched[name] = f"static {config.mode_pair} {omega:.2f} (matched to {elastic[name]})"
+                evaluate(matched[name], None, static_modes(scores, omega, config), config)
+                write_table()
+        if args.probe:
+            heldout = [s for (where, _, _), samples in cells.items() if where == "held-out" for s in samples]
+            probe = probe_auc(model, train_probe, heldout, ssa_config.boundary, args.batch_size)
+            print(f"linear probe: held-out AUC {probe[0]:.3f} [{probe[1]:.3f}, {probe[2]:.3f}]")
     except KeyboardInterrupt:
         print(f"interrupted; the {len(results)} methods measured so far are in {out}" if results else
               "interrupted before the first method finished: nothing written", file=sys.stderr)
         sys.exit(130)
-    write_table(matched, figure_written=figure is not None and draw_figure())
+    write_table(True, probe, figure_written=figure is not None and draw_figure(next(iter(elastic))))
     print(f"results written to {out}")
 
 
