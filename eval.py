@@ -32,7 +32,6 @@ one is one line on stderr.
 import argparse
 import datetime
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -178,10 +177,6 @@ def probe_auc(model, train_samples, test_samples, boundary=100, batch_size=16):
 # scoring one batch of a (task, length) cell
 
 
-def keys_found(text, keys):
-    return sum(k.lower() in text.lower() for k in keys) / len(keys)
-
-
 @torch.no_grad()
 def score_batch(model, tokenizer, samples, modes):
     """Scores samples of one task (all sensitive or all robust) -> [(score, omega, head modes [L, G])], each from
@@ -198,9 +193,8 @@ def score_batch(model, tokenizer, samples, modes):
                     out.append(t)
         rows = []
         for s, out, limit, st in zip(samples, outs, limits, stats):
-            keys = s.keys or tuple(re.findall(r"\d{5,}", tokenizer.decode(s.input_ids[s.prompt_len:])))
-            text = tokenizer.decode(out[:limit], skip_special_tokens=True)
-            rows.append((keys_found(text, keys) if keys else float("nan"), st["routing"].omega.item(),
+            text = tokenizer.decode(out[:limit], skip_special_tokens=True).lower()
+            rows.append((sum(k.lower() in text for k in s.keys) / len(s.keys), st["routing"].omega.item(),
                          st["routing"].modes[0].cpu()))
         return rows
     # teacher-forced agreement: rows of one length go through one forward, no padding
@@ -382,14 +376,11 @@ def main():
     def paired(a, b, where, cls):
         """Per-sample score differences a - b on the matching samples (paired by sample)."""
         rb = results[b]
-        return [s - rb[k][0] for k, s, _ in pick(a, where, cls) if s == s and rb[k][0] == rb[k][0]]
-
-    def is_static(name):
-        return name not in elastic
+        return [s - rb[k][0] for k, s, _ in pick(a, where, cls)]
 
     def verdict(lo, hi, want_above):
         if want_above:  # a lead: the interval must lie above 0
-            return "holds" if lo > 0 else "does not hold" if hi < 0 else "not shown (the interval holds 0)"
+            return "holds" if lo > 0 else "does not hold" if hi < 0 else "not shown (the interval contains 0)"
         return "does not hold (below dense)" if hi < 0 else "holds (the interval reaches 0 or above)"
 
     wheres = [w for w in ("seen", "held-out") if any(k[0] == w for k in TASKS)]
@@ -412,7 +403,7 @@ def main():
                  + " | Omega sensitive | Omega robust | Omega mean | prefill ms |",
                  "|---|" + "---|" * (len(groups) + 4)]
         for name in results:
-            accs = [ci([s for _, s, _ in pick(name, w, c) if s == s], scale=100, digits=1) for w, c in groups]
+            accs = [ci([s for _, s, _ in pick(name, w, c)], scale=100, digits=1) for w, c in groups]
             omegas = ["n/a"] * 3 if name.startswith("XAttention") else \
                 [ci([o for _, _, o in pick(name, cls=c)]) for c in (data.SENSITIVE, data.ROBUST)] + \
                 [f"{mean(o for _, _, o in pick(name)):.3f}"]
@@ -422,7 +413,7 @@ def main():
                   "|---|" + "---|" * len(results)]
         for (where, task), c in TASKS.items():
             for T in args.lengths:
-                cells_ = [ci([s for _, s, _ in pick(name, where, task=task, T=T) if s == s], scale=100, digits=0)
+                cells_ = [ci([s for _, s, _ in pick(name, where, task=task, T=T)], scale=100, digits=0)
                           for name in results]
                 lines.append(f"| {task} ({where}, {CLASS_NAME[c]}) {T} | " + " | ".join(cells_) + " |")
 
@@ -445,7 +436,7 @@ def main():
                 lines.append(f"| {name} | " + " | ".join(
                     [ci([o for o, c in pairs if c == cl]) for cl in (data.SENSITIVE, data.ROBUST)]
                     + [ci(pairs, class_gap), ci(pairs, auc_of_pairs),
-                       ci([s for _, s, _ in pick(name, "held-out", data.SENSITIVE) if s == s], scale=100, digits=1),
+                       ci([s for _, s, _ in pick(name, "held-out", data.SENSITIVE)], scale=100, digits=1),
                        ci(paired(name, "dense FA", "held-out", data.SENSITIVE), scale=100, digits=1),
                        ci(paired(name, matched[name], "held-out", data.SENSITIVE), scale=100, digits=1)]) + " |")
         if probe is not None:
@@ -502,7 +493,7 @@ def main():
                 continue  # no Omega to place it at
             for c, marker in ((data.SENSITIVE, "o"), (data.ROBUST, "s")):
                 rows = pick(name, cls=c)
-                ax.scatter(mean(o for _, _, o in rows), 100 * mean(s for _, s, _ in rows if s == s), color=f"C{i}",
+                ax.scatter(mean(o for _, _, o in rows), 100 * mean(s for _, s, _ in rows), color=f"C{i}",
                            marker=marker, s=60, label=name if c == data.SENSITIVE else None)
         ax.set(xlabel="Omega (share of sparse KV heads)", ylabel="score (%)")
         ax.set_title("score against sparsity (circles: sensitive tasks, squares: robust)", fontsize=10)
