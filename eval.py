@@ -43,14 +43,13 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import data
-from default_model import check_device, checkpoint_dir
+from default_model import check_device, checkpoint_dir, routers_dir
 from generate import generate
 from kernel import FA, XA
 from model import Transformer
 from router import Routers, boundary_pool
 from static_hybrid import probe_samples, retrieval_scores, static_modes
 
-HERE = Path(__file__).parent
 SEEN = ("passkey", "multi_key", "multi_value", "continuation")  # kinds of the first mix, still trained on
 ROOM = 64           # tokens a prompt leaves for the answer in the model's context
 EXTRA_TOKENS = 16   # a greedy answer may run this many tokens past the reference's length
@@ -266,13 +265,13 @@ def main():
              f"{config.max_position_embeddings} tokens; use lengths <= {config.max_position_embeddings - ROOM}")
     loaded = []  # (label, routers) of each dir, checked against the model's shape
     for name in args.routers:
-        path = Path(name) if Path(name).is_dir() or not (HERE / "routers" / name).is_dir() else HERE / "routers" / name
-        if not path.is_dir():
-            fail(f"--routers {name}: no such directory, nor a shipped set routers/{name}; pass dirs that train.py "
-                 "--out-dir wrote")
+        try:
+            path = routers_dir(name)  # a dir, or the name of a shipped set (routers/fa-ssa, ...)
+        except ValueError as e:
+            fail(e)
         try:
             loaded.append((path.resolve().name, Routers.load(path, config)))
-        except Exception as e:  # no routers.safetensors, an unreadable routers.json / elastic.json, another model
+        except Exception as e:  # an unreadable routers.json / elastic.json, routers of another model
             fail(f"--routers {name}: {e}")
     ssa_config = loaded[0][1].elastic
     if ssa_config.mode_pair != "FA-SSA":
