@@ -53,7 +53,7 @@ from static_hybrid import probe_samples, retrieval_scores, static_modes
 SEEN = ("passkey", "multi_key", "multi_value", "continuation")  # kinds of the first mix, still trained on
 ROOM = 64           # tokens a prompt leaves for the answer in the model's context
 EXTRA_TOKENS = 16   # a greedy answer may run this many tokens past the reference's length
-TOKENS_PER_PASS = 1 << 16  # teacher-forced rows per forward: at most this many tokens (the logits are [B, T, V])
+TOKENS_PER_PASS = 1 << 15  # teacher-forced rows per forward hold at most this many tokens (logits [B, T, V])
 TIMED = 4           # prompts per task timed for the prefill column, at the longest length
 CLASS_NAME = {data.SENSITIVE: "sensitive", data.ROBUST: "robust"}
 
@@ -67,49 +67,54 @@ def fail(message):
 
 
 def mean(xs):
+    """The mean of numbers (nan for none); of a tensor, over its last axis."""
+    if torch.is_tensor(xs):
+        return xs.mean(-1)
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
 
 
 def bootstrap_ci(values, stat=mean, resamples=1000, seed=0, level=0.95):
-    """(stat(values), low, high): the percentile bootstrap interval of stat, from `resamples` resamples of the
-    values with replacement (a fixed seed: the same interval every run). values: a list of numbers, or of tuples
-    that stat reads (e.g. (omega, task class) for a difference of class means or an AUC). Resamples where stat
-    is nan (a class missing) are dropped."""
-    values = list(values)
-    if not values:
+    """(stat(values), low, high): the percentile bootstrap interval of stat from `resamples` resamples of the values
+    with replacement (a fixed seed: the same interval every run). values: n numbers, or n tuples (e.g. (omega, task
+    class)); stat maps a tensor [..., n] (numbers) or [..., n, k] (tuples) to [...], all resamples in one call: mean,
+    class_gap, auc_of_pairs. Resamples where stat is nan (a class missing) are dropped."""
+    if len(values) == 0:
         return float("nan"), float("nan"), float("nan")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(values), (resamples, len(values)), generator=g)
-    if stat is mean and not isinstance(values[0], tuple):
-        boot = torch.tensor(values, dtype=torch.float64)[idx].mean(1)  # all resamples in one go
-    else:
-        boot = torch.tensor([stat([values[i] for i in row]) for row in idx.tolist()], dtype=torch.float64)
+    v = torch.tensor(values, dtype=torch.float64)
+    idx = torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))
+    boot = stat(v[idx])
     boot = boot[~boot.isnan()]
-    if len(boot) == 0:
-        return stat(values), float("nan"), float("nan")
-    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
-    return stat(values), lo, hi
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(boot, q).tolist() if len(boot) else (float("nan"),) * 2
+    return stat(v).item(), lo, hi
 
 
 def auc(scores, labels):
     """Area under the ROC curve of scores for labels (1 positive, 0 negative): the chance that a random positive
-    scores above a random negative, ties counting half (Mann-Whitney). nan without both classes."""
-    s, y = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels).bool()
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    return ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean().item()
+    scores above a random negative, ties counting half (Mann-Whitney, from average ranks). Tensors [..., n] give
+    [...]; nan without both classes."""
+    s, y = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64)
+    ranked = s.sort(-1).values
+    below = torch.searchsorted(ranked, s.contiguous(), side="left")   # scores below each one
+    upto = torch.searchsorted(ranked, s.contiguous(), side="right")   # ... and those equal to it
+    rank = (below + upto + 1) / 2                                     # average 1-based rank
+    pos = y.sum(-1)
+    neg = y.shape[-1] - pos
+    out = ((rank * y).sum(-1) - pos * (pos + 1) / 2) / (pos * neg)
+    out = torch.where(pos * neg > 0, out, torch.nan)
+    return out if out.ndim else out.item()
 
 
-def auc_of_pairs(pairs):
-    """AUC of (score, label) pairs: the stat bootstrap_ci resamples."""
-    return auc([s for s, _ in pairs], [y for _, y in pairs])
+def auc_of_pairs(v):
+    """AUC of (score, label) pairs, v [..., n, 2]."""
+    return torch.as_tensor(auc(v[..., 0], v[..., 1]), dtype=torch.float64)
 
 
-def class_gap(pairs):
-    """mean score of the robust pairs minus that of the sensitive ones, for (score, task class) pairs."""
-    return mean(s for s, c in pairs if c == data.ROBUST) - mean(s for s, c in pairs if c == data.SENSITIVE)
+def class_gap(v):
+    """For (score, task class) pairs v [..., n, 2]: the mean score of the robust ones minus that of the sensitive."""
+    s, robust = v[..., 0], (v[..., 1] == data.ROBUST).double()
+    return (s * robust).sum(-1) / robust.sum(-1) - (s * (1 - robust)).sum(-1) / (1 - robust).sum(-1)
 
 # -----------------------------------------------------------------------------
 # the linear probe: can the routers' input tell the task class at all?
@@ -310,7 +315,7 @@ def main():
                                split="train")[i] for i in range(args.probe_samples)]
     except ValueError as e:  # a length too short for a task's prompt
         fail(f"--lengths {' '.join(map(str, args.lengths))}: {e}")
-    TASKS = {(where, task): data.KIND_CLASS[task] for where, task, _ in plan}
+    classes = {(where, task): data.KIND_CLASS[task] for where, task, _ in plan}
 
     # -------------------------------------------------------------------------
     # methods: name -> (routers or None, fixed modes [1, L, G] or None, ElasticConfig); the matched static hybrids
@@ -330,7 +335,7 @@ def main():
         name = f"elastic {routers.elastic.mode_pair}" + (f" ({label})" if len(loaded) > 1 else "")
         methods[name], elastic[name] = (routers, None, routers.elastic), label
     n_samples = sum(len(v) for v in cells.values())
-    print(f"{n_samples} samples per method: {len(TASKS)} tasks x lengths {args.lengths} x {n}; methods: "
+    print(f"{n_samples} samples per method: {len(classes)} tasks x lengths {args.lengths} x {n}; methods: "
           f"{', '.join(methods)}, each elastic one then a static hybrid at its mean Omega; SSA sink {ssa_config.sink}, "
           f"window {ssa_config.window}; batches of {args.batch_size}")
 
@@ -363,14 +368,21 @@ def main():
     # -------------------------------------------------------------------------
     # tables
 
+    intervals = {}  # the table is rewritten after every method: each interval is computed once
+
     def ci(values, stat=mean, scale=1.0, digits=3):
-        est, lo, hi = bootstrap_ci(values, stat)
+        key = (tuple(values), stat)
+        if key not in intervals:
+            intervals[key] = bootstrap_ci(values, stat)
+        est, lo, hi = intervals[key]
         return f"{scale * est:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
     def pick(name, where=None, cls=None, task=None, T=None):
         """(key, score, omega) of the method's samples that match."""
-        return [(k, r[0], r[1]) for k, r in results[name].items() if (where is None or k[0] == where)
-                and (cls is None or TASKS[k[:2]] == cls) and (task is None or k[1] == task) and (T is None or k[2] == T)]
+        def match(k):  # k: (where, task, T, i)
+            return all(want is None or want == got for want, got in
+                       ((where, k[0]), (cls, classes[k[:2]]), (task, k[1]), (T, k[2])))
+        return [(k, r[0], r[1]) for k, r in results[name].items() if match(k)]
 
     def paired(a, b, where, cls):
         """Per-sample score differences a - b on the matching samples (paired by sample)."""
@@ -382,17 +394,17 @@ def main():
             return "holds" if lo > 0 else "does not hold" if hi < 0 else "not shown (the interval contains 0)"
         return "does not hold (below dense)" if hi < 0 else "holds (the interval reaches 0 or above)"
 
-    wheres = [w for w in ("seen", "held-out") if any(k[0] == w for k in TASKS)]
+    wheres = [w for w in ("seen", "held-out") if any(k[0] == w for k in classes)]
     groups = [(w, c) for w in wheres for c in (data.SENSITIVE, data.ROBUST) if (w, c) in
-              {(k[0], v) for k, v in TASKS.items()}]
+              {(k[0], v) for k, v in classes.items()}]
 
     def write_table(final=False, probe=None, figure_written=False):
         gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         lines = ["# Accuracy against sparsity on SmolLM2-135M-Instruct, with 95% intervals", "",
                  f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}. "
                  f"Command: `python eval.py {' '.join(sys.argv[1:])}`. {n} samples per task and length, lengths "
-                 f"{args.lengths}; seen kinds {', '.join(t for w, t in TASKS if w == 'seen') or 'none'}; held-out "
-                 f"kinds {', '.join(t for w, t in TASKS if w == 'held-out')}. SSA sink {ssa_config.sink}, window "
+                 f"{args.lengths}; seen kinds {', '.join(t for w, t in classes if w == 'seen') or 'none'}; held-out "
+                 f"kinds {', '.join(t for w, t in classes if w == 'held-out')}. SSA sink {ssa_config.sink}, window "
                  f"{ssa_config.window}; XA threshold {ssa_config.xa_threshold}, stride {ssa_config.xa_stride}. "
                  "Sensitive score: share of the sample's keys in a greedy answer; robust score: teacher-forced "
                  "top-1 agreement with the reference answer. Omega: share of KV heads in the sparse mode of the "
@@ -410,7 +422,7 @@ def main():
 
         lines += ["", "Score per task and length (%):", "", "| task | " + " | ".join(results) + " |",
                   "|---|" + "---|" * len(results)]
-        for (where, task), c in TASKS.items():
+        for (where, task), c in classes.items():
             for T in args.lengths:
                 cells_ = [ci([s for _, s, _ in pick(name, where, task=task, T=T)], scale=100, digits=0)
                           for name in results]
@@ -420,9 +432,9 @@ def main():
         if routed:
             lines += ["", "Omega per task (all lengths):", "", "| task | " + " | ".join(routed) + " |",
                       "|---|" + "---|" * len(routed)]
-            for (where, task), c in TASKS.items():
-                lines.append(f"| {task} ({where}, {CLASS_NAME[c]}) | "
-                             + " | ".join(ci([o for _, _, o in pick(name, where, task=task)]) for name in routed) + " |")
+            for (where, task), c in classes.items():
+                lines.append(f"| {task} ({where}, {CLASS_NAME[c]}) | " + " | ".join(
+                    ci([o for _, _, o in pick(name, where, task=task)]) for name in routed) + " |")
 
         done = [name for name in routed if matched.get(name) in results]
         if done and "held-out" in wheres:
@@ -431,7 +443,7 @@ def main():
                       "| routers | Omega sensitive | Omega robust | robust - sensitive | AUC of Omega | sensitive "
                       "acc. (%) | - dense | - matched static |", "|---|---|---|---|---|---|---|---|"]
             for name in done:
-                pairs = [(o, TASKS[k[:2]]) for k, _, o in pick(name, "held-out")]
+                pairs = [(o, classes[k[:2]]) for k, _, o in pick(name, "held-out")]
                 lines.append(f"| {name} | " + " | ".join(
                     [ci([o for o, c in pairs if c == cl]) for cl in (data.SENSITIVE, data.ROBUST)]
                     + [ci(pairs, class_gap), ci(pairs, auc_of_pairs),
@@ -458,7 +470,7 @@ def main():
                                  f"({matched[name]}): {100 * est[0]:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
                                  f"-> {verdict(lo, hi, True)}")
                 if "held-out" in wheres:
-                    pairs = [(o, TASKS[k[:2]]) for k, _, o in pick(name, "held-out")]
+                    pairs = [(o, classes[k[:2]]) for k, _, o in pick(name, "held-out")]
                     gap, a = bootstrap_ci(pairs, class_gap), bootstrap_ci(pairs, auc_of_pairs)
                     meets = gap[0] >= 0.15 and gap[1] > 0 and a[0] >= 0.8
                     lines.append(f"- {name}, Omega follows the task class on the held-out kinds: robust - sensitive "
@@ -499,7 +511,7 @@ def main():
         ax.legend(fontsize=7, loc="lower left")
         sparse = methods[first][2].mode_ids[1]
         for ax, c in zip(axes[1:], (data.SENSITIVE, data.ROBUST)):
-            maps = [results[first][k][2] for k in results[first] if TASKS[k[:2]] == c]
+            maps = [results[first][k][2] for k in results[first] if classes[k[:2]] == c]
             im = ax.imshow(torch.stack([(m == sparse).float() for m in maps]).mean(0).T, aspect="auto",
                            cmap="viridis", vmin=0, vmax=1)
             ax.set(xlabel="layer", ylabel="KV head", yticks=range(G))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from eval import auc, bootstrap_ci, fit_probe, mean
+from eval import auc, auc_of_pairs, bootstrap_ci, class_gap, fit_probe, mean
 from model import Transformer
 from router import ElasticConfig, Routers
 
@@ -27,15 +27,18 @@ def test_bootstrap_ci_covers_the_mean_and_narrows_with_n():
     for n in (50, 800):
         xs = [rng.gauss(3.0, 1.0) for _ in range(n)]
         est, lo, hi = bootstrap_ci(xs)
-        assert est == mean(xs) and lo < 3.0 < hi and lo < est < hi
+        assert abs(est - mean(xs)) < 1e-12 and lo < 3.0 < hi and lo < est < hi
         widths.append(hi - lo)
         assert abs((hi - lo) - 2 * 1.96 / n ** 0.5) < 0.35 * 2 * 1.96 / n ** 0.5  # the normal interval's width
     assert widths[1] < widths[0] / 3
     assert bootstrap_ci(xs) == bootstrap_ci(xs)  # a fixed seed
     # a stat of tuples: a difference of class means, as eval.py's robust - sensitive Omega
     pairs = [(rng.gauss(c, 0.5), c) for c in (0, 1) for _ in range(100)]
-    est, lo, hi = bootstrap_ci(pairs, lambda v: mean(s for s, c in v if c) - mean(s for s, c in v if not c))
+    est, lo, hi = bootstrap_ci(pairs, class_gap)
+    assert abs(est - (mean(s for s, c in pairs if c) - mean(s for s, c in pairs if not c))) < 1e-12
     assert lo < 1.0 < hi and lo > 0.7
+    est, lo, hi = bootstrap_ci(pairs, auc_of_pairs)  # AUC about 0.92 for two normals one sd apart
+    assert est == auc([s for s, _ in pairs], [c for _, c in pairs]) and lo < 0.92 < hi
 
 
 def test_auc():
@@ -50,6 +53,8 @@ def test_auc():
     neg = [s for s, y in zip(scores, labels) if not y]
     brute = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
     assert abs(auc(scores, labels) - brute) < 1e-12
+    batch = auc(torch.tensor([scores, scores[::-1]]), torch.tensor([labels, labels]))  # [2]: one per row
+    assert abs(batch[0].item() - brute) < 1e-12 and batch.shape == (2,)
 
 
 def test_probe_separates_separable_features_and_not_random_labels():
