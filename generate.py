@@ -40,7 +40,7 @@ def prefill(model, prompts, max_new_tokens, modes=None):
     ec, L = model.elastic, model.config.num_hidden_layers
     logits, rows, routings = [], [], []
     for b, ids in enumerate(prompts):
-        caches = [KVCache(max_new_tokens, ec.sink, ec.window) for _ in range(L)]
+        caches = [KVCache(max_new_tokens, ec.sink, ec.window, ec.sk_k) for _ in range(L)]
         m = None if modes is None else modes[b if modes.shape[0] > 1 else 0][None]
         out, routing = model(ids[None], modes=m, caches=caches, return_routing=True, last_only=True)
         logits.append(out[:, -1])
