@@ -130,12 +130,14 @@ def _decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_v = start_n + tl.arange(0, BLOCK_N)
         ring = offs_v < n
+        sel = offs_v >= n                                              # the selected slots (SK)
         offs_n = tl.where(ring, offs_v, cap + offs_v - n)              # the slot
         age = (slot_new - offs_n + window) % window
         keep = (offs_v < hi) & (offs_n != slot_new)
-        keep = keep & ((extra == 0) | ~ring | (offs_n < sink) | (age <= local))
+        sk_keep = sel | (offs_n < sink) | (age <= local)
+        keep = keep & (sk_keep | (tl.zeros_like(offs_v) + extra == 0))
         k = tl.load(KC + (base + offs_n)[None, :] * D + offs_d[:, None], mask=keep[None, :], other=0.0)  # [D, BN]
-        bias = tl.load(Bias + base + offs_n, mask=keep & ~ring, other=0.0) * 1.4426950408889634  # log p, log2 units
+        bias = tl.load(Bias + base + offs_n, mask=keep & sel, other=0.0) * 1.4426950408889634  # log p, log2 units
         qk = tl.dot(q, k) * qk_scale + bias[None, :]                   # [GROUP_P2, BLOCK_N]
         qk = tl.where(keep[None, :], qk, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
