@@ -182,7 +182,7 @@ def ssa_block_mask(B, H, G, T, sink, window, device):
     return flex_block_mask(modes, H, T, sink=sink, window=window)
 
 
-def sk_flex_attention(q, k, v, u, *, sk_k, sink, window):
+def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     """SK attention (kernel.reference_attention's rule) for every head, through FlexAttention: differentiable in q,
     k, v and the scores u [B, G, T] (fp32), with nothing T x T built. The selection runs per 128-query block in
     PyTorch ([B, G, T / 128, T] at most: a sort of the candidates per block); FlexAttention gets a block mask of
@@ -244,7 +244,7 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window):
 
     mask = BlockMask.from_kv_blocks(*as_lists(any_ & ~full), *as_lists(full.expand(B, H, NB, NB)), KV_BLOCK,
                                     mask_mod, seq_lengths=(T, T))
-    return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True)
+    return (_flex or compiled_flex_attention())(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True)
 
 
 # The masks of kernel.py as a FlexAttention BlockMask: the training branch above runs
@@ -376,6 +376,7 @@ class KVCache:
         self.sk_seg = torch.tensor(sk, dtype=torch.long, device=k.device)
         self.sk_pos = torch.full((len(sk), 2 * self.sk_k), -1, dtype=torch.long, device=k.device)
         self.sk_u = torch.zeros(len(sk), 2 * self.sk_k, dtype=torch.float32, device=k.device)
+        self.sk_block = torch.full((len(sk),), (T - 1) // KV_BLOCK, dtype=torch.long, device=k.device)  # merged up to
         if sk:
             u = sk_scores.reshape(B * G, T)[sk].float()[None]                                # [1, S, T]
             pos, u_pool, _ = kernel.sk_pool(u, torch.tensor([(T - 1) // KV_BLOCK], device=k.device), k=self.sk_k,
@@ -402,8 +403,10 @@ class KVCache:
         """Before a decode step at positions pos (int [B], device): at a block's first query (pos % 128 == 0) the
         128 keys [pos - window, pos + 128 - window) past the sink become candidates: merge them (from the ring) into
         the pool, move the new best k's K/V into the selected slots, refresh their log p. Every step runs the same
-        operations (a step off the boundary merges nothing): static shapes, no host sync, so it is captured in the
-        decode step's CUDA graph. What falls out of the pool or the selection is forgotten (class docstring)."""
+        operations (a step off the boundary merges nothing): static shapes, no host sync, state updated in place, so
+        it is captured in the decode step's CUDA graph. A block is merged once (sk_block), so running a step again at
+        the same position (generate's warm-up) changes nothing. What falls out of the pool or the selection is
+        forgotten (class docstring)."""
         S, K = len(self.sk_seg), self.sk_k
         if S == 0:
             return
@@ -411,7 +414,8 @@ class KVCache:
         seg_base, seg_cap = self.base.long()[self.sk_seg], self.cap.long()[self.sk_seg]   # [S]
         p = pos.to(dev).long()[self.sk_seg // self.G]                                      # [S]
         j = p[:, None] - self.window + torch.arange(KV_BLOCK, device=dev)                 # [S, 128]
-        ok = (p % KV_BLOCK == 0)[:, None] & (j >= self.sink)
+        m = p // KV_BLOCK
+        ok = (m > self.sk_block)[:, None] & (j >= self.sink)  # a block's first query, not merged yet
         ring_at = seg_base[:, None] + cache_slot(j.clamp(min=0), seg_cap[:, None], self.sink, self.window)
         sel = self._sk_slots()
         cand_pos = torch.cat([self.sk_pos, torch.where(ok, j, -1)], 1)                    # [S, 2k + 128]
@@ -423,7 +427,9 @@ class KVCache:
         order = torch.argsort(torch.where(cand_pos >= 0, cand_pos, 1 << 62), dim=1, stable=True)
         key = torch.where(cand_pos >= 0, cand_u, float("-inf")).gather(1, order)
         order = order.gather(1, torch.argsort(key, dim=1, descending=True, stable=True))[:, :2 * K]
-        self.sk_pos, self.sk_u = cand_pos.gather(1, order), cand_u.gather(1, order)
+        self.sk_pos.copy_(cand_pos.gather(1, order))
+        self.sk_u.copy_(cand_u.gather(1, order))
+        self.sk_block.copy_(torch.maximum(self.sk_block, m))
         src = cand_at.gather(1, order[:, :K])
         self.k[sel], self.v[sel] = self.k[src], self.v[src]  # gathered first (a copy), then written
         self._sk_bias()
@@ -437,7 +443,7 @@ class KVCache:
         c0 = caches[0]
         out = cls(c0.max_new_tokens, c0.sink, c0.window, c0.sk_k)
         offsets = list(itertools.accumulate([c.k.shape[0] for c in caches[:-1]], initial=0))  # first slot of each
-        for name in ("k", "v", "u", "bias", "cap", "extra", "sk_pos", "sk_u"):
+        for name in ("k", "v", "u", "bias", "cap", "extra", "sk_pos", "sk_u", "sk_block"):
             setattr(out, name, torch.cat([getattr(c, name) for c in caches]))
         out.base = torch.cat([c.base + o for c, o in zip(caches, offsets)])
         out.n_splits = max(c.n_splits for c in caches)

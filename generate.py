@@ -109,6 +109,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_tok
     device = model.output_weight().device
     prompts = [p.reshape(-1).to(device) for p in prompts]
     context = model.config.max_position_embeddings
+    model.elastic.check_context(context)  # SK pairs: an sk_k the context can fill
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for b, p in enumerate(prompts):

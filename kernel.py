@@ -147,8 +147,9 @@ def sk_logp(u_pool, n, k, return_tau=False):
     n = torch.as_tensor(n, device=u_pool.device).expand(u_pool.shape[:-1])
     rank = torch.arange(P, device=u_pool.device)
     valid = rank < n[..., None]
-    # the pool past the candidates scores min - 1: p = 0 there, with the budget min(k, n) (all ones if n <= k)
-    low = torch.where(valid, u_pool.detach(), float("inf")).amin(-1, keepdim=True) - 1
+    # the pool past the candidates scores min - 2: p = 0 there, with the budget min(k, n) (all ones if n <= k; a
+    # gap of 2, not 1, so that no rounding puts tau on the empty entries and makes them fractional)
+    low = torch.where(valid, u_pool.detach(), float("inf")).amin(-1, keepdim=True) - 2
     x = torch.where(valid, u_pool, torch.where(torch.isfinite(low), low, 0.0))
     budget = n.clamp(min=1, max=k).to(x.dtype)
     p = sparsek(x, budget, check=False)
@@ -160,7 +161,7 @@ def sk_logp(u_pool, n, k, return_tau=False):
         frac = (p > 0) & (p < 1)
         size = frac.sum(-1)
         ones = (p >= 1).sum(-1).to(x.dtype)
-        # S empty, p all 0 or 1: the largest score that gets 0 gives this p (n <= k: all ones, min - 1 does)
+        # S empty, p all 0 or 1: the largest score that gets 0 gives this p (n <= k: all ones, min - 2 does)
         low = torch.where(torch.isfinite(low), low, 0.0).squeeze(-1)
         tau_fixed = torch.where(n > k, torch.where(p >= 1, float("-inf"), x).amax(-1), low)
     tau = torch.where(size > 0, ((x * frac).sum(-1) + ones - budget) / size.clamp(min=1), tau_fixed)

@@ -290,3 +290,41 @@ def test_gpu_routed_attention_with_sk_heads():
     o = routed_attention(q, k, v, modes, ec, u)
     ref = kernel.reference_attention(q, k, v, modes, sink=4, window=256, sk_scores=u, sk_k=64)
     assert ((o.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("T,sink,window,sk_k", [(700, 4, 256, 16), (389, 5, 128, 130), (1000, 130, 128, 8)])
+def test_sk_flex_forward_matches_reference_on_cpu(T, sink, window, sk_k):
+    """The FlexAttention path's masks and score_mod, run by eager flex_attention on the CPU (forward only: Flex has
+    no CPU backward; the GPU test checks gradients): the same output as the reference."""
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention
+    from attention import sk_flex_attention
+    torch.manual_seed(T)
+    B, H, G, D = 2, 4, 2, 16
+    q, k, v = (torch.randn(B, n, T, D) for n in (H, G, G))
+    u = torch.randn(B, G, T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention's "not compiled" notice
+        o = sk_flex_attention(q, k, v, u, sk_k=sk_k, sink=sink, window=window, _flex=flex_attention)
+    ref = kernel.reference_attention(q, k, v, torch.full((B, G), SK), sink=sink, window=window, sk_scores=u, sk_k=sk_k)
+    assert (o - ref).abs().max() < 1e-5
+
+
+def test_sk_threshold_carries_sparsek_gradient():
+    """The Flex path adds log clip(u - tau, 0, 1) with tau from sk_logp(return_tau=True): the same log p as
+    SPARSEK's, and the same gradient (SPARSEK's analytic backward, via the differentiable tau)."""
+    torch.manual_seed(0)
+    P, k = 40, 12
+    u = torch.randn(3, P, dtype=torch.float64)
+    n = torch.tensor([40, 30, 9])  # pool full, partly empty, fewer candidates than k
+    w = torch.randn(3, P, dtype=torch.float64)
+    u1, u2 = u.clone().requires_grad_(), u.clone().requires_grad_()
+    logp = kernel.sk_logp(u1, n, k)
+    _, tau = kernel.sk_logp(u2, n, k, return_tau=True)
+    sel = torch.isfinite(logp)
+    logp2 = torch.where(sel, (u2 - tau[:, None]).clamp(kernel.SK_P_FLOOR, 1).log(), 0.0)
+    torch.testing.assert_close(logp2[sel], logp[sel])
+    (torch.where(sel, logp, 0.0) * w).sum().backward()
+    (logp2 * w).sum().backward()
+    torch.testing.assert_close(u2.grad, u1.grad)
+    assert u1.grad.abs().sum() > 0
