@@ -122,7 +122,8 @@ def routed_attention(q, k, v, modes, ec, sk_scores=None):
     """Inference prefill: each KV head runs its own mode (modes int [B, G]), all heads in one fused launch.
     On the CPU the PyTorch reference runs instead: the same function (test_kernel.py), without the Triton
     interpreter's slowness. SK heads (sk_scores [B, G, T] from the layer's scorer): the fused kernel has no SK
-    mode yet, so on the GPU it runs them as SSA and FlexAttention recomputes them after it (a stopgap)."""
+    mode yet, so on the GPU it runs them as SSA and FlexAttention recomputes every head as SK after it, keeping the
+    SK heads' rows (a stopgap: it runs whenever the layer has a scorer, and costs one SK pass over all heads)."""
     if not q.is_cuda:
         return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
                                           xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k)
@@ -209,9 +210,11 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
         kth_j = torch.where(n > sk_k, pos.gather(-1, last)[..., 0], T)
     c = (blocks + 1) * KV_BLOCK - window  # [NB] start of each query block's local span
 
+    u_sel = u.detach()  # the selection is discrete: no gradient through it
+
     def selected(b, h, q_idx, kv_idx):
         g, m = h // group, q_idx // KV_BLOCK
-        uj, ku = u[b, g, kv_idx], kth_u[b, g, m]
+        uj, ku = u_sel[b, g, kv_idx], kth_u[b, g, m]
         cand = (kv_idx >= sink) & (kv_idx < c[m])
         return cand & ((uj > ku) | ((uj == ku) & (kv_idx <= kth_j[b, g, m])))
 
