@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import kernel
 from decode_kernel import cache_slot, decode_attention_op, decode_splits
-from kernel import FA, KV_BLOCK, SSA, XA
+from kernel import FA, KV_BLOCK, SK, SSA, XA
 from router import ElasticConfig, route, sparsity_ratio
 
 DECODE_SPLIT = 1024  # cache slots per program of the decode kernel on the GPU (decode_kernel.py)
@@ -88,8 +88,10 @@ def attend(q, k, v, k_pre, run: Run, i: int):
     """Layer i's attention. q [B, H, T, D], k and v [B, G, T, D] (after RoPE), k_pre [B, T, G, D] (before RoPE;
     what the router reads) -> (y [B, H, T, D], Routed or None). Decode: T = 1, run.pos and run.caches given."""
     cache = run.caches[i] if run.caches is not None else None
+    scorer = getattr(run.routers[i], "scorer", None) if run.routers is not None else None
+    u = scorer(k_pre) if scorer is not None else None  # SK pairs: one score per key per KV head [B, G, T]
     if run.pos is not None:
-        return cache.decode(q, k, v, run.pos), None
+        return cache.decode(q, k, v, run.pos, u), None
     routed = None
     if run.modes is not None:
         routed = Routed(run.modes[:, i].to(torch.int32).expand(q.shape[0], -1))  # [1, G] broadcasts over B
@@ -100,11 +102,11 @@ def attend(q, k, v, k_pre, run: Run, i: int):
     if routed is None:
         y = dense_attention(q, k, v)
     elif run.tau is not None:
-        y = mixed_attention(q, k, v, routed.z, run.elastic)
+        y = mixed_attention(q, k, v, routed.z, run.elastic, u)
     else:
-        y = routed_attention(q, k, v, routed.modes, run.elastic)
+        y = routed_attention(q, k, v, routed.modes, run.elastic, u)
     if cache is not None:
-        cache.prefill(k, v, None if routed is None else routed.modes)
+        cache.prefill(k, v, None if routed is None else routed.modes, u)
     return y, routed
 
 # -----------------------------------------------------------------------------
@@ -116,34 +118,51 @@ def dense_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def routed_attention(q, k, v, modes, ec):
+def routed_attention(q, k, v, modes, ec, sk_scores=None):
     """Inference prefill: each KV head runs its own mode (modes int [B, G]), all heads in one fused launch.
     On the CPU the PyTorch reference runs instead: the same function (test_kernel.py), without the Triton
-    interpreter's slowness."""
-    fn = kernel.elastic_attention if q.is_cuda else kernel.reference_attention
-    return fn(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold, xa_stride=ec.xa_stride)
+    interpreter's slowness. SK heads (sk_scores [B, G, T] from the layer's scorer): the fused kernel has no SK
+    mode yet, so on the GPU it runs them as SSA and FlexAttention recomputes every head as SK after it, keeping the
+    SK heads' rows (a stopgap: it runs whenever the layer has a scorer, and costs one SK pass over all heads)."""
+    if not q.is_cuda:
+        return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
+                                          xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k)
+    sk = (modes == SK) if sk_scores is not None else None  # known on the host: no sync to ask for SK heads
+    y = kernel.elastic_attention(q, k, v, modes if sk is None else torch.where(sk, SSA, modes), sink=ec.sink,
+                                 window=ec.window, xa_threshold=ec.xa_threshold, xa_stride=ec.xa_stride)
+    if sk is None:
+        return y
+    H, G = q.shape[1], k.shape[1]
+    y_sk = sk_flex_attention(q, k, v, sk_scores, sk_k=ec.sk_k, sink=ec.sink, window=ec.window)
+    return torch.where(sk.repeat_interleave(H // G, dim=1)[:, :, None, None], y_sk, y)
 
 
-def mixed_attention(q, k, v, z, ec):
+def mixed_attention(q, k, v, z, ec, sk_scores=None):
     """Training forward (the paper's Gumbel straight-through routing): every head computes its retrieval and its
     sparse branch and O = z[..., 0] * O_retrieval + z[..., 1] * O_sparse; z is one-hot forward, so this equals
-    the routed output, while the straight-through gradient reaches the router through z."""
+    the routed output, while the straight-through gradient reaches the router through z (and, for SK, the
+    scorer's gradient through log p; sk_scores [B, G, T])."""
     B, H, G = q.shape[0], q.shape[1], k.shape[1]
     w = z.repeat_interleave(H // G, dim=1).to(q.dtype)[..., None, None]  # [B, H, 2, 1, 1], per query head
     retrieval, sparse = ec.mode_ids
-    return w[:, :, 0] * branch_attention(q, k, v, retrieval, ec) + w[:, :, 1] * branch_attention(q, k, v, sparse, ec)
+    return (w[:, :, 0] * branch_attention(q, k, v, retrieval, ec, sk_scores)
+            + w[:, :, 1] * branch_attention(q, k, v, sparse, ec, sk_scores))
 
 
-def branch_attention(q, k, v, mode, ec):
-    """Every head in one mode, differentiable: SDPA for FA; for SSA and XA, FlexAttention with the mode's
+def branch_attention(q, k, v, mode, ec, sk_scores=None):
+    """Every head in one mode, differentiable: SDPA for FA; for SSA, XA and SK, FlexAttention with the mode's
     block mask on the GPU (nothing T x T is materialised), the PyTorch reference on the CPU."""
     if mode == FA:
         return dense_attention(q, k, v)
     B, H, T, _ = q.shape
     modes = torch.full(k.shape[:2], mode, dtype=torch.int32, device=q.device)  # [B, G]
     if not q.is_cuda:
-        return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window,
-                                          xa_threshold=ec.xa_threshold, xa_stride=ec.xa_stride)
+        return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
+                                          xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k)
+    if mode == SK:
+        if sk_scores is None:
+            raise ValueError("SK heads need scores: routers with a scorer (an SK mode pair such as FA-SK)")
+        return sk_flex_attention(q, k, v, sk_scores, sk_k=ec.sk_k, sink=ec.sink, window=ec.window)
     if mode == XA:  # the selection is a discrete choice: no gradient flows through it
         xa_blocks = kernel.xattn_block_mask(q.detach(), k.detach(), stride=ec.xa_stride, threshold=ec.xa_threshold)
         mask = flex_block_mask(modes, H, T, sink=ec.sink, window=ec.window, xa_blocks=xa_blocks)
@@ -162,6 +181,73 @@ def compiled_flex_attention():
 def ssa_block_mask(B, H, G, T, sink, window, device):
     modes = torch.full((B, G), SSA, dtype=torch.int32, device=device)
     return flex_block_mask(modes, H, T, sink=sink, window=window)
+
+
+def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
+    """SK attention (kernel.reference_attention's rule) for every head, through FlexAttention: differentiable in q,
+    k, v and the scores u [B, G, T] (fp32), with nothing T x T built. The selection runs per 128-query block in
+    PyTorch ([B, G, T / 128, T] at most: a sort of the candidates per block); FlexAttention gets a block mask of
+    the sink, the local span and the blocks holding a selected key, a mask_mod that keeps a candidate iff it ranks
+    among the block's k best (u above the k-th best's, or equal and not later), and a score_mod that adds
+    log p = log clip(u_j - tau_m, 0, 1) with the block's threshold tau_m (differentiable: SPARSEK's backward).
+    window must be a multiple of 128 (ElasticConfig checks it for SK pairs)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, T, _ = q.shape
+    G = k.shape[1]
+    group = H // G
+    if window % KV_BLOCK:
+        raise ValueError(f"SK through FlexAttention needs a window that is a multiple of {KV_BLOCK}, got {window}")
+    dev = q.device
+    NB = -(-T // KV_BLOCK)
+    blocks = torch.arange(NB, device=dev)
+    u = u.float()
+    pos, u_pool, n = kernel.sk_pool(u, blocks, k=sk_k, sink=sink, window=window)  # [B, G, NB, P]
+    _, tau = kernel.sk_logp(u_pool, n, sk_k, return_tau=True)                     # [B, G, NB]
+    with torch.no_grad():  # the k-th best candidate of each block (past all when n <= k: every candidate kept)
+        last = (n.clamp(max=sk_k) - 1).clamp(min=0).expand(B, G, NB)[..., None]
+        kth_u = torch.where(n > sk_k, u_pool.gather(-1, last)[..., 0], float("-inf"))
+        kth_j = torch.where(n > sk_k, pos.gather(-1, last)[..., 0], T)
+    c = (blocks + 1) * KV_BLOCK - window  # [NB] start of each query block's local span
+
+    u_sel = u.detach()  # the selection is discrete: no gradient through it
+
+    def selected(b, h, q_idx, kv_idx):
+        g, m = h // group, q_idx // KV_BLOCK
+        uj, ku = u_sel[b, g, kv_idx], kth_u[b, g, m]
+        cand = (kv_idx >= sink) & (kv_idx < c[m])
+        return cand & ((uj > ku) | ((uj == ku) & (kv_idx <= kth_j[b, g, m])))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        local = (kv_idx < sink) | (kv_idx >= c[q_idx // KV_BLOCK])
+        return (kv_idx <= q_idx) & (local | selected(b, h, q_idx, kv_idx))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        p = (u[b, h // group, kv_idx] - tau[b, h // group, q_idx // KV_BLOCK]).clamp(kernel.SK_P_FLOOR, 1.0)
+        return score + torch.where(selected(b, h, q_idx, kv_idx), p.log(), 0.0)
+
+    # blocks: the sink and the local span (whole, except the diagonal and partial ones), the selected keys' blocks
+    m = blocks[:, None]
+    nn_ = blocks[None, :]
+    whole = ((m + 1) * KV_BLOCK <= T) & ((nn_ + 1) * KV_BLOCK <= T)
+    local_any = (nn_ <= m) & ((nn_ * KV_BLOCK < sink) | ((nn_ + 1) * KV_BLOCK > c[:, None]))
+    local_full = (nn_ < m) & whole & (((nn_ + 1) * KV_BLOCK <= sink) | (nn_ * KV_BLOCK >= c[:, None]))
+    with torch.no_grad():
+        sel_blocks = torch.zeros(B, G, NB, NB + 1, dtype=torch.bool, device=dev)
+        rank_ok = torch.arange(pos.shape[-1], device=dev) < sk_k
+        at = torch.where((pos >= 0) & rank_ok, pos // KV_BLOCK, NB)
+        sel_blocks = sel_blocks.scatter(-1, at, True)[..., :NB].repeat_interleave(group, dim=1)  # [B, H, NB, NB]
+    any_ = local_any | sel_blocks
+    full = local_full & ~sel_blocks  # a block with a selected key needs mask_mod (a partial candidate block)
+
+    def as_lists(blocks_):
+        counts = blocks_.sum(-1, dtype=torch.int32)
+        indices = torch.argsort((~blocks_).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts, indices
+
+    mask = BlockMask.from_kv_blocks(*as_lists(any_ & ~full), *as_lists(full.expand(B, H, NB, NB)), KV_BLOCK,
+                                    mask_mod, seq_lengths=(T, T))
+    return (_flex or compiled_flex_attention())(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True)
 
 
 # The masks of kernel.py as a FlexAttention BlockMask: the training branch above runs
@@ -227,44 +313,129 @@ class KVCache:
         SSA heads        cap = sink + window (at most prompt + max_new_tokens): the sinks and a ring of the last
                          `window` positions, so their memory is constant and decoding is token-exact against a
                          full recomputation with the SSA mask (the paper's code keeps a full cache for every head).
+        SK heads         the same sink | window ring (its slots before the local span masked by the kernel), then
+                         `extra` = sk_k slots of selected keys whose log p the kernel adds (`bias`, per slot).
     The buffers are allocated once, at prefill, for the whole generation; a decode step writes one slot per
-    segment and reads the filled ones in one launch of the decode kernel, with no host sync (CUDA graphs)."""
+    segment and reads the filled ones in one launch of the decode kernel, with no host sync (CUDA graphs).
 
-    def __init__(self, max_new_tokens, sink, window):
-        self.max_new_tokens, self.sink, self.window = max_new_tokens, sink, window
+    SK eviction. A decode step at position p (block m = p // 128) sees the candidates C_m = {sink <= j < c_m},
+    c_m = 128 (m + 1) - window; C_m only grows with m, by the 128 keys [c_m - 128, c_m) at each block's first
+    query, which are still in the ring then. Scores do not depend on the query, so a key's rank among the
+    candidates only drops as they grow: a key outside the best 2k (the SPARSEK pool) or the best k (selected)
+    never returns to them. So the cache keeps the k selected keys' K/V and the pool's 2k scores and positions
+    (sk_update merges the new block into them), and forgets the rest: at most sink + window + k K/V per SK head,
+    and decoding equals a full recomputation under kernel.reference_attention's rule (test_elastic.py)."""
 
-    def prefill(self, k, v, modes):
-        """k, v [B, G, T, D] of B rows of T prompt tokens; modes int [B, G] (None: every head FA)."""
+    def __init__(self, max_new_tokens, sink, window, sk_k=256):
+        self.max_new_tokens, self.sink, self.window, self.sk_k = max_new_tokens, sink, window, sk_k
+
+    def prefill(self, k, v, modes, sk_scores=None):
+        """k, v [B, G, T, D] of B rows of T prompt tokens; modes int [B, G] (None: every head FA); sk_scores
+        [B, G, T] the scorer's u (needed when a head is SK)."""
         B, G, T, D = k.shape
         kinds = [FA] * (B * G) if modes is None else modes.reshape(B * G).tolist()  # the segment sizes: host
         ring = min(self.sink + self.window, T + self.max_new_tokens)
-        caps = [ring if m == SSA else T + self.max_new_tokens for m in kinds]
-        full = [i for i, m in enumerate(kinds) if m != SSA]
+        caps = [ring if m in (SSA, SK) else T + self.max_new_tokens for m in kinds]
+        extras = [self.sk_k if m == SK else 0 for m in kinds]
+        full = [i for i, m in enumerate(kinds) if m not in (SSA, SK)]
         ssa = [i for i, m in enumerate(kinds) if m == SSA]
-        # memory order: per row, its full segments, then its rings; so a row's segments of one size lie side by
-        # side, a [count, cap, D] view for the CPU path of decode (`runs`: row, its (b, g) indices, first slot, cap)
+        sk = [i for i, m in enumerate(kinds) if m == SK]
+        if sk and sk_scores is None:
+            raise ValueError("SK heads need their scores at prefill (sk_scores [B, G, T], from the routers' scorer)")
+        # memory order: per row, its full segments, then its rings, then its SK segments; so a row's segments of one
+        # size lie side by side, a [count, size, D] view for the CPU path of decode (`runs`: row, its (b, g)
+        # indices, first slot, cap, extra)
         bases, self.runs, at = [0] * (B * G), [], 0
         for b in range(B):
-            for group in ([i for i in full if i // G == b], [i for i in ssa if i // G == b]):
+            for group in ([i for i in full if i // G == b], [i for i in ssa if i // G == b],
+                          [i for i in sk if i // G == b]):
                 if group:
-                    self.runs.append((b, group, at, caps[group[0]]))
+                    self.runs.append((b, group, at, caps[group[0]], extras[group[0]]))
                 for i in group:
-                    bases[i], at = at, at + caps[i]
-        self.k, self.v = k.new_zeros(sum(caps), D), v.new_zeros(sum(caps), D)
+                    bases[i], at = at, at + caps[i] + extras[i]
+        self.k, self.v = k.new_zeros(at, D), v.new_zeros(at, D)
+        self.u = torch.zeros(at, dtype=torch.float32, device=k.device)     # SK rings: the score of each slot's key
+        self.bias = torch.zeros(at, dtype=torch.float32, device=k.device)  # SK selected slots: log p (-inf: empty)
         k, v = k.reshape(B * G, T, D), v.reshape(B * G, T, D)
         j = torch.arange(T, device=k.device)
         if full:  # positions 0 .. T-1 in slots 0 .. T-1
             at = torch.tensor([bases[i] for i in full], device=k.device)[:, None] + j   # [n_full, T]
             self.k[at], self.v[at] = k[full], v[full]
-        if ssa:  # what the next query sees under SSA: the sinks and the last `window` positions
+        if ssa or sk:  # what the next query sees under SSA: the sinks and the last `window` positions
+            rings = ssa + sk
             j = j[(j < self.sink) | (T - 1 - j < self.window)]
-            at = torch.tensor([bases[i] for i in ssa], device=k.device)[:, None] + cache_slot(j, ring, self.sink,
-                                                                                              self.window)
-            self.k[at], self.v[at] = k[ssa][:, j], v[ssa][:, j]
+            at = torch.tensor([bases[i] for i in rings], device=k.device)[:, None] + cache_slot(j, ring, self.sink,
+                                                                                                self.window)
+            self.k[at], self.v[at] = k[rings][:, j], v[rings][:, j]
+            if sk:
+                self.u[at[len(ssa):]] = sk_scores.reshape(B * G, T)[sk][:, j].float()
         self.base = torch.tensor(bases, dtype=torch.int32, device=k.device)  # int32: a [B*G] table the kernel reads
         self.cap = torch.tensor(caps, dtype=torch.int32, device=k.device)
-        self.n_splits = decode_splits(1 << (max(caps) - 1).bit_length(), DECODE_SPLIT)  # a power of two: few graphs
-        self.rows = B
+        self.extra = torch.tensor(extras, dtype=torch.int32, device=k.device)
+        self.n_splits = decode_splits(1 << (max(c + e for c, e in zip(caps, extras)) - 1).bit_length(), DECODE_SPLIT)
+        self.rows, self.G = B, G
+        # SK state, one row per SK segment: the pool (2k positions, best first, -1 empty, and their scores) as of the
+        # block of the last prompt token; its best k are in the selected slots, in rank order
+        self.sk_seg = torch.tensor(sk, dtype=torch.long, device=k.device)
+        self.sk_pos = torch.full((len(sk), 2 * self.sk_k), -1, dtype=torch.long, device=k.device)
+        self.sk_u = torch.zeros(len(sk), 2 * self.sk_k, dtype=torch.float32, device=k.device)
+        self.sk_block = torch.full((len(sk),), (T - 1) // KV_BLOCK, dtype=torch.long, device=k.device)  # merged up to
+        if sk:
+            u = sk_scores.reshape(B * G, T)[sk].float()[None]                                # [1, S, T]
+            pos, u_pool, _ = kernel.sk_pool(u, torch.tensor([(T - 1) // KV_BLOCK], device=k.device), k=self.sk_k,
+                                            sink=self.sink, window=self.window)            # [1, S, 1, P]
+            P = pos.shape[-1]
+            self.sk_pos[:, :P], self.sk_u[:, :P] = pos[0, :, 0], u_pool[0, :, 0]
+            top = self.sk_pos[:, :self.sk_k]                                                 # [S, k]
+            slots = self._sk_slots()
+            src = torch.arange(len(sk), device=k.device)[:, None]
+            self.k[slots], self.v[slots] = k[sk][src, top.clamp(min=0)], v[sk][src, top.clamp(min=0)]
+            self._sk_bias()
+
+    def _sk_slots(self):
+        """[S, k] the flat slots of the SK segments' selected keys (after their rings)."""
+        first = (self.base.long() + self.cap.long())[self.sk_seg]
+        return first[:, None] + torch.arange(self.sk_k, device=first.device)
+
+    def _sk_bias(self):
+        """The selected slots' log p from the pool (-inf for slots without a key)."""
+        n = (self.sk_pos >= 0).sum(-1)
+        self.bias[self._sk_slots()] = kernel.sk_logp(self.sk_u, n, self.sk_k)[:, :self.sk_k]
+
+    def sk_update(self, pos):
+        """Before a decode step at positions pos (int [B], device): at a block's first query (pos % 128 == 0) the
+        128 keys [pos - window, pos + 128 - window) past the sink become candidates: merge them (from the ring) into
+        the pool, move the new best k's K/V into the selected slots, refresh their log p. Every step runs the same
+        operations (a step off the boundary merges nothing): static shapes, no host sync, state updated in place, so
+        it is captured in the decode step's CUDA graph. A block is merged once (sk_block), so running a step again at
+        the same position (generate's warm-up) changes nothing. What falls out of the pool or the selection is
+        forgotten (class docstring)."""
+        S, K = len(self.sk_seg), self.sk_k
+        if S == 0:
+            return
+        dev = self.k.device
+        seg_base, seg_cap = self.base.long()[self.sk_seg], self.cap.long()[self.sk_seg]   # [S]
+        p = pos.to(dev).long()[self.sk_seg // self.G]                                      # [S]
+        j = p[:, None] - self.window + torch.arange(KV_BLOCK, device=dev)                 # [S, 128]
+        m = p // KV_BLOCK
+        ok = (m > self.sk_block)[:, None] & (j >= self.sink)  # a block's first query, not merged yet
+        ring_at = seg_base[:, None] + cache_slot(j.clamp(min=0), seg_cap[:, None], self.sink, self.window)
+        sel = self._sk_slots()
+        cand_pos = torch.cat([self.sk_pos, torch.where(ok, j, -1)], 1)                    # [S, 2k + 128]
+        cand_u = torch.cat([self.sk_u, self.u[ring_at]], 1)
+        # where each candidate's K/V is now: the pool's best k in the selected slots (the rest of the pool never
+        # returns to the best k, so it needs none), the new ones in the ring
+        cand_at = torch.cat([sel, sel[:, :1].expand(S, K), ring_at], 1)
+        # order: u descending, ties by the earlier position, empty entries last (two stable sorts)
+        order = torch.argsort(torch.where(cand_pos >= 0, cand_pos, 1 << 62), dim=1, stable=True)
+        key = torch.where(cand_pos >= 0, cand_u, float("-inf")).gather(1, order)
+        order = order.gather(1, torch.argsort(key, dim=1, descending=True, stable=True))[:, :2 * K]
+        self.sk_pos.copy_(cand_pos.gather(1, order))
+        self.sk_u.copy_(cand_u.gather(1, order))
+        self.sk_block.copy_(torch.maximum(self.sk_block, m))
+        src = cand_at.gather(1, order[:, :K])
+        self.k[sel], self.v[sel] = self.k[src], self.v[src]  # gathered first (a copy), then written
+        self._sk_bias()
 
     @classmethod
     def cat(cls, caches):
@@ -272,44 +443,69 @@ class KVCache:
         alone; then all decode together). The inputs' buffers are copied once and can be freed."""
         if len(caches) == 1:
             return caches[0]
-        out = cls(caches[0].max_new_tokens, caches[0].sink, caches[0].window)
+        c0 = caches[0]
+        out = cls(c0.max_new_tokens, c0.sink, c0.window, c0.sk_k)
         offsets = list(itertools.accumulate([c.k.shape[0] for c in caches[:-1]], initial=0))  # first slot of each
-        out.k, out.v = torch.cat([c.k for c in caches]), torch.cat([c.v for c in caches])
+        for name in ("k", "v", "u", "bias", "cap", "extra", "sk_pos", "sk_u", "sk_block"):
+            setattr(out, name, torch.cat([getattr(c, name) for c in caches]))
         out.base = torch.cat([c.base + o for c, o in zip(caches, offsets)])
-        out.cap = torch.cat([c.cap for c in caches])
         out.n_splits = max(c.n_splits for c in caches)
-        out.runs, rows = [], 0
+        out.G = c0.G
+        out.runs, rows, segs = [], 0, []
         for c, o in zip(caches, offsets):
-            out.runs += [(b + rows, [i + rows * len(c.base) // c.rows for i in group], at + o, cap)
-                         for b, group, at, cap in c.runs]
+            out.runs += [(b + rows, [i + rows * c.G for i in group], at + o, cap, extra)
+                         for b, group, at, cap, extra in c.runs]
+            segs.append(c.sk_seg + rows * c.G)
             rows += c.rows
+        out.sk_seg = torch.cat(segs)
         out.rows = rows
         return out
 
-    def decode(self, q, k, v, pos):
+    def decode(self, q, k, v, pos, u=None):
         """One new token per row at positions pos (int [B], on the device): q [B, H, 1, D], k and v [B, G, 1, D]
-        -> [B, H, 1, D]. The decode kernel on the GPU; on the CPU the same rule (decode_attention_reference, the
-        definition) by runs of equal segments, each a view of the buffer: no gather, a few SDPA calls per layer."""
+        -> [B, H, 1, D]; u [B, G, 1] the new keys' SK scores (needed when a head is SK). The decode kernel on the
+        GPU; on the CPU the same rule (decode_attention_reference, the definition) by runs of equal segments, each a
+        view of the buffer: no gather, a few SDPA calls per layer."""
+        if len(self.sk_seg):
+            if u is None:
+                raise ValueError("SK heads need the new keys' scores (u [B, G, 1], from the routers' scorer)")
+            self.sk_update(pos)  # before the new key overwrites the ring slot of position pos - window
+            B, G = u.shape[:2]
+            p = pos.to(self.k.device).long().repeat_interleave(G)
+            self.u[self.base.long() + cache_slot(p, self.cap.long(), self.sink, self.window)] = u.reshape(B * G).float()
         if q.is_cuda:
             y = decode_attention_op(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k, self.v, self.base, self.cap, pos,
-                                    self.sink, self.window, self.n_splits, DECODE_SPLIT)
+                                    self.sink, self.window, self.n_splits, DECODE_SPLIT, self.extra, self.bias)
             return y[:, :, None]
         B, H, _, D = q.shape
         G = k.shape[1]
         q = q.reshape(B * G, H // G, D)  # [B*G, H/G, D]: a group's query heads share its keys
         k, v = k.reshape(B * G, D), v.reshape(B * G, D)
         y = torch.empty_like(q)
-        for b, group, at, cap in self.runs:
+        for b, group, at, cap, extra in self.runs:
             p = int(pos[b])
             slot = p if p < cap else self.sink + (p - self.sink) % self.window
-            keys = self.k[at:at + len(group) * cap].view(len(group), cap, D)
-            values = self.v[at:at + len(group) * cap].view(len(group), cap, D)
+            size = cap + extra
+            keys = self.k[at:at + len(group) * size].view(len(group), size, D)
+            values = self.v[at:at + len(group) * size].view(len(group), size, D)
             keys[:, slot], values[:, slot] = k[group], v[group]
             n = min(p + 1, cap)
-            y[group] = F.scaled_dot_product_attention(q[group], keys[:, :n], values[:, :n])
+            if not extra:
+                y[group] = F.scaled_dot_product_attention(q[group], keys[:, :n], values[:, :n])
+                continue
+            # SK: the ring's sinks and local span (age <= p - c_m), then the selected slots with their log p
+            s = torch.arange(n)
+            age = (slot - s) % self.window
+            local = (s < self.sink) | (age <= p - ((p // KV_BLOCK + 1) * KV_BLOCK - self.window))
+            bias = torch.cat([torch.where(local, 0.0, float("-inf")).expand(len(group), n),
+                              self.bias[at:at + len(group) * size].view(len(group), size)[:, cap:]], 1)
+            idx = torch.cat([s, torch.arange(cap, size)])
+            y[group] = F.scaled_dot_product_attention(q[group], keys[:, idx], values[:, idx],
+                                                      attn_mask=bias[:, None].to(q.dtype))
         return y.reshape(B, H, 1, D)
 
     def nbytes(self, row=None):
         """Bytes of keys and values held, for all rows or one."""
-        caps = self.cap.view(self.rows, -1)[row] if row is not None else self.cap
-        return 2 * int(caps.sum()) * self.k.shape[1] * self.k.element_size()
+        sizes = self.cap + self.extra
+        sizes = sizes.view(self.rows, -1)[row] if row is not None else sizes
+        return 2 * int(sizes.sum()) * self.k.shape[1] * self.k.element_size()

@@ -40,7 +40,7 @@ def prefill(model, prompts, max_new_tokens, modes=None):
     ec, L = model.elastic, model.config.num_hidden_layers
     logits, rows, routings = [], [], []
     for b, ids in enumerate(prompts):
-        caches = [KVCache(max_new_tokens, ec.sink, ec.window) for _ in range(L)]
+        caches = [KVCache(max_new_tokens, ec.sink, ec.window, ec.sk_k) for _ in range(L)]
         m = None if modes is None else modes[b if modes.shape[0] > 1 else 0][None]
         out, routing = model(ids[None], modes=m, caches=caches, return_routing=True, last_only=True)
         logits.append(out[:, -1])
@@ -109,6 +109,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_tok
     device = model.output_weight().device
     prompts = [p.reshape(-1).to(device) for p in prompts]
     context = model.config.max_position_embeddings
+    model.elastic.check_context(context)  # SK pairs: an sk_k the context can fill
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for b, p in enumerate(prompts):

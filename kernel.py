@@ -10,6 +10,9 @@ Each KV head of each batch element has a mode (FA = 0, SSA = 1, XA = 2), shared 
        XAttention estimate (arXiv 2503.16428): antidiagonal scores of 16 x 16 cells, softmax per row,
        summed into block scores, then per block row the sink block, the diagonal block and the
        highest-scoring blocks until their mass reaches `xa_threshold` of the row.
+- SK:  (SparseK, arXiv 2406.16747; reference only, see sk_pool) query i in 128-query block m sees the sink,
+       its local span c_m <= j <= i with c_m = 128 (m + 1) - window, and the sk_k best-scoring earlier keys,
+       whose logits get + log p (p from SPARSEK).
 
 Read top to bottom, in the order of the Triton tutorial (06-fused-attention): 1. the reference (the
 definition), 2. the attention kernel and its wrapper, 3. where XA's block list comes from (the estimate),
@@ -33,8 +36,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-FA, SSA, XA = 0, 1, 2
+FA, SSA, XA, SK = 0, 1, 2, 3  # SK (SparseK, arXiv 2406.16747): the reference and FlexAttention run it, not
+# yet the fused kernel (elastic_attention refuses it; attention.routed_attention runs SK heads through Flex)
 KV_BLOCK = 128  # the method's block: XA selects 128 x 128 blocks
+SK_P_FLOOR = 1e-30  # log p of a selected key is taken of max(p, this): a finite logit even if p rounds to 0
 
 # the same numbers as constants the kernels can read
 _SSA = tl.constexpr(SSA)
@@ -66,12 +71,14 @@ def attention_mask_reference(modes, H, T, *, sink=128, window=2048, xa_blocks=No
 
 
 def reference_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
-                        sm_scale=None, xa_blocks=None):
+                        sm_scale=None, xa_blocks=None, sk_scores=None, sk_k=256):
     """Elastic attention in plain PyTorch (fp32 math, differentiable in q, k, v) -> o [B, H, T, D].
 
-    q [B, H, T, D]; k, v [B, G, T, D]; modes [B, G] with values FA, SSA, XA. xa_blocks: an XA block
+    q [B, H, T, D]; k, v [B, G, T, D]; modes [B, G] with values FA, SSA, XA, SK. xa_blocks: an XA block
     selection [B, H, nb, nb] to use instead of computing it (the tests pass the kernel's own selection,
     checked separately, so that a block on the threshold's edge cannot flip between the two).
+    sk_scores [B, G, T]: the scorer's u (sparsek.Scorer), needed when a head is SK (differentiable: gradients
+    reach the scorer through log p); sk_k its budget. SK is defined here (sk_bias_reference).
     """
     B, H, T, D = q.shape
     modes = modes.to(q.device)
@@ -81,8 +88,102 @@ def reference_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0
             xa_blocks = xattn_block_mask_reference(q, k, stride=xa_stride, threshold=xa_threshold)
     mask = attention_mask_reference(modes, H, T, sink=sink, window=window, xa_blocks=xa_blocks)
     s = (q.float() @ _expand_kv(k, H).float().transpose(-1, -2)) * scale  # [B, H, T, T]
+    if bool((modes == SK).any()):
+        if sk_scores is None:
+            raise ValueError("modes has SK heads: pass their scores as sk_scores [B, G, T] (sparsek.Scorer)")
+        bias = _expand_kv(sk_bias_reference(sk_scores, T, k=sk_k, sink=sink, window=window), H)  # [B, H, T, T]
+        sk = (modes == SK).repeat_interleave(H // modes.shape[1], dim=1)[:, :, None, None]
+        s = torch.where(sk, s + bias, s)
+        mask = torch.where(sk, bias > float("-inf"), mask)
     p = s.masked_fill(~mask, float("-inf")).softmax(-1)
     return (p @ _expand_kv(v, H).float()).to(q.dtype)
+
+
+# SK, the SparseK mode (arXiv 2406.16747), defined on 128-query blocks. Query i in block m = i // 128 sees
+#   the sink          j < sink,
+#   its local span    c_m <= j <= i, with c_m = 128 (m + 1) - window (window - 127 to window keys),
+#   the selected      the k best candidates of C_m = {sink <= j < c_m} by score u_j (ties: the earlier key),
+# and a selected key's logit gets + log p_j, p = SPARSEK(u over the pool of the 2k best candidates, k) (when
+# C_m has at most k keys every candidate is selected with p = 1). Adding log p to a logit multiplies the
+# key's unnormalised weight exp(s_j) by p_j: the softmax still normalises over everything the query sees, a
+# key with p = 1 weighs as in full attention, one with p < 1 is discounted, and d(log p)/du carries the
+# gradient to the scorer (the selection itself is discrete). One u per key per KV head, independent of the
+# query: with the candidate set only growing (c_m grows with m), a key that falls out of the top k can never
+# come back, which is what lets decode evict it (attention.KVCache).
+
+def _check_sk_scores(u, T):
+    if not isinstance(u, torch.Tensor) or u.dim() != 3 or u.shape[-1] != T:
+        raise ValueError(f"sk_scores must be [B, G, T={T}], got {tuple(u.shape) if isinstance(u, torch.Tensor) else type(u)}")
+    if u.device.type == "cpu" and bool(torch.isnan(u).any()):  # on the GPU the check would be a sync per layer
+        raise ValueError(f"SK scores contain NaN ({int(torch.isnan(u).sum())} of {u.numel()}): the scorer's "
+                         "weight or the key states are not finite; check the scorer (routers) and the input")
+
+
+def sk_pool(u, blocks, *, k, sink, window):
+    """The SK candidate pools of the 128-query blocks `blocks` (LongTensor [M]) for scores u [B, G, T] ->
+    (pos [B, G, M, P] long: the pool's keys, best first (u descending, ties: the earlier key), -1 past the
+    candidates; u_pool [B, G, M, P] fp32 their scores (differentiable); n [M] the number of candidates),
+    with P = min(2k, T)."""
+    B, G, T = u.shape
+    _check_sk_scores(u, T)
+    P = min(2 * k, T)
+    j = torch.arange(T, device=u.device)
+    c = (blocks.to(u.device) + 1) * KV_BLOCK - window                          # [M] start of the local span
+    cand = (j >= sink) & (j < c[:, None])                                     # [M, T]
+    key = torch.where(cand, u.detach().float()[:, :, None, :], float("-inf"))  # [B, G, M, T]
+    order = key.sort(dim=-1, descending=True, stable=True).indices[..., :P]      # stable: ties keep j ascending
+    n = cand.sum(-1)                                                           # [M]
+    valid = torch.arange(P, device=u.device) < n[:, None]                      # [M, P]
+    u_pool = u.float()[:, :, None, :].expand(B, G, len(blocks), T).gather(-1, order)
+    return torch.where(valid, order, -1), u_pool, n
+
+
+def sk_logp(u_pool, n, k, return_tau=False):
+    """log p of the pool's best min(k, n) keys -> logp [..., P] (-inf for keys not selected) from u_pool
+    [..., P] (best first) and n [...] candidates (broadcast). With return_tau also tau [...] with
+    p = clip(u - tau, 0, 1), differentiable in u_pool (the analytic form of SPARSEK's backward)."""
+    from sparsek import sparsek
+    P = u_pool.shape[-1]
+    n = torch.as_tensor(n, device=u_pool.device).expand(u_pool.shape[:-1])
+    rank = torch.arange(P, device=u_pool.device)
+    valid = rank < n[..., None]
+    # the pool past the candidates scores min - 2: p = 0 there, with the budget min(k, n) (all ones if n <= k; a
+    # gap of 2, not 1, so that no rounding puts tau on the empty entries and makes them fractional)
+    low = torch.where(valid, u_pool.detach(), float("inf")).amin(-1, keepdim=True) - 2
+    x = torch.where(valid, u_pool, torch.where(torch.isfinite(low), low, 0.0))
+    budget = n.clamp(min=1, max=k).to(x.dtype)
+    p = sparsek(x, budget, check=False)
+    logp = torch.where(valid & (rank < k), p.clamp(min=SK_P_FLOOR).log(), float("-inf"))
+    if not return_tau:
+        return logp
+    # tau, differentiable: on the fractional set S, tau = (sum_S u + #ones - budget) / |S| (the KKT solution)
+    with torch.no_grad():
+        frac = (p > 0) & (p < 1)
+        size = frac.sum(-1)
+        ones = (p >= 1).sum(-1).to(x.dtype)
+        # S empty, p all 0 or 1: the largest score that gets 0 gives this p (n <= k: all ones, min - 2 does)
+        low = torch.where(torch.isfinite(low), low, 0.0).squeeze(-1)
+        tau_fixed = torch.where(n > k, torch.where(p >= 1, float("-inf"), x).amax(-1), low)
+    tau = torch.where(size > 0, ((x * frac).sum(-1) + ones - budget) / size.clamp(min=1), tau_fixed)
+    return logp, tau
+
+
+def sk_bias_reference(u, T, *, k, sink, window):
+    """The SK rule as an additive bias [B, G, T, T] on the attention logits (fp32): 0 on the sink and the local
+    span, log p on the selected keys, -inf elsewhere (and above the diagonal). Differentiable in u."""
+    B, G, _ = u.shape
+    nb = triton.cdiv(T, KV_BLOCK)
+    blocks = torch.arange(nb, device=u.device)
+    pos, u_pool, n = sk_pool(u, blocks, k=k, sink=sink, window=window)
+    logp = sk_logp(u_pool, n, k)                                               # [B, G, nb, P]
+    row = torch.full((B, G, nb, T + 1), float("-inf"), device=u.device)        # per block; column T: the pool's -1s
+    row = row.scatter(-1, torch.where(pos < 0, T, pos), logp)[..., :T]
+    i = torch.arange(T, device=u.device)
+    bias = row[:, :, i // KV_BLOCK]                                            # [B, G, T, T], query i's block
+    j = i[None, :]
+    c = ((i // KV_BLOCK + 1) * KV_BLOCK - window)[:, None]
+    bias = bias.masked_fill((j < sink) | (j >= c), 0.0)
+    return bias.masked_fill(j > i[:, None], float("-inf"))
 
 
 def xattn_block_scores_reference(q, k, *, stride=16):

@@ -37,12 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from kernel import FA, KV_BLOCK, SSA, XA
+from kernel import FA, KV_BLOCK, SK, SSA, XA
+from sparsek import Scorer
 
 # Attention modes as kernel.py numbers them in its per-(batch, KV head) mode table (README: the attention modes).
-MODE_IDS = {"FA": FA, "SSA": SSA, "XA": XA}
-# "{retrieval mode}-{sparse mode}": what class 0 and class 1 of the router mean (the paper's FA-SSA, FA-XA, XA-SSA).
-MODE_PAIRS = ("FA-SSA", "FA-XA", "XA-SSA")
+MODE_IDS = {"FA": FA, "SSA": SSA, "XA": XA, "SK": SK}
+# "{retrieval mode}-{sparse mode}": what class 0 and class 1 of the router mean (the paper's FA-SSA, FA-XA, XA-SSA;
+# FA-SK is ours: SparseK, arXiv 2406.16747, as the sparse mode).
+MODE_PAIRS = ("FA-SSA", "FA-XA", "XA-SSA", "FA-SK")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -57,6 +59,8 @@ class ElasticConfig:
                   Paper: 128 and 2048 at 8K-64K tokens; size them to the model's context.
     xa_threshold, xa_stride: XAttention's cumulative block-mass threshold and antidiagonal stride.
     boundary:     tokens pooled at each end of the prompt by the router.
+    sk_k:         SK's budget: the selected keys per query beyond the sink and the local span (FA-SK only; an SK
+                  head keeps at most sink + window + sk_k keys). FA-SK needs a window that is a multiple of 128.
     """
     mode_pair: str = "FA-SSA"
     sink: int = 128
@@ -64,6 +68,7 @@ class ElasticConfig:
     xa_threshold: float = 0.9
     xa_stride: int = 16
     boundary: int = 100
+    sk_k: int = 256
 
     def __post_init__(self):
         if self.mode_pair not in MODE_PAIRS:
@@ -76,7 +81,29 @@ class ElasticConfig:
             raise ValueError(f"xa_stride must divide the XA block size {KV_BLOCK}, got {self.xa_stride}")
         if not 0.0 < self.xa_threshold <= 1.0:
             raise ValueError(f"xa_threshold must lie in (0, 1], got {self.xa_threshold!r}")
+        if not isinstance(self.sk_k, int) or isinstance(self.sk_k, bool) or self.sk_k < 1:
+            raise ValueError(f"sk_k={self.sk_k!r} but SK selects at least one key per query; pass sk_k >= 1")
+        if self.uses_sk and self.window % KV_BLOCK:
+            raise ValueError(f"{self.mode_pair} needs a window that is a multiple of {KV_BLOCK} (SK selects per "
+                             f"{KV_BLOCK}-query block), got window={self.window}; round it to a multiple of {KV_BLOCK}")
 
+    @property
+    def uses_sk(self) -> bool:
+        """Whether a head can run SK: then each router holds a scorer (sparsek.Scorer)."""
+        return "SK" in self.mode_pair.split("-")
+
+    def check_context(self, max_pos: int) -> None:
+        """For SK pairs: refuse an sk_k that a context of max_pos tokens can never fill, i.e. more than the candidates
+        (keys past the sink and before the local span) of its last 128-query block. Call it with the model's
+        max_position_embeddings (or the longest sequence a run will see)."""
+        if not self.uses_sk:
+            return
+        last = (max_pos - 1) // KV_BLOCK
+        candidates = max(0, (last + 1) * KV_BLOCK - self.window - self.sink)
+        if self.sk_k > candidates:
+            raise ValueError(f"sk_k={self.sk_k} is larger than the {candidates} keys SK can select from in a context "
+                             f"of {max_pos} tokens (outside sink={self.sink} and window={self.window}); lower sk_k "
+                             f"or the window")
     @property
     def mode_ids(self) -> tuple[int, int]:
         """Kernel mode ids (FA=0, SSA=1, XA=2) of router class 0 (retrieval) and class 1 (sparse)."""
@@ -156,9 +183,10 @@ class AttentionRouter(nn.Module):
     heads of its layer. 16D^2 + 12D + 2 parameters: 263,682 for D = 128 (paper: "0.27M"), 66,306 for 64.
     Before the Task MLP the pooled vector is standardised per dimension (in_mean, in_std; ours, see __init__).
     forward(k [B, T, G, D], prompt_lens [B]) -> logits [B, G, 2] in fp32; class 0 retrieval, 1 sparse.
+    With sk=True (an SK mode pair) it also holds `scorer`, the layer's sparsek.Scorer.
     """
 
-    def __init__(self, head_dim: int, hidden_mult: int = 4, boundary: int = 100):
+    def __init__(self, head_dim: int, hidden_mult: int = 4, boundary: int = 100, sk: bool = False):
         super().__init__()
         d, h = head_dim, hidden_mult * head_dim
         self.head_dim, self.boundary = head_dim, boundary
@@ -171,6 +199,8 @@ class AttentionRouter(nn.Module):
         self.register_buffer("in_std", torch.ones(d))
         self.task_mlp = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, d))
         self.router_mlp = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, d), nn.SiLU(), nn.Linear(d, 2))
+        # SK pairs: the layer's scoring network (sparsek.Scorer, D parameters), trained and saved with the router
+        self.scorer = Scorer(d) if sk else None
 
     def forward(self, k: torch.Tensor, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
         if k.ndim != 4 or k.shape[-1] != self.head_dim:
@@ -199,7 +229,8 @@ class Routers(nn.ModuleList):
 
     def __init__(self, num_layers: int, head_dim: int, elastic: "ElasticConfig | None" = None):
         self.elastic = elastic or ElasticConfig()
-        super().__init__(AttentionRouter(head_dim, boundary=self.elastic.boundary) for _ in range(num_layers))
+        super().__init__(AttentionRouter(head_dim, boundary=self.elastic.boundary, sk=self.elastic.uses_sk)
+                         for _ in range(num_layers))
 
     @staticmethod
     def fits(config) -> dict:
@@ -242,6 +273,14 @@ class Routers(nn.ModuleList):
         # raw pooled keys, which is what the fresh routers' identity standardisation gives.
         for name, buffer in routers.named_buffers():
             state.setdefault(name, buffer)
+        want = routers.state_dict()
+        if missing := sorted(set(want) - set(state)):
+            raise ValueError(f"{path / 'routers.safetensors'} lacks {', '.join(missing[:4])}"
+                             f"{' ...' if len(missing) > 4 else ''} ({routers.elastic.mode_pair} routers need them)")
+        for name, tensor in state.items():
+            if name in want and tuple(tensor.shape) != tuple(want[name].shape):
+                raise ValueError(f"{path / 'routers.safetensors'}: {name} has shape {list(tensor.shape)} there vs "
+                                 f"{list(want[name].shape)} here; the routers were saved for another model")
         routers.load_state_dict(state)
         return routers.requires_grad_(False)
 

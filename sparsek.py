@@ -33,6 +33,7 @@ at most the number of unmasked ones), not -inf.
 """
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -81,14 +82,25 @@ class _SparseK(torch.autograd.Function):
         return grad_u, mean.reshape(ctx.shape[:-1])
 
 
-def sparsek(u, k, return_tau=False):
+def sparsek(u, k, return_tau=False, check=True):
     """SPARSEK(u, k): the projection of scores u [..., n] onto {0 <= p <= 1, sum p = k}, per row.
 
     k: a number >= 1 shared by all rows, or a tensor broadcastable to u.shape[:-1] (one budget per row; it gets
     a gradient if it requires one). k >= n gives all ones. Returns p [..., n] (dtype of u), and with
     return_tau=True also tau [...] (float32, or float64 for float64 u; no gradient), p = clip(u - tau, 0, 1).
-    The threshold is computed in at least float32.
+    The threshold is computed in at least float32. check=False skips the input checks (which read values back
+    to the host): for callers that checked already, or that must not sync (a decode step in a CUDA graph).
     """
+    if check:
+        _check(u, k)
+    work = torch.promote_types(u.dtype, torch.float32)
+    kt = torch.as_tensor(k, dtype=work, device=u.device)     # a Python float stays exact in float64
+    p, tau = _SparseK.apply(u.to(work), kt.expand(u.shape[:-1]))
+    p = p.to(u.dtype)
+    return (p, tau) if return_tau else p
+
+
+def _check(u, k):
     if not isinstance(u, torch.Tensor) or not u.is_floating_point():
         raise ValueError(f"sparsek: scores must be a floating-point tensor, got {getattr(u, 'dtype', type(u))}; "
                          "convert them with u.float()")
@@ -99,12 +111,35 @@ def sparsek(u, k, return_tau=False):
         bad = (~torch.isfinite(u)).sum().item()
         raise ValueError(f"sparsek: scores contain NaN or inf ({bad} of {u.numel()} entries); fill masked "
                          "positions with a finite value (at most min(scores) - 1) instead of -inf")
-    work = torch.promote_types(u.dtype, torch.float32)
-    kt = torch.as_tensor(k, dtype=work, device=u.device)     # a Python float stays exact in float64
+    kt = torch.as_tensor(k, dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
     bad = kt[~(kt >= 1)]                        # also catches NaN
     if bad.numel():
         raise ValueError(f"sparsek: k={bad.flatten()[0].item():g} but the SparseK budget must be at least 1 "
                          "(each query keeps at least one key); pass k >= 1")
-    p, tau = _SparseK.apply(u.to(work), kt.expand(u.shape[:-1]))
-    p = p.to(u.dtype)
-    return (p, tau) if return_tau else p
+
+
+# -----------------------------------------------------------------------------
+# The scoring network of SK attention (attention.py, kernel.reference_attention)
+
+
+class Scorer(nn.Module):
+    """One score per key per KV head for SK attention: u_j = w . k_pre_j, one w [head_dim] per layer, shared by its
+    KV heads (so the layer's G heads score their own keys with one vector).
+
+    Why the keys before RoPE: they are what the router already reads (no new input), a score costs one dot product
+    per key, and they carry no rotation, so a key's score does not depend on how far it lies from the query that
+    selects it (scores must be query-independent for decode's eviction to be exact; see attention.KVCache).
+    w starts at 0: every score is 0, the candidates tie, and SPARSEK gives the pool a uniform p (k / 2k = 1/2) until
+    training moves w. D parameters per layer, trained with the routers while the backbone stays frozen.
+    forward(k_pre [B, T, G, D]) -> u [B, G, T] fp32.
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.weight = nn.Parameter(torch.zeros(head_dim))
+
+    def forward(self, k_pre: torch.Tensor) -> torch.Tensor:
+        if k_pre.ndim != 4 or k_pre.shape[-1] != self.head_dim:
+            raise ValueError(f"Scorer expects pre-RoPE keys [B, T, G, D={self.head_dim}], got {list(k_pre.shape)}")
+        return torch.einsum("btgd,d->bgt", k_pre.float(), self.weight.float())

@@ -14,7 +14,7 @@ import torch
 
 from attention import KVCache
 from generate import generate
-from kernel import FA, SSA, XA
+from kernel import FA, SK, SSA, XA
 from model import Transformer
 from router import ElasticConfig, Routers, calibrate_routers
 
@@ -295,3 +295,93 @@ def test_router_logits_keep_their_gradient_under_checkpointing(tiny_dir):
     torch.testing.assert_close(grads[1], grads[0])
     with torch.no_grad():  # inference: detached
         assert not model(idx, return_routing=True)[1].logits.requires_grad
+
+
+# -----------------------------------------------------------------------------
+# SK heads (FA-SK): decode against recomputation, the cache's bound, training
+
+
+def sk_model(tiny_dir, sk_k=4):
+    """The tiny model with FA-SK routers whose scorers are random (a fresh scorer scores every key 0)."""
+    model = with_routers(load(tiny_dir, ElasticConfig(mode_pair="FA-SK", sink=4, window=128, sk_k=sk_k)))
+    with torch.no_grad():
+        for router in model.routers:
+            router.scorer.weight.normal_()
+    return model
+
+
+def test_sk_decode_equals_recompute(tiny_dir):
+    """Two prompts prefilled alone and decoded together, SK beside FA heads: every step's logits equal a full
+    recomputation under the SK rule (the reference), across block boundaries where new candidates arrive and
+    selected keys are evicted (row 0's first step is a block's first query, row 1 crosses 384). Each SK head holds
+    sink + window + sk_k keys."""
+    from generate import decode_one_token, prefill
+    model = sk_model(tiny_dir)
+    L, G, V, D = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.vocab_size, 16
+    modes = torch.tensor([[[SK, FA], [SK, SK]]], dtype=torch.int32)
+    lengths, steps = [256, 379], 12
+    seqs = [torch.randint(0, V, (T + steps,)) for T in lengths]
+    logits, caches, _ = prefill(model, [s[:T] for s, T in zip(seqs, lengths)], steps, modes)
+    decoded = [logits]
+    pos = torch.tensor(lengths, dtype=torch.int32)
+    for i in range(steps - 1):
+        token = torch.stack([s[T + i] for s, T in zip(seqs, lengths)])
+        decoded.append(decode_one_token(model, token, pos + i, caches))
+        if i == 384 - lengths[1]:  # row 1 on a block's first query: a step run again (as CUDA-graph warm-up does)
+            assert torch.equal(decode_one_token(model, token, pos + i, caches), decoded[-1])
+    decoded = torch.stack(decoded, 1)  # [B, steps, V]
+    for b, (s, T) in enumerate(zip(seqs, lengths)):
+        full = model(s[None, :T + steps - 1], modes=modes)[0, T - 1:]
+        err, scale = (decoded[b] - full).abs().max().item(), full.abs().max().item()
+        assert err < 1e-4 * scale, f"row {b} (prompt {T}): decode vs recompute {err:.3e} (scale {scale:.3e})"
+    dense = model(seqs[1][None, :lengths[1] + steps - 1])[0, lengths[1] - 1:]
+    assert (dense - full).abs().max() > 1e-3 * scale  # SK really drops keys
+    # the cache: FA heads hold every position, SK heads sink + window + sk_k
+    per_row = [2 * 4 * D * ((T + steps) + 3 * (4 + 128 + 4)) for T in lengths]  # k and v, fp32, both layers
+    assert sum(c.nbytes() for c in caches) == sum(per_row)
+
+
+def test_sk_training_mix_trains_the_scorer(tiny_dir):
+    """FA-SK training: the Gumbel mix with SK as the sparse branch equals the routed forward, and the routers and
+    the scorers get gradients (the scorer's through log p)."""
+    model = sk_model(tiny_dir)
+    with torch.no_grad():
+        for router in model.routers:  # every head sparse, so that every layer's scorer is used
+            router.router_mlp[-1].bias.copy_(torch.tensor([-20.0, 20.0]))
+    idx = torch.randint(0, 1000, (2, 300))
+    logits, routing = model(idx, tau=1.0, return_routing=True)
+    assert set(routing.modes.unique().tolist()) == {SK}
+    with torch.no_grad():
+        routed = model(idx, modes=routing.modes)
+    assert (logits - routed).abs().max() < 1e-4 * routed.abs().max()
+    logits.float().square().mean().backward()
+    for router in model.routers:
+        assert router.scorer.weight.grad is not None and router.scorer.weight.grad.abs().sum() > 0
+        assert router.router_mlp[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_sk_decode(tiny_weights_dir):
+    """On the GPU: SK heads prefill through the fused kernel + Flex stopgap, decode through the decode kernel with the
+    selected slots and sk_update inside a CUDA graph; the graph's tokens equal eager steps', and the step-by-step
+    logits match a full recomputation (loosely: fp32 runs in tf32 on the GPU)."""
+    from generate import decode_one_token, prefill
+    model = Transformer.from_pretrained(tiny_weights_dir, device="cuda", dtype=torch.float32)
+    model.elastic = ElasticConfig(mode_pair="FA-SK", sink=4, window=128, sk_k=16)
+    with_routers(model).cuda()
+    with torch.no_grad():
+        for router in model.routers:
+            router.scorer.weight.normal_()
+    modes = torch.tensor([[[SK, FA], [SK, SK]]], dtype=torch.int32, device="cuda")
+    prompts = [torch.randint(0, 1000, (T,)) for T in (300, 41, 250)]
+    eager = list(generate(model, prompts, 150, modes=modes, cuda_graph=False))
+    assert list(generate(model, prompts, 150, modes=modes, cuda_graph=True)) == eager
+    T, steps = 250, 150
+    seq = torch.randint(0, 1000, (T + steps,), device="cuda")
+    logits, caches, _ = prefill(model, [seq[:T]], steps, modes)
+    decoded = [logits]
+    for i in range(steps - 1):
+        decoded.append(decode_one_token(model, seq[T + i][None], torch.tensor([T + i], device="cuda"), caches))
+    decoded = torch.cat(decoded)
+    full = model(seq[None, :T + steps - 1], modes=modes)[0, T - 1:]
+    assert (decoded - full).abs().max() < 1e-2 * full.abs().max()

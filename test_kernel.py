@@ -303,20 +303,28 @@ def test_gpu_xa_selection_large():
 # -----------------------------------------------------------------------------
 # the decode kernel (decode_kernel.py) against its reference: every mode is a segment of `cap` slots
 
-def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, window, split):
+def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, window, split, extras=None):
     """A decode step of B rows over segments of the given caps (FA: prompt + new; SSA: sink + window), at the
-    given positions; compares output and written caches with the reference."""
+    given positions; compares output and written caches with the reference. extras: SK segments' selected slots
+    after their rings (a random log p bias each, some slots empty: -inf)."""
     from decode_kernel import decode_attention, decode_attention_reference, decode_splits
     caps_t = torch.tensor(caps, dtype=torch.int32, device=DEV)
-    base = torch.cat([torch.zeros(1, dtype=torch.int32, device=DEV), caps_t.cumsum(0)[:-1].int()])
-    N = sum(caps)
+    sizes = [c + e for c, e in zip(caps, extras or [0] * len(caps))]
+    base = torch.cat([torch.zeros(1, dtype=torch.int32, device=DEV), torch.tensor(sizes, device=DEV).cumsum(0)[:-1].int()])
+    N = sum(sizes)
     (q, k_new, v_new, kc, vc), seed = rand((B, H, D), (B, G, D), (B, G, D), (N, D), (N, D), dtype=dtype)
     pos = torch.tensor(positions, dtype=torch.int32, device=DEV)
+    sk = {}
+    if extras is not None:
+        g = torch.Generator().manual_seed(seed)
+        bias = (-3 * torch.rand(N, generator=g)).to(DEV)
+        bias[torch.rand(N, generator=g).to(DEV) < 0.2] = float("-inf")  # empty selected slots
+        sk = dict(extra=torch.tensor(extras, dtype=torch.int32, device=DEV), bias=bias)
     kc2, vc2 = kc.clone(), vc.clone()
-    ref = decode_attention_reference(q, k_new, v_new, kc, vc, base, caps_t, pos, sink=sink, window=window)
+    ref = decode_attention_reference(q, k_new, v_new, kc, vc, base, caps_t, pos, sink=sink, window=window, **sk)
     out = torch.full_like(q, float("nan"))  # poison
     o = decode_attention(q, k_new, v_new, kc2, vc2, base, caps_t, pos, sink=sink, window=window,
-                         n_splits=decode_splits(max(caps), split), split=split, out=out)
+                         n_splits=decode_splits(max(sizes), split), split=split, out=out, **sk)
     assert not o.isnan().any(), f"{int(o.isnan().sum())} outputs unwritten (seed {seed})"
     err, max_abs = rel_err(o, ref)
     assert err < TOL[dtype], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed}, caps {caps}, pos {positions})"
@@ -342,6 +350,24 @@ def test_decode_splits_and_odd_lengths(dtype):
     # one chunk, a position on a chunk's edge, an odd one, and the first decode step after a 1-token prompt
     for pos in (0, 1, 63, 64, 127, 200):
         assert_decode_matches_reference(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64)
+
+
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
+def test_decode_sk_segments(dtype):
+    # SK heads (sink 4, window 128, 8 selected slots after the ring) beside an FA and an SSA segment: a ring that
+    # has wrapped (pos 300, 455) and one that has not (pos 100); the local span starts mid-ring
+    sink, window = 4, 128
+    caps, extras = [460, 132, 132, 132], [0, 0, 8, 8]
+    for pos in (300, 455, 100):
+        assert_decode_matches_reference(1, 4, 4, 32, caps, [pos], dtype, sink, window, split=64, extras=extras)
+
+
+@gpu_only
+def test_gpu_decode_sk_large():
+    caps, extras = [4100] * 4 + [128 + 2048] * 4, [0] * 4 + [256] * 4
+    for pos in (4096, 4097, 4095 + 64):
+        assert_decode_matches_reference(1, 32, 8, 128, caps, [pos], torch.bfloat16, 128, 2048, split=512,
+                                        extras=extras)
 
 
 @gpu_only

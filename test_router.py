@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from router import (FA, SSA, XA, AttentionRouter, ElasticConfig, SparsityConstraint, boundary_pool, route,
+from router import (FA, SK, SSA, XA, AttentionRouter, ElasticConfig, SparsityConstraint, boundary_pool, route,
                     sparsity_ratio, tau_schedule)
 
 
@@ -275,3 +275,50 @@ def test_errors():
         route(torch.zeros(1, 1, 2), hard=False)
     with pytest.raises(ValueError, match="task_class"):
         SparsityConstraint()(torch.tensor([0.5]), torch.tensor([2]))
+
+
+# --- SK (FA-SK): the scorer the routers carry, its config -----------------
+
+
+def test_sk_config():
+    from router import SK, MODE_IDS, MODE_PAIRS
+    kernel = pytest.importorskip("kernel")
+    assert MODE_IDS["SK"] == SK == kernel.SK == 3 and "FA-SK" in MODE_PAIRS
+    cfg = ElasticConfig(mode_pair="FA-SK", window=256, sk_k=64)
+    assert cfg.mode_ids == (FA, SK) and cfg.uses_sk and not ElasticConfig().uses_sk
+    assert ElasticConfig(window=100).sk_k == 256  # FA-SSA: any window, sk_k unused
+    with pytest.raises(ValueError, match=r"^sk_k=0 but SK selects at least one key per query; pass sk_k >= 1$"):
+        ElasticConfig(mode_pair="FA-SK", sk_k=0)
+    with pytest.raises(ValueError, match="FA-SK needs a window that is a multiple of 128.*window=100"):
+        ElasticConfig(mode_pair="FA-SK", window=100)
+    cfg.check_context(8192)  # 8192 - 256 - 128 candidates in the last block: plenty
+    ElasticConfig(sk_k=10 ** 6).check_context(512)  # not an SK pair: nothing to check
+    with pytest.raises(ValueError, match=r"sk_k=200 is larger than the 128 keys SK can select from in a context of "
+                                         r"512 tokens \(outside sink=128 and window=256\)"):
+        ElasticConfig(mode_pair="FA-SK", sink=128, window=256, sk_k=200).check_context(512)
+
+
+def test_sk_scorers_save_load_and_shape_refusal(tmp_path):
+    from types import SimpleNamespace
+    from safetensors.torch import load_file, save_file
+    from router import Routers
+    config = SimpleNamespace(model_type="llama", num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
+                             hidden_size=64)
+    routers = Routers(2, 16, ElasticConfig(mode_pair="FA-SK", window=128, sk_k=8))
+    assert all(r.scorer is not None and torch.equal(r.scorer.weight, torch.zeros(16)) for r in routers)
+    assert Routers(2, 16).__getitem__(0).scorer is None  # FA-SSA routers carry no scorer
+    with torch.no_grad():
+        for r in routers:
+            r.scorer.weight.normal_()
+    routers.save(tmp_path / "r", config)
+    again = Routers.load(tmp_path / "r", config)
+    assert again.elastic == routers.elastic
+    for name, t in routers.state_dict().items():
+        assert torch.equal(t, again.state_dict()[name]), name
+    state = load_file(tmp_path / "r" / "routers.safetensors")
+    save_file({**state, "0.scorer.weight": torch.zeros(8)}, tmp_path / "r" / "routers.safetensors")
+    with pytest.raises(ValueError, match=r"0.scorer.weight has shape \[8\] there vs \[16\] here"):
+        Routers.load(tmp_path / "r", config)
+    save_file({k: v for k, v in state.items() if "scorer" not in k}, tmp_path / "r" / "routers.safetensors")
+    with pytest.raises(ValueError, match=r"lacks 0.scorer.weight, 1.scorer.weight \(FA-SK routers need them\)"):
+        Routers.load(tmp_path / "r", config)

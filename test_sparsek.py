@@ -154,3 +154,177 @@ def test_jacobian_formula():
 def test_bad_input(u, k, match):
     with pytest.raises(ValueError, match=match):
         sparsek(u, k)
+
+
+# -----------------------------------------------------------------------------
+# SK attention: the reference rule (kernel.reference_attention with SK heads) against a brute force, and the
+# FlexAttention path (GPU) against the reference
+
+import math  # noqa: E402
+
+import kernel  # noqa: E402
+from kernel import FA, SK, SSA  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def sk_brute_force(q, k, v, u, sk_k, sink, window):
+    """SK written out one query at a time, from the rule's words: block m = i // 128, local span from
+    c = 128 (m + 1) - window, candidates sink <= j < c ranked by (u descending, j ascending), the pool the best 2k,
+    p = SPARSEK(pool, k) (all ones when there are at most k candidates), the best k selected with + log p."""
+    B, H, T, D = q.shape
+    G = k.shape[1]
+    out = torch.zeros(B, H, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // G)
+            selection = {}  # per block: (pool, p), the same for its 128 queries
+            for i in range(T):
+                c = 128 * (i // 128 + 1) - window
+                if i // 128 not in selection:
+                    cands = sorted(range(sink, max(sink, c)), key=lambda j: (-u[b, g, j].item(), j))
+                    pool = cands[:2 * sk_k]
+                    p = torch.ones(len(pool), dtype=torch.float64) if len(pool) <= sk_k else \
+                        sparsek(u[b, g, pool].double(), sk_k)
+                    selection[i // 128] = pool, p
+                pool, p = selection[i // 128]
+                keys = {j: 0.0 for j in range(0, min(sink, i + 1))}
+                keys.update({j: 0.0 for j in range(max(c, 0), i + 1)})
+                keys.update({j: math.log(max(p[r].item(), 1e-30)) for r, j in enumerate(pool[:sk_k])})
+                js = torch.tensor(sorted(keys))
+                s = q[b, h, i].double() @ k[b, g, js].double().T / math.sqrt(D)
+                s = s + torch.tensor([keys[j] for j in js.tolist()], dtype=torch.float64)
+                out[b, h, i] = s.softmax(-1) @ v[b, g, js].double()
+    return out
+
+
+@pytest.mark.parametrize("T,sk_k,ties", [(300, 6, False), (300, 130, True)])
+def test_sk_reference_matches_brute_force(T, sk_k, ties):
+    """GQA (4 query heads on 2 KV heads), odd lengths (a partial last block), SK beside FA and SSA heads; a block
+    whose candidates are fewer than k (p = 1) and blocks with more than 2k; tied scores (ties: the earlier key)."""
+    torch.manual_seed(T)
+    B, H, G, D, sink, window = 1, 4, 2, 16, 5, 128
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, G, T, D), torch.randn(B, G, T, D)
+    u = torch.randn(B, G, T)
+    if ties:
+        u = (u * 2).round() / 2  # few distinct values
+    modes = torch.tensor([[SK, SK]])
+    o = kernel.reference_attention(q, k, v, modes, sink=sink, window=window, sk_scores=u, sk_k=sk_k)
+    ref = sk_brute_force(q, k, v, u, sk_k, sink, window)
+    assert (o.double() - ref).abs().max() < 1e-5
+    # the SK heads beside other modes: unchanged by them, and the others unchanged by SK
+    mixed = kernel.reference_attention(q, k, v, torch.tensor([[SK, SSA]]), sink=sink, window=window, sk_scores=u,
+                                       sk_k=sk_k)
+    torch.testing.assert_close(mixed[:, :2], o[:, :2])
+    ssa = kernel.reference_attention(q, k, v, torch.tensor([[FA, SSA]]), sink=sink, window=window)
+    torch.testing.assert_close(mixed[:, 2:], ssa[:, 2:])
+
+
+def test_sk_scores_get_a_gradient_and_nan_is_refused():
+    torch.manual_seed(0)
+    B, H, G, T, D = 1, 2, 1, 400, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, G, T, D), torch.randn(B, G, T, D)
+    u = torch.randn(B, G, T, requires_grad=True)
+    modes = torch.tensor([[SK]])
+    o = kernel.reference_attention(q, k, v, modes, sink=4, window=128, sk_scores=u, sk_k=8)
+    o.square().sum().backward()
+    assert u.grad.abs().sum() > 0 and torch.isfinite(u.grad).all()
+    # the sink and the keys after the last block's c = 4 * 128 - 128 are never candidates: no gradient
+    assert u.grad[0, 0, :4].abs().sum() == 0 and u.grad[0, 0, 384:].abs().sum() == 0
+    # a scorer at 0 (its initialisation) ties every key: p is 1/2 on the pool, and still a gradient
+    u0 = torch.zeros(B, G, T, requires_grad=True)
+    kernel.reference_attention(q, k, v, modes, sink=4, window=128, sk_scores=u0, sk_k=8).square().sum().backward()
+    assert u0.grad.abs().sum() > 0
+    bad = u.detach().clone()
+    bad[0, 0, 7] = float("nan")
+    with pytest.raises(ValueError, match="SK scores contain NaN"):
+        kernel.reference_attention(q, k, v, modes, sink=4, window=128, sk_scores=bad, sk_k=8)
+    with pytest.raises(ValueError, match="pass their scores as sk_scores"):
+        kernel.reference_attention(q, k, v, modes, sink=4, window=128)
+
+
+def test_scorer():
+    from sparsek import Scorer
+    s = Scorer(16)
+    k_pre = torch.randn(2, 30, 3, 16)
+    assert torch.equal(s(k_pre), torch.zeros(2, 3, 30))  # starts at 0: uniform over the candidates
+    with torch.no_grad():
+        s.weight.normal_()
+    torch.testing.assert_close(s(k_pre), torch.einsum("btgd,d->bgt", k_pre, s.weight))
+    with pytest.raises(ValueError, match=r"pre-RoPE keys \[B, T, G, D=16\], got \[2, 30, 3, 8\]"):
+        s(torch.randn(2, 30, 3, 8))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T,sink,window,sk_k", [(1000, 4, 256, 32), (4096 + 77, 128, 1024, 256)])
+def test_gpu_sk_flex_matches_reference(T, sink, window, sk_k):
+    """sk_flex_attention (FlexAttention: block mask, mask_mod on the k-th best score, score_mod adding log p) against
+    the reference, forward and gradients in q, k, v and the scores; GQA 8:2; fp32."""
+    from attention import sk_flex_attention
+    torch.manual_seed(T)
+    B, H, G, D = 2, 8, 2, 64
+    q, k, v = (torch.randn(B, n, T, D, device="cuda", requires_grad=True) for n in (H, G, G))
+    u = torch.randn(B, G, T, device="cuda", requires_grad=True)
+    o = sk_flex_attention(q, k, v, u, sk_k=sk_k, sink=sink, window=window)
+    go = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v, u), go)
+    modes = torch.full((B, G), SK, device="cuda")
+    ref = kernel.reference_attention(q, k, v, modes, sink=sink, window=window, sk_scores=u, sk_k=sk_k)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, u), go)
+    assert (o - ref).abs().max() < 1e-3 * ref.abs().max()
+    for name, a, b in zip("qkvu", grads, ref_grads):
+        assert (a - b).abs().max() < 2e-3 * b.abs().max(), name
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_routed_attention_with_sk_heads():
+    """Inference prefill on the GPU: the fused kernel for FA / SSA / XA heads, SK heads through Flex after it."""
+    from attention import routed_attention
+    from router import ElasticConfig
+    torch.manual_seed(0)
+    B, H, G, T, D = 2, 8, 4, 2000, 64
+    ec = ElasticConfig(mode_pair="FA-SK", sink=4, window=256, sk_k=64)
+    q, k, v = (torch.randn(B, n, T, D, device="cuda", dtype=torch.bfloat16) for n in (H, G, G))
+    u = torch.randn(B, G, T, device="cuda")
+    modes = torch.tensor([[SK, FA, SSA, SK], [FA, SK, SK, 2]], device="cuda", dtype=torch.int32)
+    o = routed_attention(q, k, v, modes, ec, u)
+    ref = kernel.reference_attention(q, k, v, modes, sink=4, window=256, sk_scores=u, sk_k=64)
+    assert ((o.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("T,sink,window,sk_k", [(700, 4, 256, 16), (389, 5, 128, 130), (1000, 130, 128, 8)])
+def test_sk_flex_forward_matches_reference_on_cpu(T, sink, window, sk_k):
+    """The FlexAttention path's masks and score_mod, run by eager flex_attention on the CPU (forward only: Flex has
+    no CPU backward; the GPU test checks gradients): the same output as the reference."""
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention
+    from attention import sk_flex_attention
+    torch.manual_seed(T)
+    B, H, G, D = 2, 4, 2, 16
+    q, k, v = (torch.randn(B, n, T, D) for n in (H, G, G))
+    u = torch.randn(B, G, T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention's "not compiled" notice
+        o = sk_flex_attention(q, k, v, u, sk_k=sk_k, sink=sink, window=window, _flex=flex_attention)
+    ref = kernel.reference_attention(q, k, v, torch.full((B, G), SK), sink=sink, window=window, sk_scores=u, sk_k=sk_k)
+    assert (o - ref).abs().max() < 1e-5
+
+
+def test_sk_threshold_carries_sparsek_gradient():
+    """The Flex path adds log clip(u - tau, 0, 1) with tau from sk_logp(return_tau=True): the same log p as
+    SPARSEK's, and the same gradient (SPARSEK's analytic backward, via the differentiable tau)."""
+    torch.manual_seed(0)
+    P, k = 40, 12
+    u = torch.randn(3, P, dtype=torch.float64)
+    n = torch.tensor([40, 30, 9])  # pool full, partly empty, fewer candidates than k
+    w = torch.randn(3, P, dtype=torch.float64)
+    u1, u2 = u.clone().requires_grad_(), u.clone().requires_grad_()
+    logp = kernel.sk_logp(u1, n, k)
+    _, tau = kernel.sk_logp(u2, n, k, return_tau=True)
+    sel = torch.isfinite(logp)
+    logp2 = torch.where(sel, (u2 - tau[:, None]).clamp(kernel.SK_P_FLOOR, 1).log(), 0.0)
+    torch.testing.assert_close(logp2[sel], logp[sel])
+    (torch.where(sel, logp, 0.0) * w).sum().backward()
+    (logp2 * w).sum().backward()
+    torch.testing.assert_close(u2.grad, u1.grad)
+    assert u1.grad.abs().sum() > 0
