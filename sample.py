@@ -212,7 +212,7 @@ def main():
         header = "" if stream else f"{name}: "
         routing = st["routing"]
         if routing is not None:
-            letters = "FSX"  # FA, SSA, XA: one character per KV head
+            letters = "FSXK"  # FA, SSA, XA, SK: one character per KV head
             rows = ["".join(letters[m] for m in layer) for layer in routing.modes[0].tolist()]
             source = "routers" if args.routers else args.modes or f"static hybrid, sparse ratio {args.sparse_ratio}"
             ec = model.elastic

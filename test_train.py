@@ -140,3 +140,16 @@ def test_margin_penalty_shrinks_the_router_margins(tiny_dir, tmp_path):
               "--lr", 1e-2, "--warmup", 0, "--margin-penalty", beta, *SHORT)
         margins[beta] = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["eval"]["margin"]
     assert margins[10] < 0.5 * margins[0], margins
+
+
+def test_fa_sk_trains_routers_and_scorers(tiny_dir, tmp_path):
+    """--mode-pair FA-SK: the SparseK scorers (one per layer, w = 0 at the start) train with the routers."""
+    out = tmp_path / "sk"
+    args = [a for a in SHORT if a not in ("--window", "32")]
+    train("--model", tiny_dir, "--out-dir", out, "--steps", 3, "--batch-size", 2, "--eval-every", 0, "--lr", 1e-2,
+          "--warmup", 0, "--mode-pair", "FA-SK", "--window", 128, "--sk-k", 16, *args)
+    saved = load_file(out / "routers.safetensors")
+    scorers = [k for k in saved if "scorer" in k]
+    assert len(scorers) == Transformer.from_pretrained(tiny_dir).config.num_hidden_layers
+    assert all(saved[k].abs().max() > 0 for k in scorers)  # moved from their zero start
+    assert json.loads((out / "elastic.json").read_text())["sk_k"] == 16

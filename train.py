@@ -108,6 +108,8 @@ def main():
     parser.add_argument("--xa-threshold", type=float, default=ElasticConfig.xa_threshold,
                         help="XAttention cumulative block-mass threshold")
     parser.add_argument("--xa-stride", type=int, default=ElasticConfig.xa_stride, help="XAttention antidiagonal stride")
+    parser.add_argument("--sk-k", type=int, default=ElasticConfig.sk_k, help="SK (SparseK): keys each query selects "
+                        "beyond sink and window (FA-SK; its --window must be a multiple of 128)")
     # data
     parser.add_argument("--min-len", type=int, default=1024, help="synthetic mix: shortest sample, in tokens")
     parser.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens (JSONL: contexts are cut)")
@@ -221,7 +223,8 @@ def main():
             fail(f"{flag(name, getattr(args, name))} is out of range: it must be {want}")
     try:
         elastic = ElasticConfig(mode_pair=args.mode_pair, sink=args.sink, window=args.window,
-                                xa_threshold=args.xa_threshold, xa_stride=args.xa_stride)
+                                xa_threshold=args.xa_threshold, xa_stride=args.xa_stride, sk_k=args.sk_k)
+        elastic.check_context(args.max_len)  # SK: k keys to select must exist in the longest sample
     except ValueError as e:
         fail(e)
     ddp = "RANK" in os.environ
