@@ -219,7 +219,7 @@ def main():
             out.update(omega=routing.omega[0].item(), modes=rows, mode_pair=ec.mode_pair, sink=ec.sink,
                        window=ec.window, source=source)
             print(f"{header}routing ({source}, {ec.mode_pair}, sink {ec.sink}, window {ec.window}): "
-                  f"Omega {out['omega']:.3f}; modes per layer (F=FA S=SSA X=XA):", file=sys.stderr)
+                  f"Omega {out['omega']:.3f}; modes per layer (F=FA S=SSA X=XA K=SK):", file=sys.stderr)
             for i in range(0, len(rows), 10):
                 print(f"  layers {i:2d}-{min(i + 9, len(rows) - 1):2d}: {' '.join(rows[i:i + 10])}", file=sys.stderr)
         mib = 2 ** 20
