@@ -63,13 +63,13 @@ def mixed_modes(model):
     return ((torch.arange(G) + torch.arange(L)[:, None]) % 3).int()[None]
 
 
-def test_batched_decode_equals_recompute(tiny_dir):
-    """Several prompts of different lengths, prefilled alone and decoded together (each row at its own position):
-    every row's logits at every step equal a full recomputation of that row alone under the same modes."""
+def assert_decode_equals_recompute(model, modes, lengths, steps, again_at=None):
+    """Prompts of the given lengths prefilled alone and decoded together for `steps` tokens (each row at its own
+    position): every row's logits at every step equal a full recomputation of that row alone under `modes`. At
+    step again_at (row 1 there) a step runs twice, as CUDA-graph warm-up does, and must change nothing.
+    -> (the sequences, the caches, the last row's recomputed logits)."""
     from generate import decode_one_token, prefill
-    model = load(tiny_dir, ElasticConfig(sink=4, window=16))
-    modes, V = mixed_modes(model), model.config.vocab_size
-    lengths, steps = [23, 40, 9], 30
+    V = model.config.vocab_size
     seqs = [torch.randint(0, V, (T + steps,)) for T in lengths]
     logits, caches, _ = prefill(model, [s[:T] for s, T in zip(seqs, lengths)], steps, modes)
     decoded = [logits]
@@ -77,11 +77,21 @@ def test_batched_decode_equals_recompute(tiny_dir):
     for i in range(steps - 1):
         token = torch.stack([s[T + i] for s, T in zip(seqs, lengths)])
         decoded.append(decode_one_token(model, token, pos + i, caches))
+        if i == again_at:
+            assert torch.equal(decode_one_token(model, token, pos + i, caches), decoded[-1])
     decoded = torch.stack(decoded, 1)  # [B, steps, V]
     for b, (s, T) in enumerate(zip(seqs, lengths)):
         full = model(s[None, :T + steps - 1], modes=modes)[0, T - 1:]
         err, scale = (decoded[b] - full).abs().max().item(), full.abs().max().item()
         assert err < 1e-4 * scale, f"row {b} (prompt {T}): decode vs recompute {err:.3e} (scale {scale:.3e})"
+    return seqs, caches, full
+
+
+def test_batched_decode_equals_recompute(tiny_dir):
+    """Several prompts of different lengths, prefilled alone and decoded together (each row at its own position):
+    every row's logits at every step equal a full recomputation of that row alone under the same modes."""
+    model = load(tiny_dir, ElasticConfig(sink=4, window=16))
+    assert_decode_equals_recompute(model, mixed_modes(model), [23, 40, 9], 30)
 
 
 def test_batched_generation_equals_generating_alone(smollm2_dir, tiny_dir):
@@ -315,25 +325,12 @@ def test_sk_decode_equals_recompute(tiny_dir):
     recomputation under the SK rule (the reference), across block boundaries where new candidates arrive and
     selected keys are evicted (row 0's first step is a block's first query, row 1 crosses 384). Each SK head holds
     sink + window + sk_k keys."""
-    from generate import decode_one_token, prefill
     model = sk_model(tiny_dir)
-    L, G, V, D = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.vocab_size, 16
+    G, D = model.config.num_key_value_heads, 16
     modes = torch.tensor([[[SK, FA], [SK, SK]]], dtype=torch.int32)
     lengths, steps = [256, 379], 12
-    seqs = [torch.randint(0, V, (T + steps,)) for T in lengths]
-    logits, caches, _ = prefill(model, [s[:T] for s, T in zip(seqs, lengths)], steps, modes)
-    decoded = [logits]
-    pos = torch.tensor(lengths, dtype=torch.int32)
-    for i in range(steps - 1):
-        token = torch.stack([s[T + i] for s, T in zip(seqs, lengths)])
-        decoded.append(decode_one_token(model, token, pos + i, caches))
-        if i == 384 - lengths[1]:  # row 1 on a block's first query: a step run again (as CUDA-graph warm-up does)
-            assert torch.equal(decode_one_token(model, token, pos + i, caches), decoded[-1])
-    decoded = torch.stack(decoded, 1)  # [B, steps, V]
-    for b, (s, T) in enumerate(zip(seqs, lengths)):
-        full = model(s[None, :T + steps - 1], modes=modes)[0, T - 1:]
-        err, scale = (decoded[b] - full).abs().max().item(), full.abs().max().item()
-        assert err < 1e-4 * scale, f"row {b} (prompt {T}): decode vs recompute {err:.3e} (scale {scale:.3e})"
+    seqs, caches, full = assert_decode_equals_recompute(model, modes, lengths, steps, again_at=384 - lengths[1])
+    scale = full.abs().max().item()
     dense = model(seqs[1][None, :lengths[1] + steps - 1])[0, lengths[1] - 1:]
     assert (dense - full).abs().max() > 1e-3 * scale  # SK really drops keys
     # the cache: FA heads hold every position, SK heads sink + window + sk_k
