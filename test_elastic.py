@@ -326,7 +326,7 @@ def test_sk_decode_equals_recompute(tiny_dir):
     selected keys are evicted (row 0's first step is a block's first query, row 1 crosses 384). Each SK head holds
     sink + window + sk_k keys."""
     model = sk_model(tiny_dir)
-    G, D = model.config.num_key_value_heads, 16
+    D = model.config.head_dim
     modes = torch.tensor([[[SK, FA], [SK, SK]]], dtype=torch.int32)
     lengths, steps = [256, 379], 12
     seqs, caches, full = assert_decode_equals_recompute(model, modes, lengths, steps, again_at=384 - lengths[1])
