@@ -3,7 +3,8 @@ Generate text from prompt files, streaming to stdout, with dense or elastic atte
 
     python sample.py --prompt prompts/capital.txt                    # the embedded SmolLM2-135M-Instruct, dense
     python sample.py --prompt a.txt --prompt b.txt                   # several prompts, decoded together
-    python sample.py --prompt long.txt --routers out-routers         # Elastic Attention with trained routers
+    python sample.py --prompt long.txt --routers fa-ssa              # Elastic Attention, routers shipped in routers/
+    python sample.py --prompt long.txt --routers out-routers         # ... or routers you trained (train.py)
     python sample.py --prompt long.txt --sparse-ratio 0.7            # static hybrid: 30% of KV heads full
     python sample.py --prompt long.txt --modes all-ssa               # every head streaming
     echo "Why is the sky blue?" | python sample.py --prompt -         # prompt from stdin
