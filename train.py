@@ -27,8 +27,8 @@ to a temporary name and renamed, so a kill at any moment leaves the last checkpo
 stops with one line that says where to resume (exit status 130).
 """
 import argparse
-import json
 import functools
+import json
 import math
 import os
 import shlex
@@ -114,7 +114,8 @@ def main():
     parser.add_argument("--min-len", type=int, default=1024, help="synthetic mix: shortest sample, in tokens")
     parser.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens (JSONL: contexts are cut)")
     parser.add_argument("--sensitive-frac", type=float, default=0.5, help="synthetic mix: share of retrieval samples")
-    parser.add_argument("--answer-only", action="store_true", help="CE on the answer only (paper: whole sequence)")
+    parser.add_argument("--answer-only", action="store_true", help="the loss on the answer only (paper: the whole "
+                        "sequence)")
     parser.add_argument("--loss", default="ce", choices=["ce", "kl"], help="ce: cross-entropy of the targets (paper); "
                         "kl: KL from the frozen dense model's next-token distribution on the same positions "
                         "(distillation; README: Training)")
