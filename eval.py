@@ -47,7 +47,7 @@ from default_model import check_device, checkpoint_dir, routers_dir
 from generate import generate
 from kernel import FA, XA
 from model import Transformer
-from router import Routers, boundary_pool
+from router import Routers, dense_pooled_keys
 from static_hybrid import probe_samples, retrieval_scores, static_modes
 
 SEEN = ("passkey", "multi_key", "multi_value", "continuation")  # kinds of the first mix, still trained on
@@ -122,32 +122,20 @@ def class_gap(v):
 
 @torch.no_grad()
 def pooled_keys(model, samples, boundary=100, batch_size=16):
-    """The dense model's boundary-pooled pre-RoPE keys of every layer (router.boundary_pool of each prompt, what
+    """The dense model's boundary-pooled pre-RoPE keys of every layer (router.dense_pooled_keys of each prompt, what
     the routers read), [N, L * G * D] fp32 on the CPU. Prompts right-padded (causal: padding is never seen)."""
-    layers = [block.self_attn for block in model.model.layers]
-    device, got, feats = model.output_weight().device, {}, []
-    routers, model.routers = model.routers, None  # dense
+    device = model.output_weight().device
 
-    def keep(i):
-        def hook(tap, args):  # args: q, k, k_pre [B, T, G, D]
-            got[i] = boundary_pool(args[2], got["lens"], boundary).flatten(1)
-        return hook
-    hooks = [a.tap.register_forward_pre_hook(keep(i)) for i, a in enumerate(layers)]
-    try:
+    def batches():
         for b in range(0, len(samples), batch_size):
             batch = samples[b:b + batch_size]
             lens = torch.tensor([s.prompt_len for s in batch], device=device)
             ids = torch.zeros(len(batch), int(lens.max()), dtype=torch.long, device=device)
             for r, s in enumerate(batch):
                 ids[r, :s.prompt_len] = s.input_ids[:s.prompt_len]
-            got["lens"] = lens
-            model(ids, prompt_lens=lens, last_only=True)
-            feats.append(torch.cat([got[i] for i in range(len(layers))], 1).float().cpu())
-    finally:
-        model.routers = routers
-        for h in hooks:
-            h.remove()
-    return torch.cat(feats)
+            yield ids, lens
+    return torch.cat([keys.transpose(0, 1).flatten(1).float().cpu()
+                      for keys in dense_pooled_keys(model, batches(), boundary)])
 
 
 def fit_probe(x, y, l2=0.1, steps=300):

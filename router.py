@@ -286,6 +286,31 @@ class Routers(nn.ModuleList):
 
 
 @torch.no_grad()
+def dense_pooled_keys(model, batches, boundary: int = 100):
+    """Yields, for each (input_ids [B, T], prompt_lens [B]) of `batches`, the *dense* model's boundary-pooled
+    pre-RoPE keys of every layer, [L, B, G, D] fp32: what the routers read, observed by forward hooks on each
+    layer's `tap` (model.Attention), removed when the generator ends."""
+    layers = [block.self_attn for block in model.model.layers]
+    L, G = len(layers), model.config.num_key_value_heads
+    got = {}
+
+    def observe(i):
+        def hook(tap, args):
+            got[i] = boundary_pool(args[2], got["lens"], boundary)  # k_pre -> [B, G, D]
+        return hook
+
+    handles = [a.tap.register_forward_pre_hook(observe(i)) for i, a in enumerate(layers)]
+    try:
+        for input_ids, prompt_lens in batches:
+            got["lens"] = prompt_lens
+            model(input_ids, prompt_lens=prompt_lens, modes=torch.full((input_ids.shape[0], L, G), FA,
+                                                                       device=input_ids.device), last_only=True)
+            yield torch.stack([got[i] for i in range(L)])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def calibrate_routers(model, batches, reduce=None) -> int:
     """Sets every router's input standardisation (AttentionRouter.in_mean, in_std; ours) from the boundary-pooled
     pre-RoPE keys of the *dense* model on `batches`, an iterable of (input_ids [B, T], prompt_lens [B]).
@@ -295,30 +320,13 @@ def calibrate_routers(model, batches, reduce=None) -> int:
     ends with the same statistics. Returns the number of pooled vectors per layer (samples x KV heads)."""
     if model.routers is None:
         raise RuntimeError("calibrate_routers needs routers: set model.routers first")
-    layers = [block.self_attn for block in model.model.layers]
-    L, G, D = len(layers), model.config.num_key_value_heads, model.config.head_dim
-    device = model.output_weight().device
-    stats = torch.zeros(L, 2, D, dtype=torch.float64, device=device)  # per layer: sum, sum of squares
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    lens = {}  # the prompt_lens of the batch in flight, for the hooks
-
-    def observe(i, router):
-        def hook(tap, args):
-            x = boundary_pool(args[2], lens["now"], router.boundary).double().flatten(0, 1)  # k_pre -> [B * G, D]
-            stats[i] += torch.stack([x.sum(0), (x ** 2).sum(0)])
-        return hook
-
-    handles = [a.tap.register_forward_pre_hook(observe(i, r)) for i, (a, r) in enumerate(zip(layers, model.routers))]
-    try:
-        for input_ids, prompt_lens in batches:
-            B = input_ids.shape[0]
-            lens["now"] = prompt_lens
-            model(input_ids, prompt_lens=prompt_lens, modes=torch.full((B, L, G), FA, device=input_ids.device),
-                  last_only=True)
-            count += B * G
-    finally:
-        for h in handles:
-            h.remove()
+    L, D = model.config.num_hidden_layers, model.config.head_dim
+    stats = torch.zeros(L, 2, D, dtype=torch.float64, device=model.output_weight().device)  # per layer: sum, squares
+    count = torch.zeros((), dtype=torch.float64, device=stats.device)
+    for keys in dense_pooled_keys(model, batches, model.routers[0].boundary):
+        x = keys.double().flatten(1, 2)  # [L, B * G, D]
+        stats += torch.stack([x.sum(1), (x ** 2).sum(1)], 1)
+        count += x.shape[1]
     if reduce is not None:
         reduce(stats)
         reduce(count)

@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import sysconfig
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -142,7 +143,6 @@ def planted(texts, rng, needles: list[str], sources=("docs", "docstrings"), n_ma
     the first HEAD tokens (so that trimming the context's start never cuts one)."""
     ids, _, starts = texts.tape(rng, sources, n_max + 64)
     depths = [rng.random() for _ in needles]
-    from bisect import bisect_left
 
     def context(n):
         n = min(n, len(ids))
@@ -184,7 +184,6 @@ def listed(texts, items: list[str], pinned: list[str], rng, sep="\n"):
 def tail_text(texts, rng, sources, n_max, answer_min=32, answer_max=160):
     """(context(n), answer): the text that ends at a line start, and the true next lines (32-160 tokens)."""
     ids, names, starts = texts.tape(rng, sources, n_max + answer_max + 64)
-    from bisect import bisect_left
     lo, hi = bisect_left(starts, n_max), bisect_left(starts, len(ids) - answer_max)
     b = starts[rng.randrange(lo, max(lo + 1, hi))] if lo < len(starts) else n_max
     k = bisect_left(starts, b + answer_min)
@@ -509,18 +508,11 @@ def variable_tracking(rng, texts, n_max):
     value = str(number(rng, 5))
     chain = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(4)) for _ in range(rng.randint(3, 4))]
     lines = [f"VAR {chain[0]} = {value}"] + [f"VAR {b} = VAR {a}" for a, b in zip(chain, chain[1:])]
-    ctx = planted(texts, rng, lines, n_max=n_max)
-
-    def ordered(n):  # planted() puts lines at random depths; the chain must read in order
-        text = ctx(n)
-        pos = sorted(text.index(ln) for ln in lines)
-        for ln, p in zip(lines, pos):
-            text = text[:p] + ln + text[p + len(ln):]
-        return text
+    ctx = planted(texts, rng, lines, n_max=n_max)  # planted() keeps the lines in their order: the chain reads
     return Plan(("Variables are assigned in the text below; follow the chain.", "Track the variable assignments.",
                  "The document defines variables in terms of each other.", "Follow the VAR lines in this text."),
                 (f"Which variables end up with the value {value}?", f"List every variable equal to {value}."),
-                f"The variables {', '.join(chain)} all hold {value}.", ordered, tuple(chain))
+                f"The variables {', '.join(chain)} all hold {value}.", ctx, tuple(chain))
 
 
 def common_words(rng, texts, n_max):
