@@ -523,7 +523,9 @@ def main():
             if name in elastic:
                 omega = mean(r[1] for r in results[name].values())
                 matched[name] = f"static {config.mode_pair} {omega:.2f} (matched to {elastic[name]})"
-                evaluate(matched[name], None, static_modes(scores, omega, config), config)
+                # an SK head needs its layer's scorer: the static FA-SK hybrid keeps the routers' scorers, fixed modes
+                scorers = routers if "SK" in config.mode_pair else None
+                evaluate(matched[name], scorers, static_modes(scores, omega, config), config)
                 write_table()
         if args.probe:
             heldout = [s for (where, _, _), samples in cells.items() if where == "held-out" for s in samples]
