@@ -546,6 +546,9 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     _check_xa_args(xa_stride, xa_threshold)
     modes = _check_modes(modes, B, G, q.device)
     if sk_selection is None and sk_scores is not None:
+        if not isinstance(sk_scores, torch.Tensor) or tuple(sk_scores.shape) != (B, G, T):
+            raise ValueError(f"sk_scores must be [B, G, T={T}] = {(B, G, T)} (one score per key per KV head), got "
+                             f"{tuple(sk_scores.shape) if isinstance(sk_scores, torch.Tensor) else type(sk_scores)}")
         sk_selection = sk_select(sk_scores, k=sk_k, sink=sink, window=window)
     sk_idx, sk_logp_ = _check_sk_selection(sk_selection, B, G, T, q.device)
     if check_modes:  # a kernel reads a bad mode as FA (SK without a selection: sink + local span); the
