@@ -171,13 +171,14 @@ def sk_logp(u_pool, n, k, return_tau=False):
 
 def sk_pools(u, *, k, sink, window):
     """sk_pool of every block (the same pos, u_pool, n as sk_pool(u, arange(nb))), without anything nb x T in
-    size: O(nb k + T) memory, a few tens of batched top-k calls.
+    size: O(nb k + T) memory, at most ~16 sorts.
 
     C_m only grows with m, so the pool of block m is the best P of (the pool of block m - 1) + its 128 new keys.
-    Blocks are taken in chunks of L: each block of a chunk ranks the pool carried from before the chunk plus the
-    chunk's new keys it has admitted (j < c_m), one top-k for the chunk. Ranking is exact: every key gets a unique
-    int64 (the order-preserving int of its fp32 score in the high bits, 2^31 - 1 - j in the low: ties go to the
-    earlier key), so torch.topk needs no tie rule."""
+    Blocks are taken in chunks of L: the pool carried from before the chunk and the chunk's new keys are sorted
+    once, best first; block m's pool is the first P of them that it admits (the carried ones and j < c_m), found
+    by a running count per block. Ranking is exact: every key gets a unique int64 (the order-preserving int of its
+    fp32 score in the high bits, 2^31 - 1 - j in the low: ties go to the earlier key), so the sort needs no tie
+    rule."""
     B, G, T = u.shape
     _check_sk_scores(u, T)
     nb, P = triton.cdiv(T, KV_BLOCK), min(2 * k, T)
@@ -187,16 +188,20 @@ def sk_pools(u, *, k, sink, window):
     j = torch.arange(T, device=u.device)
     key = torch.where(j >= sink, bits * 2**32 + (0x7FFFFFFF - j), none)        # [B, G, T]
     c = [(m + 1) * KV_BLOCK - window for m in range(nb)]                       # start of each local span
-    L = max(16, triton.cdiv(nb, 32))                                           # blocks per chunk
+    L = max(32, triton.cdiv(nb, 16))                                           # blocks per chunk
     pool = torch.empty(B, G, nb, P, dtype=torch.int64, device=u.device)
-    carry = torch.full((B, G, 1, P), none, dtype=torch.int64, device=u.device)
+    carry = torch.full((B, G, P), none, dtype=torch.int64, device=u.device)
     for m0 in range(0, nb, L):
         m1 = min(m0 + L, nb)
         lo, hi = min(max(c[m0] - KV_BLOCK, 0), T), min(max(c[m1 - 1], 0), T)  # the keys admitted in the chunk
-        admit = torch.arange(lo, hi, device=u.device) < torch.tensor(c[m0:m1], device=u.device)[:, None]
-        cand = torch.cat([carry.expand(B, G, m1 - m0, P), torch.where(admit, key[:, :, None, lo:hi], none)], -1)
-        pool[:, :, m0:m1] = cand.topk(P, dim=-1).values                       # best first
-        carry = pool[:, :, m1 - 1:m1]
+        cand = torch.cat([carry, key[:, :, lo:hi]], -1).sort(dim=-1, descending=True).values  # [B, G, P + W]
+        # the carried keys lie before c_{m0 - 1}: every block admits them; "no key" decodes to j = 2^31 - 1
+        admit = (0x7FFFFFFF - (cand & 0xFFFFFFFF))[:, :, None] < torch.tensor(c[m0:m1], device=u.device)[:, None]
+        rank = admit.cumsum(-1) - 1                                            # [B, G, L, P + W]
+        at = torch.where(admit & (rank < P), rank, P)                          # column P: dropped
+        chunk = torch.full((B, G, m1 - m0, P + 1), none, dtype=torch.int64, device=u.device)
+        pool[:, :, m0:m1] = chunk.scatter_(-1, at, cand[:, :, None].expand_as(at))[..., :P]
+        carry = pool[:, :, m1 - 1]
     n = (torch.tensor(c, device=u.device).clamp(max=T) - sink).clamp(min=0)  # [nb] candidates per block
     pos = torch.where(torch.arange(P, device=u.device) < n[:, None], 0x7FFFFFFF - (pool & 0xFFFFFFFF), -1)
     u_pool = u.float().gather(-1, pos.clamp(min=0).flatten(2)).view(B, G, nb, P)
@@ -501,9 +506,9 @@ def _check_modes(modes, B, G, device):
 
 
 def _check_sk_selection(sel, B, G, T, device):
-    """sk_selection (idx, logp) -> the two tensors the kernel reads; None -> empty stand-ins (K = 0)."""
+    """sk_selection (idx, logp) -> the two tensors the kernel reads and K; None -> stand-ins never read, K = 0."""
     if sel is None:
-        return torch.zeros(B, G, 1, 0, dtype=torch.int32, device=device), torch.zeros(0, device=device)
+        return torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(1, device=device), 0
     shape = (B, G, triton.cdiv(T, KV_BLOCK))
     idx, logp = sel
     if (idx.dtype != torch.int32 or logp.dtype != torch.float32 or idx.shape[:3] != shape or idx.shape != logp.shape
@@ -511,7 +516,7 @@ def _check_sk_selection(sel, B, G, T, device):
         raise ValueError(f"sk_selection must be sk_select's (idx int32, logp fp32), both [{B}, {G}, {shape[2]}, K], "
                          f"contiguous, on {device}; got {tuple(idx.shape)} {idx.dtype}, {tuple(logp.shape)} "
                          f"{logp.dtype}: compute it with sk_select(u, k=..., sink=..., window=...)")
-    return idx, logp
+    return idx, logp, idx.shape[-1]
 
 
 def _check_xa_args(stride, threshold):
@@ -550,7 +555,7 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
             raise ValueError(f"sk_scores must be [B, G, T={T}] = {(B, G, T)} (one score per key per KV head), got "
                              f"{tuple(sk_scores.shape) if isinstance(sk_scores, torch.Tensor) else type(sk_scores)}")
         sk_selection = sk_select(sk_scores, k=sk_k, sink=sink, window=window)
-    sk_idx, sk_logp_ = _check_sk_selection(sk_selection, B, G, T, q.device)
+    sk_idx, sk_logp_, sk_width = _check_sk_selection(sk_selection, B, G, T, q.device)
     if check_modes:  # a kernel reads a bad mode as FA (SK without a selection: sink + local span); the
         # wrapper raises once its launches are queued
         bad_modes = ((modes < FA) | (modes > (XA if sk_selection is None else SK))).any()
@@ -569,13 +574,13 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
 
     _, _, count, index = _xattn(q, k, modes, xa_stride, xa_threshold, cfg)
-    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_M"], cfg["BLOCK_N"], sk_idx.shape[-1])
+    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_M"], cfg["BLOCK_N"], sk_width)
     _elastic_attn_fwd[(order.numel(),)](
         q, k, v, out, modes, order, count, index, sk_idx, sk_logp_,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         T, triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
-        sk_idx.shape[-1], scale * math.log2(math.e),
+        sk_width, scale * math.log2(math.e),
         D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if check_modes:

@@ -111,10 +111,11 @@ def test_strided_views():
 # SK heads: the selection (sk_select) equals the reference's pools, the kernel equals the reference
 
 @pytest.mark.parametrize("T,sk_k,sink,window", [(1000, 16, 5, 256), (777, 300, 0, 200), (300, 400, 4, 128),
-                                                (2000, 64, 128, 1024), (129, 8, 0, 1), (5, 2, 0, 128)])
+                                                (10007, 64, 128, 1024), (9000, 700, 3, 300), (129, 8, 0, 1),
+                                                (5, 2, 0, 128)])
 def test_sk_select_matches_reference_pools(T, sk_k, sink, window):
-    # odd lengths, k beyond the candidates (p = 1) and beyond T, sink 0, windows off the 128 grid; scores with many
-    # ties, and -0.0 beside 0.0 (equal: the earlier key wins)
+    # odd lengths, k beyond the candidates (p = 1) and beyond T, sink 0, windows off the 128 grid, several chunks of
+    # blocks (T > 32 x 128); scores with many ties, and -0.0 beside 0.0 (equal: the earlier key wins)
     (u,), seed = rand((2, 3, T), dtype=torch.float32)
     u = (u * 2).round() / 2
     u[0, 0, :T // 2:2] = -0.0
