@@ -65,7 +65,7 @@ class Routed(NamedTuple):
 class Routing:
     """What the heads of a whole forward ran (Transformer.forward(return_routing=True))."""
     z: torch.Tensor | None  # [B, L, G, 2] router decisions (straight-through in training); None for given modes
-    modes: torch.Tensor     # [B, L, G] the kernel mode (FA, SSA, XA) of every KV head
+    modes: torch.Tensor     # [B, L, G] the kernel mode (FA, SSA, XA, SK) of every KV head
     omega: torch.Tensor     # [B] model sparsity ratio: share of KV heads in the sparse mode
     logits: torch.Tensor | None = None  # [B, L, G, 2] the routers' logits (differentiable); None for given modes
 
@@ -121,20 +121,13 @@ def dense_attention(q, k, v):
 def routed_attention(q, k, v, modes, ec, sk_scores=None):
     """Inference prefill: each KV head runs its own mode (modes int [B, G]), all heads in one fused launch.
     On the CPU the PyTorch reference runs instead: the same function (test_kernel.py), without the Triton
-    interpreter's slowness. SK heads (sk_scores [B, G, T] from the layer's scorer): the fused kernel has no SK
-    mode yet, so on the GPU it runs them as SSA and FlexAttention recomputes every head as SK after it, keeping the
-    SK heads' rows (a stopgap: it runs whenever the layer has a scorer, and costs one SK pass over all heads)."""
+    interpreter's slowness. SK heads need sk_scores [B, G, T] (the layer's scorer); when given, the kernel's SK
+    selection runs for every KV head of the layer (kernel.sk_select), then SK heads run in the same launch."""
     if not q.is_cuda:
         return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
                                           xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k)
-    sk = (modes == SK) if sk_scores is not None else None  # known on the host: no sync to ask for SK heads
-    y = kernel.elastic_attention(q, k, v, modes if sk is None else torch.where(sk, SSA, modes), sink=ec.sink,
-                                 window=ec.window, xa_threshold=ec.xa_threshold, xa_stride=ec.xa_stride)
-    if sk is None:
-        return y
-    H, G = q.shape[1], k.shape[1]
-    y_sk = sk_flex_attention(q, k, v, sk_scores, sk_k=ec.sk_k, sink=ec.sink, window=ec.window)
-    return torch.where(sk.repeat_interleave(H // G, dim=1)[:, :, None, None], y_sk, y)
+    return kernel.elastic_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
+                                    xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k)
 
 
 def mixed_attention(q, k, v, z, ec, sk_scores=None):
@@ -185,8 +178,8 @@ def ssa_block_mask(B, H, G, T, sink, window, device):
 
 def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     """SK attention (kernel.reference_attention's rule) for every head, through FlexAttention: differentiable in q,
-    k, v and the scores u [B, G, T] (fp32), with nothing T x T built. The selection runs per 128-query block in
-    PyTorch ([B, G, T / 128, T] at most: a sort of the candidates per block); FlexAttention gets a block mask of
+    k, v and the scores u [B, G, T] (fp32), with nothing T x T built. The selection runs in PyTorch
+    (kernel.sk_pools: the pools of all 128-query blocks, [B, G, T / 128, 2k]); FlexAttention gets a block mask of
     the sink, the local span and the blocks holding a selected key, a mask_mod that keeps a candidate iff it ranks
     among the block's k best (u above the k-th best's, or equal and not later), and a score_mod that adds
     log p = log clip(u_j - tau_m, 0, 1) with the block's threshold tau_m (differentiable: SPARSEK's backward).
@@ -202,7 +195,7 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     NB = -(-T // KV_BLOCK)
     blocks = torch.arange(NB, device=dev)
     u = u.float()
-    pos, u_pool, n = kernel.sk_pool(u, blocks, k=sk_k, sink=sink, window=window)  # [B, G, NB, P]
+    pos, u_pool, n = kernel.sk_pools(u, k=sk_k, sink=sink, window=window)  # [B, G, NB, P]
     _, tau = kernel.sk_logp(u_pool, n, sk_k, return_tau=True)                     # [B, G, NB]
     with torch.no_grad():  # the k-th best candidate of each block (past all when n <= k: every candidate kept)
         last = (n.clamp(max=sk_k) - 1).clamp(min=0).expand(B, G, NB)[..., None]

@@ -5,7 +5,8 @@ split-and-merge way (gather the heads of each mode, one call per mode, scatter b
 
 Shape: Llama-3.1-8B attention, B = 1, 32 query / 8 KV heads, D = 128, bf16. Cases: FA-only, SSA-only
 (sink 128, window 2048), XA-only on random inputs (which select nearly every block) and on structured
-inputs (planted topics: a known share of blocks), and mixes with 25%, 50%, 75% FA heads (the rest SSA).
+inputs (planted topics: a known share of blocks), mixes with 25%, 50%, 75% FA heads (the rest SSA), and
+SK-only at SSA's KV budget per query (sink + window + k = sink + SSA window: window 1024 + k 1024, 1792 + 256).
 TFLOP/s count the (query, key) pairs actually computed: 4 * D flops each. Writes a markdown table.
 
     python bench.py                                  # T = 8K, 32K, 128K -> bench_results.md
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 import triton
 
 import kernel
-from attention import flex_block_mask
-from kernel import FA, SSA, XA
+from attention import flex_block_mask, sk_flex_attention
+from kernel import FA, SK, SSA, XA
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072], help="sequence lengths T")
@@ -45,6 +46,10 @@ parser.add_argument("--window", type=int, default=2048, help="SSA window tokens"
 parser.add_argument("--xa-threshold", type=float, default=0.9, help="XA threshold")
 parser.add_argument("--xa-stride", type=int, default=16, help="XA antidiagonal stride")
 parser.add_argument("--xa-topics", type=int, default=8, help="structured XA inputs: topics per head (share ~ 1/topics)")
+parser.add_argument("--sk-ks", type=int, nargs="+", default=[1024, 256],
+                    help="SK budgets k; each SK case gets window = SSA window - k (the same keys per query as SSA)")
+parser.add_argument("--flex-sk-max-len", type=int, default=32768, help="time FlexAttention SK up to this T (its "
+                    "selected keys' blocks cover nearly every candidate block with random scores: dense cost)")
 parser.add_argument("--sweep", action="store_true", help="time kernel tile configs first and bench the best")
 parser.add_argument("--sweep-len", type=int, default=32768, help="sequence length of the sweep")
 parser.add_argument("--sweep-configs", type=str, help="JSON list of [BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES]",
@@ -111,6 +116,15 @@ def pairs_per_head(mode, T, xa_blocks=None):
         xa = (xa_blocks.to(torch.int64) * per_block).sum((-1, -2))
         out = torch.where(mode == XA, xa, out)
     return out
+
+
+def sk_pairs(T, window, k):
+    """(query, key) pairs an SK head computes: per query its sink, its local span and min(k, n) selected keys."""
+    i = torch.arange(T, device=dev, dtype=torch.int64)
+    c = (i // 128 + 1) * 128 - window
+    lo = c.clamp(min=0)
+    n = (c.clamp(max=T) - args.sink).clamp(min=0)
+    return ((i - lo + 1).clamp(min=0) + lo.clamp(max=args.sink) + n.clamp(max=k)).sum().item()
 
 
 def structured_qk(T, topics):
@@ -503,6 +517,13 @@ def write_report():
             (T, "XA estimate: <= 10% of the FA-only time (target at 128K)",
              f"{est:.2f} ms = {100 * est / fa:.1f}% of {fa:.2f} ms", est <= 0.1 * fa),
         ]
+        for sk_k in args.sk_ks:
+            case = f"SK-only, window {args.window - sk_k} + k {sk_k}"
+            sk, sel = get(T, case, "elastic_attention (selection + attention)"), get(T, case, "sk_select alone")
+            sk_kernel = get(T, case, "elastic_attention, selection given")
+            targets.append((T, f"{case}: within 1.3x of SSA-only (same keys per query), selection included",
+                            f"{sk:.3f} ms vs SSA {ssa:.3f} ms ({sk / ssa:.2f}x); selection {sel:.3f} ms, "
+                            f"attention {sk_kernel:.3f} ms ({sk_kernel / ssa:.2f}x)", sk <= 1.3 * ssa))
     log("targets:")
     for T, name, value, met in targets:
         log(f"  T={T}: {name}: {value} -> {'met' if met else 'MISSED'}")
@@ -514,14 +535,19 @@ def write_report():
         f"{datetime.date.today().isoformat()}",
         "",
         f"Llama-3.1-8B attention shape: B={B}, {H} query / {G} KV heads, D={D}, {str(dtype)[6:]}, causal. SSA sink {args.sink}, "
-        f"window {args.window}; XA threshold {args.xa_threshold}, stride {args.xa_stride}. Kernel config: "
+        f"window {args.window}; XA threshold {args.xa_threshold}, stride {args.xa_stride}; SK sink {args.sink}, "
+        f"window + k = {args.window} (random scores). Kernel config: "
         f"`{json.dumps(CONFIG or kernel._default_config(torch.empty(0, device=dev)))}`.",
         "",
         "Times are medians of CUDA-event timings of the whole call: elastic_attention includes its mode check, "
         "its XA estimate and its work list. TFLOP/s count 4·D flops per (query, key) pair actually computed "
         "(the causal half for dense). 'vs fastest dense' = the fastest FA-only time at that length / this time. "
         "SDPA gets K/V expanded to all query heads before the timing; FlexAttention is compiled, its block "
-        "mask built before the timing (it runs on the XA blocks the kernel selected, without the estimate).",
+        "mask built before the timing (it runs on the XA blocks the kernel selected, without the estimate). "
+        "SK: elastic_attention with sk_scores includes the selection (kernel.sk_select, also timed alone); "
+        "FlexAttention SK (attention.sk_flex_attention) includes its selection and block mask, and is skipped "
+        f"beyond T = {args.flex_sk_max_len}: with random scores the selected keys' blocks are nearly all the "
+        "candidate blocks, so it costs about as much as dense attention.",
         "",
     ]
     for T in done:
@@ -597,6 +623,35 @@ for T in args.seq_lens:
         if n_fa > 0:
             record(T, case, "split: cuDNN FA + ours SSA", lambda: split_and_merge(q, k, v, modes, True), pairs)
             record(T, case, "split: ours per mode", lambda: split_and_merge(q, k, v, modes, False), pairs)
+
+    # SK-only at SSA's KV budget per query: sink + window + k = sink + SSA window
+    u = torch.randn(B, G, T, device=dev)
+    all_sk = torch.full((B, G), SK, device=dev, dtype=torch.int32)
+    for sk_k in args.sk_ks:
+        win = args.window - sk_k
+        case = f"SK-only, window {win} + k {sk_k}"
+        pairs = H * sk_pairs(T, win, sk_k)
+        sel_kw = dict(k=sk_k, sink=args.sink, window=win)
+        record(T, case, "sk_select alone", lambda: kernel.sk_select(u, **sel_kw), 0)
+        record(T, case, "elastic_attention (selection + attention)", lambda: kernel.elastic_attention(
+            q, k, v, all_sk, sink=args.sink, window=win, sk_scores=u, sk_k=sk_k, _config=CONFIG), pairs)
+        try:  # out of memory: a line of the log, not a crash (as in record)
+            sel = kernel.sk_select(u, **sel_kw)
+        except Exception as e:
+            sel = None
+            log(f"T={T} {case} sk_select: failed: {str(e).splitlines()[0][:160]}")
+        if sel is not None:
+            record(T, case, "elastic_attention, selection given", lambda: kernel.elastic_attention(
+                q, k, v, all_sk, sink=args.sink, window=win, sk_selection=sel, _config=CONFIG), pairs)
+        del sel
+        if flex and T <= args.flex_sk_max_len:
+            record(T, case, "FlexAttention SK (sk_flex_attention)", lambda: sk_flex_attention(
+                q, k, v, u, sk_k=sk_k, sink=args.sink, window=win), pairs, "selection and block mask included")
+        elif flex:
+            rows.append((T, case, "FlexAttention SK (sk_flex_attention)", float("nan"), float("nan"),
+                         f"skipped: T > {args.flex_sk_max_len}, about dense cost (random scores)"))
+    del u
+    torch.cuda.empty_cache()
 
     # XA: the estimate alone, XA-only on random and on structured inputs
     all_xa = torch.full((B, G), XA, device=dev, dtype=torch.int32)

@@ -1,23 +1,23 @@
 """
 Elastic Attention's fused prefill kernel (arXiv 2601.17367: one kernel runs retrieval and sparse heads in
-one launch, each thread block reading its head's mode): full (FA), streaming (SSA) and XAttention (XA)
-heads, in Triton, with its PyTorch reference. The modes and their numbers are written down in README.md (Method: the attention modes).
+one launch, each thread block reading its head's mode): full (FA), streaming (SSA), XAttention (XA) and
+SparseK (SK) heads, in Triton, with its PyTorch reference. The modes and their numbers are written down in README.md (Method: the attention modes).
 
-Each KV head of each batch element has a mode (FA = 0, SSA = 1, XA = 2), shared by its query heads:
+Each KV head of each batch element has a mode (FA = 0, SSA = 1, XA = 2, SK = 3), shared by its query heads:
 - FA:  query i sees every key j <= i.
 - SSA: query i sees key j <= i iff j < sink or i - j < window (token-exact).
 - XA:  query i sees key j <= i iff the 128 x 128 block (i // 128, j // 128) was selected by the
        XAttention estimate (arXiv 2503.16428): antidiagonal scores of 16 x 16 cells, softmax per row,
        summed into block scores, then per block row the sink block, the diagonal block and the
        highest-scoring blocks until their mass reaches `xa_threshold` of the row.
-- SK:  (SparseK, arXiv 2406.16747; reference only, see sk_pool) query i in 128-query block m sees the sink,
-       its local span c_m <= j <= i with c_m = 128 (m + 1) - window, and the sk_k best-scoring earlier keys,
-       whose logits get + log p (p from SPARSEK).
+- SK:  (SparseK, arXiv 2406.16747; see sk_pool) query i in 128-query block m sees the sink, its local span
+       c_m <= j <= i with c_m = 128 (m + 1) - window, and the sk_k best-scoring earlier keys by a per-key
+       score, whose logits get + log p (p from SPARSEK). The selection runs first, in PyTorch (sk_select).
 
 Read top to bottom, in the order of the Triton tutorial (06-fused-attention): 1. the reference (the
 definition), 2. the attention kernel and its wrapper, 3. where XA's block list comes from (the estimate),
-4. the launch schedule, 5. a quick self-check. The FlexAttention equivalents of these masks live in
-attention.py, next to the training code that uses them.
+4. the launch schedule, 5. a quick self-check. SK's selection (sk_select) is in part 1, beside its rule.
+The FlexAttention equivalents of these masks live in attention.py, next to the training code that uses them.
 
     pytest test_kernel.py        # CPU (Triton's interpreter, which the tests turn on) and, with CUDA, the GPU
     python bench.py              # GPU: timings against SDPA and FlexAttention -> bench_results.md
@@ -36,16 +36,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-FA, SSA, XA, SK = 0, 1, 2, 3  # SK (SparseK, arXiv 2406.16747): the reference and FlexAttention run it, not
-# yet the fused kernel (elastic_attention refuses it; attention.routed_attention runs SK heads through Flex)
+FA, SSA, XA, SK = 0, 1, 2, 3
 KV_BLOCK = 128  # the method's block: XA selects 128 x 128 blocks
 SK_P_FLOOR = 1e-30  # log p of a selected key is taken of max(p, this): a finite logit even if p rounds to 0
 
 # the same numbers as constants the kernels can read
 _SSA = tl.constexpr(SSA)
 _XA = tl.constexpr(XA)
+_SK = tl.constexpr(SK)
 _KV_BLOCK = tl.constexpr(KV_BLOCK)
 _NEG = tl.constexpr(-1.0e30)  # "minus infinity" that stays finite, so that NEG - NEG is 0, not NaN
+_LOG2E = tl.constexpr(1.4426950408889634)  # log p in the kernel's log2 units
 
 def _expand_kv(x, H):
     """[B, G, T, D] -> [B, H, T, D]: each KV head repeated for its H // G query heads (reference only)."""
@@ -168,6 +169,57 @@ def sk_logp(u_pool, n, k, return_tau=False):
     return logp, tau
 
 
+def sk_pools(u, *, k, sink, window):
+    """sk_pool of every block (the same pos, u_pool, n as sk_pool(u, arange(nb))), without anything nb x T in
+    size: O(nb k + T) memory, at most ~16 sorts.
+
+    C_m only grows with m, so the pool of block m is the best P of (the pool of block m - 1) + its 128 new keys.
+    Blocks are taken in chunks of L: the pool carried from before the chunk and the chunk's new keys are sorted
+    once, best first; block m's pool is the first P of them that it admits (the carried ones and j < c_m), found
+    by a running count per block. Ranking is exact: every key gets a unique int64 (the order-preserving int of its
+    fp32 score in the high bits, 2^31 - 1 - j in the low: ties go to the earlier key), so the sort needs no tie
+    rule."""
+    B, G, T = u.shape
+    _check_sk_scores(u, T)
+    nb, P = triton.cdiv(T, KV_BLOCK), min(2 * k, T)
+    none = torch.iinfo(torch.int64).min                                        # no key: ranks last
+    bits = (u.detach().float() + 0.0).view(torch.int32)                        # + 0.0: -0.0 ties with 0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()               # negative floats count down
+    j = torch.arange(T, device=u.device)
+    key = torch.where(j >= sink, bits * 2**32 + (0x7FFFFFFF - j), none)        # [B, G, T]
+    c = [(m + 1) * KV_BLOCK - window for m in range(nb)]                       # start of each local span
+    L = max(32, triton.cdiv(nb, 16))                                           # blocks per chunk
+    pool = torch.empty(B, G, nb, P, dtype=torch.int64, device=u.device)
+    carry = torch.full((B, G, P), none, dtype=torch.int64, device=u.device)
+    for m0 in range(0, nb, L):
+        m1 = min(m0 + L, nb)
+        lo, hi = min(max(c[m0] - KV_BLOCK, 0), T), min(max(c[m1 - 1], 0), T)  # the keys admitted in the chunk
+        cand = torch.cat([carry, key[:, :, lo:hi]], -1).sort(dim=-1, descending=True).values  # [B, G, P + W]
+        # the carried keys lie before c_{m0 - 1}: every block admits them; "no key" decodes to j = 2^31 - 1
+        admit = (0x7FFFFFFF - (cand & 0xFFFFFFFF))[:, :, None] < torch.tensor(c[m0:m1], device=u.device)[:, None]
+        rank = admit.cumsum(-1) - 1                                            # [B, G, L, P + W]
+        at = torch.where(admit & (rank < P), rank, P)                          # column P: dropped
+        chunk = torch.full((B, G, m1 - m0, P + 1), none, dtype=torch.int64, device=u.device)
+        pool[:, :, m0:m1] = chunk.scatter_(-1, at, cand[:, :, None].expand_as(at))[..., :P]
+        carry = pool[:, :, m1 - 1]
+    n = (torch.tensor(c, device=u.device).clamp(max=T) - sink).clamp(min=0)  # [nb] candidates per block
+    pos = torch.where(torch.arange(P, device=u.device) < n[:, None], 0x7FFFFFFF - (pool & 0xFFFFFFFF), -1)
+    u_pool = u.float().gather(-1, pos.clamp(min=0).flatten(2)).view(B, G, nb, P)
+    return pos, u_pool, n
+
+
+def sk_select(u, *, k, sink, window):
+    """SK's selection for every 128-query block, for the fused kernel: scores u [B, G, T] -> (idx int32 [B, G, nb, K]
+    the selected keys, best first, -1 for none; logp fp32 [B, G, nb, K] their log p, -inf for none), K = min(k, T).
+    Exactly sk_pool + sk_logp (the reference), through sk_pools: memory O(nb k + T)."""
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"sk_k={k!r} but SK selects at least one key per query block; pass sk_k >= 1")
+    pos, u_pool, n = sk_pools(u, k=k, sink=sink, window=window)
+    with torch.no_grad():
+        logp = sk_logp(u_pool, n, k)[..., :k]
+    return pos[..., :k].to(torch.int32).contiguous(), logp.contiguous()
+
+
 def sk_bias_reference(u, T, *, k, sink, window):
     """The SK rule as an additive bias [B, G, T, T] on the attention logits (fp32): 0 on the sink and the local
     span, log p on the selected keys, -inf elsewhere (and above the diagonal). Differentiable in u."""
@@ -252,37 +304,48 @@ def xattn_block_mask_reference(q, k, *, stride=16, threshold=0.9):
 # A program owns BLOCK_M queries [start_m, start_m + BLOCK_M) of one (batch, query head) and visits
 # its key tiles (BLOCK_N keys each) in two loops. Only tiles where the queries disagree on some key
 # pay for a mask:
-#   masked     SSA: the sink [0, sink_hi) and the window's lower edge [edge_lo, full_lo);
-#              every mode: the diagonal [diag_lo, diag_hi), causal (and the end of the sequence)
-#   unmasked   FA: every earlier key [0, diag_lo); SSA: inside the window [full_lo, diag_lo);
+#   masked     SSA, SK: the sink [0, sink_hi) and the window's (local span's) lower edge [edge_lo, full_lo);
+#              every mode: the diagonal [diag_lo, diag_hi), causal (and the end of the sequence);
+#              SK: its block's selected keys, gathered BLOCK_N at a time (sk_select's idx), + log p
+#   unmasked   FA: every earlier key [0, diag_lo); SSA, SK: inside the window [full_lo, diag_lo);
 #              XA: the selected 128-key blocks before the diagonal, from a compact list
-# Work is proportional to the tiles visited; a mode's other ranges are empty loops.
+# Work is proportional to the tiles visited; a mode's other ranges are empty loops. A query tile lies in one
+# 128-query block (BLOCK_M divides 128), so SK's local span start and selection are the same for all its rows.
 
 @triton.jit
-def _key_ranges(mode, start_m, T, sink, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The ranges (token offsets) for query tile [start_m, start_m + BLOCK_M). Works on scalars
-    (the attention kernel) and on vectors (the scheduler), so both count the same tiles."""
-    is_ssa, is_xa = mode == _SSA, mode == _XA
+def _key_ranges(mode, start_m, T, sink, window, sk_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ranges (token offsets) for query tile [start_m, start_m + BLOCK_M), and the number of SK keys
+    selected for it. Works on scalars (the attention kernel) and on vectors (the scheduler), so both count
+    the same tiles."""
+    is_ssa, is_xa, is_sk = mode == _SSA, mode == _XA, mode == _SK
+    local = is_ssa | is_sk
     # XA's diagonal is the whole 128-key block that holds the tile's queries
     diag_lo = tl.where(is_xa, start_m // _KV_BLOCK * _KV_BLOCK, start_m)
     diag_hi = tl.minimum(start_m + BLOCK_M, T)
     # SSA: the first query of the tile sees back to start_m - window + 1; the last query sees every key
-    # from start_m + BLOCK_M - window on. Between the two the queries disagree: the edge.
-    edge_lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
-    full_lo = (tl.maximum(start_m + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    # from start_m + BLOCK_M - window on. Between the two the queries disagree: the edge. SK: every query
+    # of the tile sees from c = 128 (m + 1) - window on (its 128-query block m); an edge only if c is not
+    # a multiple of BLOCK_N.
+    c = (start_m // _KV_BLOCK + 1) * _KV_BLOCK - window
+    edge_lo = tl.maximum(tl.where(is_sk, c, start_m - window + 1), 0) // BLOCK_N * BLOCK_N
+    edge_lo = tl.minimum(edge_lo, diag_lo)
+    full_lo = (tl.maximum(tl.where(is_sk, c, start_m + BLOCK_M - window), 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     full_lo = tl.minimum(tl.maximum(full_lo, edge_lo), diag_lo)
     sink_hi = tl.minimum((sink + BLOCK_N - 1) // BLOCK_N * BLOCK_N, edge_lo)  # the sink, below the window
-    sink_hi = tl.where(is_ssa, sink_hi, 0)
-    edge_lo = tl.where(is_ssa, edge_lo, tl.where(is_xa, diag_lo, 0))  # FA: all from 0; XA: the list
-    full_lo = tl.where(is_ssa, full_lo, edge_lo)
-    return sink_hi, edge_lo, full_lo, diag_lo, diag_hi
+    sink_hi = tl.where(local, sink_hi, 0)
+    edge_lo = tl.where(local, edge_lo, tl.where(is_xa, diag_lo, 0))  # FA: all from 0; XA: the list
+    full_lo = tl.where(local, full_lo, edge_lo)
+    # SK: the best min(k, n) of the n candidates sink <= j < c (the selection's rows hold them first)
+    n_sel = tl.where(is_sk, tl.minimum(tl.maximum(tl.minimum(c, T) - sink, 0), sk_k), 0)
+    return sink_hi, edge_lo, full_lo, diag_lo, diag_hi, n_sel
 
 
 @triton.jit
-def _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-               T, sink, window, qk_scale, stride_kt, stride_vt, MASKED: tl.constexpr):
-    """One BLOCK_N tile of keys: scores, online-softmax update, acc += p @ v."""
-    cols = start_n + offs_n
+def _attn_tile(acc, l_i, m_i, q, k_base, v_base, cols, offs_m, offs_d,
+               T, sink, local_lo, bias, qk_scale, stride_kt, stride_vt, MASKED: tl.constexpr):
+    """One tile of BLOCK_N keys (positions cols: consecutive, or SK's selected keys, T for none): scores,
+    online-softmax update, acc += p @ v. Masked: query i keeps key j <= i, j < T, if j < sink or
+    j >= local_lo[i], with the logit + bias (log2 units: SK's log p; 0 elsewhere)."""
     if MASKED:
         k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
     else:
@@ -290,8 +353,8 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d
     qk = tl.dot(q, k)
     if MASKED:
         keep = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T)
-        keep = keep & ((cols[None, :] < sink) | (offs_m[:, None] - cols[None, :] < window))
-        qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        keep = keep & ((cols[None, :] < sink) | (cols[None, :] >= local_lo[:, None]))
+        qk = tl.where(keep, qk * qk_scale + bias, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         qk = qk - m_ij[:, None]
     else:
@@ -312,10 +375,10 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d
 
 @triton.jit
 def _elastic_attn_fwd(
-    Q, K, V, O, Modes, Order, Count, Index,
+    Q, K, V, O, Modes, Order, Count, Index, SkIdx, SkLogp,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    T, NQB, NB, H, G, GROUP, sink, window, qk_scale,
+    T, NQB, NB, H, G, GROUP, sink, window, sk_k, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # program -> work item (b, h, m) from the list, sorted by cost: the heaviest programs start first
@@ -339,11 +402,13 @@ def _elastic_attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)       # running row sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, D], tl.float32)    # running p @ v
 
-    sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, start_m, T, sink, window,
-                                                              BLOCK_M, BLOCK_N)
-    window = tl.where(mode == _SSA, window, 1 << 30)  # FA and XA: the window never binds
+    sink_hi, edge_lo, full_lo, diag_lo, diag_hi, n_sel = _key_ranges(mode, start_m, T, sink, window, sk_k,
+                                                                     BLOCK_M, BLOCK_N)
+    # where each query's local keys start: SSA its window, SK its block's local span; FA and XA: key 0
+    c = (start_m // _KV_BLOCK + 1) * _KV_BLOCK - window
+    local_lo = tl.where(mode == _SSA, offs_m - window + 1, tl.where(mode == _SK, c, 0))
 
-    # 1. masked tiles, one loop over three ranges: the sink, the window's edge, the diagonal
+    # 1. masked tiles, one loop over three ranges: the sink, the window's edge (SSA, SK), the diagonal
     n_sink = sink_hi // BLOCK_N
     n_edge = (full_lo - edge_lo) // BLOCK_N
     n_masked = n_sink + n_edge + (diag_hi - diag_lo + BLOCK_N - 1) // BLOCK_N
@@ -351,12 +416,13 @@ def _elastic_attn_fwd(
         start_n = tl.where(t < n_sink, t * BLOCK_N,
                            tl.where(t < n_sink + n_edge, edge_lo + (t - n_sink) * BLOCK_N,
                                     diag_lo + (t - n_sink - n_edge) * BLOCK_N))
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=True)
-    # 2. unmasked tiles every query of the tile sees whole (FA: all earlier keys, SSA: inside the window)
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
+                                   T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=True)
+    # 2. unmasked tiles every query of the tile sees whole (FA: all earlier keys, SSA: inside the window,
+    # SK: inside the local span)
     for start_n in range(full_lo, diag_lo, BLOCK_N):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                   T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
+                                   T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False)
     # 2. (XA) the selected blocks before the diagonal, from the compact ascending list (its last entry
     # is the diagonal block, done above), no mask
     xa_row = bh.to(tl.int64) * NB + start_m // _KV_BLOCK
@@ -365,10 +431,20 @@ def _elastic_attn_fwd(
         blk = tl.load(Index + xa_row * NB + i)
         for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
             start_n = blk * _KV_BLOCK + sub * BLOCK_N
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                       T, sink, window, qk_scale, stride_kt, stride_vt, MASKED=False)
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
+                                       T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False)
+    # 3. (SK) the selected keys of the tile's 128-query block, BLOCK_N at a time: gathered K/V rows, the logits
+    # + log p, masked causally (a candidate can lie past a query when window < 128), no local-span bound
+    sk_row = ((b * G + g).to(tl.int64) * NB + start_m // _KV_BLOCK) * sk_k
+    for t0 in range(0, n_sel, BLOCK_N):
+        ok = t0 + offs_n < n_sel
+        cols = tl.load(SkIdx + sk_row + t0 + offs_n, mask=ok, other=-1)
+        logp = tl.load(SkLogp + sk_row + t0 + offs_n, mask=ok, other=0.0)
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, tl.where(cols >= 0, cols, T), offs_m, offs_d,
+                                   T, sink, tl.zeros([BLOCK_M], tl.int32), logp[None, :] * _LOG2E, qk_scale,
+                                   stride_kt, stride_vt, MASKED=True)
 
-    # every query sees at least itself, so l_i > 0
+    # every query sees at least itself (SK: with window >= 128), so l_i > 0
     o = acc / l_i[:, None]
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
@@ -421,12 +497,26 @@ def _check_qk(q, k):
 
 def _check_modes(modes, B, G, device):
     if not isinstance(modes, torch.Tensor) or modes.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"modes must be an integer tensor [B, G] of FA=0, SSA=1, XA=2; got "
+        raise TypeError(f"modes must be an integer tensor [B, G] of FA=0, SSA=1, XA=2, SK=3; got "
                         f"{modes.dtype if isinstance(modes, torch.Tensor) else type(modes)}")
     if tuple(modes.shape) != (B, G):
         raise ValueError(f"modes must have shape [B={B}, G={G}] (one mode per batch element and KV head); "
                          f"got {tuple(modes.shape)}")
     return modes.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _check_sk_selection(sel, B, G, T, device):
+    """sk_selection (idx, logp) -> the two tensors the kernel reads and K; None -> stand-ins never read, K = 0."""
+    if sel is None:
+        return torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(1, device=device), 0
+    shape = (B, G, triton.cdiv(T, KV_BLOCK))
+    idx, logp = sel
+    if (idx.dtype != torch.int32 or logp.dtype != torch.float32 or idx.shape[:3] != shape or idx.shape != logp.shape
+            or idx.shape[-1] < 1 or not idx.is_contiguous() or not logp.is_contiguous() or idx.device != device):
+        raise ValueError(f"sk_selection must be sk_select's (idx int32, logp fp32), both [{B}, {G}, {shape[2]}, K], "
+                         f"contiguous, on {device}; got {tuple(idx.shape)} {idx.dtype}, {tuple(logp.shape)} "
+                         f"{logp.dtype}: compute it with sk_select(u, k=..., sink=..., window=...)")
+    return idx, logp, idx.shape[-1]
 
 
 def _check_xa_args(stride, threshold):
@@ -437,14 +527,18 @@ def _check_xa_args(stride, threshold):
 
 
 def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
-                      sm_scale=None, out=None, check_modes=True, _config=None):
+                      sm_scale=None, sk_scores=None, sk_k=256, sk_selection=None, out=None, check_modes=True,
+                      _config=None):
     """Causal attention where every KV head runs its own mode, one launch for all heads -> o [B, H, T, D].
 
-    q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA, read in place); modes [B, G] of FA, SSA, XA.
+    q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA, read in place); modes [B, G] of FA, SSA, XA, SK.
     fp16 or bf16 (fp32 too; on the GPU its products run in tf32). Any T >= 1; D in 16, 32, 64, 128.
     Tensors may be strided views (e.g. [B, T, H, D].transpose(1, 2)) with the last dim contiguous.
-    out: an optional [B, H, T, D] tensor to write into. check_modes: raise if a mode is not FA, SSA or XA
-    (read back after the launches; the host waits for the check, not for the attention kernel).
+    SK heads need sk_scores [B, G, T] (the scorer's u) and their budget sk_k; the selection (sk_select) then
+    runs for every KV head, since which heads are SK is known on the device only. Or pass sk_selection, the
+    (idx, logp) of sk_select, computed beforehand.
+    out: an optional [B, H, T, D] tensor to write into. check_modes: raise if a mode is not FA, SSA, XA or SK
+    (or is SK without scores), read back after the launches: the host waits for the check, not for the kernel.
     """
     B, H, T, D, G = _check_qk(q, k)
     if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
@@ -456,13 +550,20 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
         raise ValueError(f"need integers sink >= 0 and window >= 1; got sink={sink}, window={window}")
     _check_xa_args(xa_stride, xa_threshold)
     modes = _check_modes(modes, B, G, q.device)
-    if check_modes:  # a kernel reads a bad mode as FA; the wrapper raises once its launches are queued
-        bad_modes = ((modes < FA) | (modes > XA)).any()
+    if sk_selection is None and sk_scores is not None:
+        if not isinstance(sk_scores, torch.Tensor) or tuple(sk_scores.shape) != (B, G, T):
+            raise ValueError(f"sk_scores must be [B, G, T={T}] = {(B, G, T)} (one score per key per KV head), got "
+                             f"{tuple(sk_scores.shape) if isinstance(sk_scores, torch.Tensor) else type(sk_scores)}")
+        sk_selection = sk_select(sk_scores, k=sk_k, sink=sink, window=window)
+    sk_idx, sk_logp_, sk_width = _check_sk_selection(sk_selection, B, G, T, q.device)
+    if check_modes:  # a kernel reads a bad mode as FA (SK without a selection: sink + local span); the
+        # wrapper raises once its launches are queued
+        bad_modes = ((modes < FA) | (modes > (XA if sk_selection is None else SK))).any()
         if q.is_cuda:  # copy the flag without waiting; later the host waits for this copy only
             bad_modes = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(bad_modes, non_blocking=True)
             checked = torch.cuda.Event()
             checked.record()
-    sink, window = min(sink, T), min(window, T)  # beyond T they change nothing; keeps them in int32
+    sink, window = min(sink, T), min(window, T + KV_BLOCK)  # beyond, nothing changes; keeps them in int32
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
@@ -473,21 +574,24 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
 
     _, _, count, index = _xattn(q, k, modes, xa_stride, xa_threshold, cfg)
-    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_M"], cfg["BLOCK_N"], sk_width)
     _elastic_attn_fwd[(order.numel(),)](
-        q, k, v, out, modes, order, count, index,
+        q, k, v, out, modes, order, count, index, sk_idx, sk_logp_,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         T, triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
-        scale * math.log2(math.e),
+        sk_width, scale * math.log2(math.e),
         D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if check_modes:
         if q.is_cuda:
             checked.synchronize()
         if bool(bad_modes):
-            raise ValueError(f"modes must be FA=0, SSA=1 or XA=2; got "
-                             f"{sorted(set(modes.flatten().tolist()) - {FA, SSA, XA})}")
+            bad = sorted(set(modes.flatten().tolist()) - {FA, SSA, XA, SK})
+            if not bad:
+                raise ValueError("modes has SK heads: pass their scores as sk_scores [B, G, T] (sparsek.Scorer), "
+                                 "or sk_selection from sk_select")
+            raise ValueError(f"modes must be FA=0, SSA=1, XA=2 or SK=3; got {bad}")
     return out
 
 
@@ -643,22 +747,24 @@ def xattn_block_mask(q, k, *, stride=16, threshold=0.9, return_scores=False, _co
 # T / BLOCK_N key tiles, an SSA one about (sink + window) / BLOCK_N), so the heaviest start first.
 
 @triton.jit
-def _schedule_cost_kernel(Modes, Count, Cost, N, T, NQB, NB, H, G, GROUP, sink, window,
+def _schedule_cost_kernel(Modes, Count, Cost, N, T, NQB, NB, H, G, GROUP, sink, window, sk_k,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
-    """Cost (key tiles visited) of each work item (b, h, m): item = (b * H + h) * NQB + m."""
+    """Cost (key tiles visited) of each work item (b, h, m): item = (b * H + h) * NQB + m. An SK program's
+    gathered tiles count as tiles."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
     m = offs % NQB
     bh = offs // NQB
     mode = tl.load(Modes + (bh // H) * G + (bh % H) // GROUP, mask=valid, other=0)
-    sink_hi, edge_lo, full_lo, diag_lo, diag_hi = _key_ranges(mode, m * BLOCK_M, T, sink, window,
-                                                              BLOCK_M, BLOCK_N)
+    sink_hi, edge_lo, full_lo, diag_lo, diag_hi, n_sel = _key_ranges(mode, m * BLOCK_M, T, sink, window, sk_k,
+                                                                     BLOCK_M, BLOCK_N)
     count = tl.load(Count + bh * NB + m * BLOCK_M // _KV_BLOCK, mask=valid & (mode == _XA), other=1)
     tiles = (sink_hi + diag_hi - edge_lo + BLOCK_N - 1) // BLOCK_N + (count - 1) * (_KV_BLOCK // BLOCK_N)
+    tiles += (n_sel + BLOCK_N - 1) // BLOCK_N
     tl.store(Cost + offs, tiles, mask=valid)
 
 
-def _schedule(modes, count, B, H, T, sink, window, block_m, block_n):
+def _schedule(modes, count, B, H, T, sink, window, block_m, block_n, sk_k=0):
     """Work list: every (b, h, query tile) ordered by the number of key tiles it visits, heaviest
     first (a long FA row must not start last). Built on the device, no host sync. -> (order, cost)."""
     G = modes.shape[1]
@@ -666,7 +772,7 @@ def _schedule(modes, count, B, H, T, sink, window, block_m, block_n):
     N = B * H * NQB
     cost = torch.empty(N, device=modes.device, dtype=torch.int32)
     _schedule_cost_kernel[(triton.cdiv(N, 1024),)](
-        modes, count, cost, N, T, NQB, NB, H, G, H // G, sink, window,
+        modes, count, cost, N, T, NQB, NB, H, G, H // G, sink, window, sk_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK=1024)
     order = torch.argsort(cost, descending=True, stable=True)
     return order, cost

@@ -359,7 +359,7 @@ def test_sk_training_mix_trains_the_scorer(tiny_dir):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_sk_decode(tiny_weights_dir):
-    """On the GPU: SK heads prefill through the fused kernel + Flex stopgap, decode through the decode kernel with the
+    """On the GPU: SK heads prefill through the fused kernel (its SK mode), decode through the decode kernel with the
     selected slots and sk_update inside a CUDA graph; the graph's tokens equal eager steps', and the step-by-step
     logits match a full recomputation (loosely: fp32 runs in tf32 on the GPU)."""
     from generate import decode_one_token, prefill

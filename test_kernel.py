@@ -16,7 +16,7 @@ import torch
 
 import kernel
 from attention import flex_block_mask
-from kernel import FA, SSA, XA, elastic_attention, reference_attention, xattn_block_mask
+from kernel import FA, SK, SSA, XA, elastic_attention, reference_attention, xattn_block_mask
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -40,13 +40,15 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item(), (a - b).abs().max().item()
 
 
-def assert_matches_reference(B, H, G, T, D, modes, dtype, **kw):
-    (q, k, v), seed = rand((B, H, T, D), (B, G, T, D), (B, G, T, D), dtype=dtype)
+def assert_matches_reference(B, H, G, T, D, modes, dtype, config=None, **kw):
+    (q, k, v, u), seed = rand((B, H, T, D), (B, G, T, D), (B, G, T, D), (B, G, T), dtype=dtype)
     modes = torch.tensor(modes, device=DEV)
+    if bool((modes == SK).any()):  # scores on a coarse grid: many ties, which the selection breaks by position
+        kw["sk_scores"] = (u.float() * 2).round() / 2
     xa_kw = dict(stride=kw.get("xa_stride", 16), threshold=kw.get("xa_threshold", 0.9))
     xa = xattn_block_mask(q, k, **xa_kw) if bool((modes == XA).any()) else None
     out = torch.full_like(q, float("nan"))  # poison
-    o = elastic_attention(q, k, v, modes, out=out, **kw)
+    o = elastic_attention(q, k, v, modes, out=out, _config=config, **kw)
     assert o.data_ptr() == out.data_ptr()
     assert not o.isnan().any(), f"{int(o.isnan().sum())} outputs left unwritten (seed {seed})"
     ref = reference_attention(q, k, v, modes, xa_blocks=xa, **kw)
@@ -103,6 +105,86 @@ def test_strided_views():
     ref = reference_attention(q, k, v, modes, sink=8, window=100)
     err, max_abs = rel_err(o, ref)
     assert err < TOL[DTYPES[0]], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed})"
+
+
+# -----------------------------------------------------------------------------
+# SK heads: the selection (sk_select) equals the reference's pools, the kernel equals the reference
+
+@pytest.mark.parametrize("T,sk_k,sink,window", [(1000, 16, 5, 256), (777, 300, 0, 200), (300, 400, 4, 128),
+                                                (10007, 64, 128, 1024), (9000, 700, 3, 300), (129, 8, 0, 1),
+                                                (5, 2, 0, 128)])
+def test_sk_select_matches_reference_pools(T, sk_k, sink, window):
+    # odd lengths, k beyond the candidates (p = 1) and beyond T, sink 0, windows off the 128 grid, several chunks of
+    # blocks (T > 32 x 128); scores with many ties, and -0.0 beside 0.0 (equal: the earlier key wins)
+    (u,), seed = rand((2, 3, T), dtype=torch.float32)
+    u = (u * 2).round() / 2
+    u[0, 0, :T // 2:2] = -0.0
+    nb = math.ceil(T / 128)
+    pos, u_pool, n = kernel.sk_pool(u, torch.arange(nb, device=DEV), k=sk_k, sink=sink, window=window)
+    logp = kernel.sk_logp(u_pool, n, sk_k)
+    idx, sel_logp = kernel.sk_select(u, k=sk_k, sink=sink, window=window)
+    K = min(sk_k, T)
+    assert idx.shape == sel_logp.shape == (2, 3, nb, K) and idx.dtype == torch.int32
+    assert torch.equal(idx.long(), pos[..., :K]), f"selections differ (seed {seed})"
+    assert torch.equal(sel_logp, logp[..., :K]), f"log p differs (seed {seed})"
+    pos2, u_pool2, n2 = kernel.sk_pools(u, k=sk_k, sink=sink, window=window)
+    assert torch.equal(pos2, pos) and torch.equal(n2, n)
+    assert torch.equal(u_pool2[pos >= 0], u_pool[pos >= 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES if CUDA else [torch.float32, torch.float16])
+def test_sk_alone(dtype):
+    # sink 5, window 128: blocks with fewer candidates than k and blocks with more than 2k
+    assert_matches_reference(1, 2, 1, 389, 32, [[SK]], dtype, sink=5, window=128, sk_k=40)
+
+
+@pytest.mark.parametrize("T,sink,window,sk_k", [(333, 7, 200, 30), (300, 0, 128, 500)])
+def test_sk_mixed_with_every_mode_gqa(T, sink, window, sk_k):
+    # SK beside FA, SSA and XA in one launch, GQA 2:1, odd T; a window off the 128 grid (the local span starts
+    # mid-tile), and sk_k above every block's candidates with sink 0
+    assert_matches_reference(2, 6, 3, T, 32, [[FA, SK, SSA], [SK, XA, SK]], DTYPES[0], sink=sink, window=window,
+                             sk_k=sk_k, xa_threshold=0.8)
+
+
+@pytest.mark.parametrize("sink,window", [(300, 128), (40, 5000)])
+def test_sk_sink_over_the_local_span_and_window_past_T(sink, window):
+    # sink 300 > c: sink and local span overlap (no key counted twice); window > T: no candidates at all
+    assert_matches_reference(1, 2, 2, 333, 32, [[SK, SSA]], DTYPES[0], sink=sink, window=window, sk_k=30)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(64, 32), (128, 128)])
+def test_sk_other_tile_sizes(block_m, block_n):
+    cfg = dict(kernel._default_config(torch.empty(0, device=DEV)), BLOCK_M=block_m, BLOCK_N=block_n)
+    assert_matches_reference(1, 4, 2, 333, 32, [[SK, SSA]], DTYPES[0], sink=40, window=150, sk_k=20, config=cfg)
+
+
+def test_sk_schedule_counts_selected_tiles():
+    # an SK program's cost: its sink and local-span tiles plus ceil(min(k, n_m) / BLOCK_N) gathered tiles
+    B, H, G, T, sink, window, sk_k, BM, BN = 1, 2, 1, 1000, 70, 256, 100, 128, 32
+    modes = torch.tensor([[SK]], device=DEV, dtype=torch.int32)
+    count = torch.ones(B, H, math.ceil(T / 128), dtype=torch.int32, device=DEV)
+    _, cost = kernel._schedule(modes, count, B, H, T, sink, window, BM, BN, sk_k)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    c = (i // 128 + 1) * 128 - window
+    local = (j <= i) & ((j < sink) | (j >= c))
+    nbq, nbk = math.ceil(T / BM), math.ceil(T / BN)
+    tiles = torch.nn.functional.pad(local, (0, nbk * BN - T, 0, nbq * BM - T)).view(nbq, BM, nbk, BN).any(1).any(-1)
+    n = ((torch.arange(nbq) + 1) * 128 - window).clamp(max=T) - sink
+    expected = tiles.sum(-1) + (n.clamp(0, sk_k) + BN - 1) // BN
+    assert cost.view(B, H, nbq)[0, 0].cpu().equal(expected.to(cost.dtype))
+
+
+def test_sk_precomputed_selection_and_nan_scores():
+    (q, k, v, u), seed = rand((1, 2, 300, 32), (1, 1, 300, 32), (1, 1, 300, 32), (1, 1, 300), dtype=DTYPES[0])
+    u, modes = u.float(), torch.tensor([[SK]], device=DEV)
+    sel = kernel.sk_select(u, k=20, sink=4, window=128)
+    o1 = elastic_attention(q, k, v, modes, sink=4, window=128, sk_selection=sel)
+    o2 = elastic_attention(q, k, v, modes, sink=4, window=128, sk_scores=u, sk_k=20)
+    assert torch.equal(o1, o2), f"seed {seed}"
+    if not CUDA:  # the NaN check reads the scores back: CPU only
+        u[0, 0, 9] = float("nan")
+        with pytest.raises(ValueError, match="SK scores contain NaN"):
+            elastic_attention(q, k, v, modes, sink=4, window=128, sk_scores=u, sk_k=20)
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +341,13 @@ def test_errors():
         (dict(k=k.to(torch.float64)), "dtype"),
         (dict(q=q.double(), k=k.double()), "not supported"),
         (dict(q=torch.randn(1, 4, 64, 48, device=DEV, dtype=dt), k=torch.randn(1, 2, 64, 48, device=DEV, dtype=dt)), "head dim"),
-        (dict(modes=torch.tensor([[FA, 3]], device=DEV)), "FA=0, SSA=1 or XA=2; got \\[3\\]"),
+        (dict(modes=torch.tensor([[FA, 4]], device=DEV)), "FA=0, SSA=1, XA=2 or SK=3; got \\[4\\]"),
+        (dict(modes=torch.tensor([[FA, SK]], device=DEV)), "SK heads: pass their scores as sk_scores"),
+        (dict(sk_scores=torch.zeros(1, 2, 64, device=DEV), sk_k=0), "sk_k=0 .* pass sk_k >= 1"),
+        (dict(sk_scores=torch.zeros(1, 2, 63, device=DEV)), "sk_scores must be \\[B, G, T=64\\]"),
+        (dict(sk_scores=torch.zeros(1, 3, 64, device=DEV)), "sk_scores must be \\[B, G, T=64\\]"),
+        (dict(sk_selection=(torch.zeros(1, 2, 1, 8, device=DEV), torch.zeros(1, 2, 1, 8, device=DEV))),
+         "sk_selection must be sk_select's"),
         (dict(modes=torch.tensor([[FA, -1]], device=DEV)), "got \\[-1\\]"),
         (dict(modes=torch.tensor([FA, SSA], device=DEV)), "shape \\[B=1, G=2\\]"),
         (dict(modes=torch.tensor([[0.0, 1.0]], device=DEV)), "integer tensor"),
@@ -289,6 +377,40 @@ def test_errors():
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_large(T, D):
     assert_matches_reference(1, 8, 4, T, D, [[FA, SSA, XA, SSA]], torch.bfloat16)
+
+
+@gpu_only
+@pytest.mark.parametrize("T,sk_k", [(5000 + 77, 256), (4096, 1024)])
+def test_gpu_sk_large(T, sk_k):
+    # the method's sink 128 and window 2048, bf16, SK beside the other modes; the rule is the reference's
+    assert_matches_reference(1, 8, 4, T, 128, [[SK, SSA, XA, SK]], torch.bfloat16, sk_k=sk_k)
+
+
+@gpu_only
+@pytest.mark.parametrize("T,sk_k", [(20000 + 3, 1024), (9000, 128)])
+def test_gpu_sk_select_large(T, sk_k):
+    # the selection on the GPU (torch.topk on CUDA) against the reference's sort, several chunks of blocks
+    (u,), seed = rand((1, 8, T), dtype=torch.float32)
+    u = (u * 8).round() / 8
+    nb = math.ceil(T / 128)
+    pos, u_pool, n = kernel.sk_pool(u, torch.arange(nb, device=DEV), k=sk_k, sink=128, window=2048)
+    idx, logp = kernel.sk_select(u, k=sk_k, sink=128, window=2048)
+    assert torch.equal(idx.long(), pos[..., :sk_k]), f"seed {seed}"
+    ref = kernel.sk_logp(u_pool, n, sk_k)[..., :sk_k]
+    assert torch.equal(logp.isinf(), ref.isinf()) and (logp - ref)[ref.isfinite()].abs().max() < 1e-5, f"seed {seed}"
+
+
+@gpu_only
+def test_gpu_sk_matches_flex_at_16k():
+    # at 16K the reference's T x T is too big: the kernel against sk_flex_attention (FlexAttention), all heads SK
+    from attention import sk_flex_attention
+    T = 16384 + 100
+    (q, k, v, u), seed = rand((1, 8, T, 128), (1, 2, T, 128), (1, 2, T, 128), (1, 2, T), dtype=torch.bfloat16)
+    u = u.float()
+    o = elastic_attention(q, k, v, torch.full((1, 2), SK, device=DEV), sk_scores=u, sk_k=512)
+    ref = sk_flex_attention(q, k, v, u, sk_k=512, sink=128, window=2048)
+    err, max_abs = rel_err(o, ref)
+    assert err < 1e-2, f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed})"
 
 
 @gpu_only

@@ -278,7 +278,7 @@ def test_gpu_sk_flex_matches_reference(T, sink, window, sk_k):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_routed_attention_with_sk_heads():
-    """Inference prefill on the GPU: the fused kernel for FA / SSA / XA heads, SK heads through Flex after it."""
+    """Inference prefill on the GPU: FA / SSA / XA and SK heads in one launch of the fused kernel."""
     from attention import routed_attention
     from router import ElasticConfig
     torch.manual_seed(0)
