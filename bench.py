@@ -12,6 +12,7 @@ TFLOP/s count the (query, key) pairs actually computed: 4 * D flops each. Writes
     python bench.py                                  # T = 8K, 32K, 128K -> bench_results.md
     python bench.py --seq-lens 8192 --out /tmp/b.md  # one length
     python bench.py --sweep                          # first try kernel tile configs at 32K, bench the best
+    python bench.py --sk                             # SK (and XA) against SSA, no dense -> bench_sk_results.md
 
 With --model, end to end instead: a whole model with random weights from a config.json, its prefill and its
 decode step, dense against elastic at Omega 0.7 (the rest of the KV heads full), and its KV-cache size:
@@ -57,6 +58,8 @@ parser.add_argument("--sweep-configs", type=str, help="JSON list of [BLOCK_M, BL
 parser.add_argument("--sweep-repeat", type=int, default=1, help="time each sweep config this many times")
 parser.add_argument("--config", type=str, default=None, help="kernel config as JSON (see kernel._default_config)")
 parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take a while)")
+parser.add_argument("--sk", action="store_true", help="the selecting modes against SSA only (SSA-only, SK and "
+                    "XA cases; no dense, no Flex) -> bench_sk_results.md")
 parser.add_argument("--out", type=str, default=None,
                     help="markdown file to write (default: bench_results.md, with --model bench_model_results.md)")
 parser.add_argument("--model", type=str, default=None, help="config.json of a model: time it end to end instead")
@@ -70,7 +73,7 @@ parser.add_argument("--batch", type=int, default=8, help="with --model: also dec
                     "length together (1: skip)")
 args = parser.parse_args()
 args.out = args.out or ("bench_model_results.md" if args.model else "bench_decode_results.md" if args.decode
-                        else "bench_results.md")
+                        else "bench_sk_results.md" if args.sk else "bench_results.md")
 if not torch.cuda.is_available():
     sys.exit("error: bench.py times kernels on a CUDA GPU and this machine has none (pytest runs the CPU checks)")
 if args.model and not os.path.isfile(args.model):
@@ -147,7 +150,7 @@ def structured_qk(T, topics):
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 flex = None
-if not args.no_flex:
+if not (args.no_flex or args.sk):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
 
@@ -505,7 +508,7 @@ def write_report():
         est = get(T, "XA-only, random q/k", "XA estimate alone (xattn_block_mask)")
         a_fa, a_ssa, a_mix = (f"; earlier anchor {a:.2f} ms ({a / ours:.2f}x)" if T in anchors else ""
                               for a, ours in zip(anchors.get(T, (0, 0, 0)), (fa, ssa, mix)))
-        targets += [
+        targets += [] if args.sk else [
             (T, "FA-only: at least as fast as FlexAttention causal; toward cuDNN",
              f"{fa:.2f} ms vs Flex {flex_fa:.2f} ms ({flex_fa / fa:.2f}x), cuDNN {cudnn:.2f} ms{a_fa}", fa <= flex_fa),
             (T, "SSA-only: >= 1.4x faster than FlexAttention, same mask",
@@ -558,7 +561,7 @@ def write_report():
         for t, case, method, ms, tflops, note in rows:
             if t == T:
                 tf = f"{tflops:.0f}" if tflops > 0 else "-"
-                lines.append(f"| {case} | {method} | {ms:.3f} | {tf} | {dense / ms:.2f}x | {note} |")
+                lines.append(f"| {case} | {method} | {ms:.3f} | {tf} | {f'{dense / ms:.2f}x' if dense == dense else '-'} | {note} |")
         lines.append("")
     lines += ["## Targets (issue 3: H100, T = 32K; the XA estimate at 128K)", "",
               "| T | target | measured | met |", "|---|---|---|---|"]
@@ -588,41 +591,45 @@ for T in args.seq_lens:
     mode_h = lambda modes: modes.repeat_interleave(H // G, 1)[0]  # noqa: E731
     dense_pairs = H * T * (T + 1) // 2
 
-    # dense
-    case = "FA-only (dense causal)"
-    record(T, case, "SDPA cuDNN (K/V pre-expanded)", lambda: sdpa(SDPBackend.CUDNN_ATTENTION, q, k_rep, v_rep), dense_pairs)
-    record(T, case, "SDPA flash (K/V pre-expanded)", lambda: sdpa(SDPBackend.FLASH_ATTENTION, q, k_rep, v_rep), dense_pairs)
-    if flex:
-        causal_bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, T, T, device=dev, _compile=True)
-        record(T, case, "FlexAttention causal", lambda: flex(q, k, v, block_mask=causal_bm, enable_gqa=True), dense_pairs)
-    record(T, case, "elastic_attention", run(q, k, v, all_fa), dense_pairs)
-    record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
-        q, k, v, all_fa, check_modes=False, _config=CONFIG), dense_pairs, "no host sync")
-
-    # SSA-only and FA/SSA mixes
-    perm = torch.tensor([3, 6, 0, 5, 1, 7, 2, 4][:G] if G == 8 else torch.randperm(G).tolist(), device=dev)
-    for n_fa in [0, G // 4, G // 2, 3 * G // 4]:
+    if args.sk:  # SSA-only, then the SK cases below
         modes = torch.full((B, G), SSA, device=dev, dtype=torch.int32)
-        modes[0, perm[:n_fa]] = FA
-        case = "SSA-only" if n_fa == 0 else f"{100 * n_fa // G}% FA + SSA"
-        pairs = pairs_per_head(mode_h(modes), T).sum().item()
-        record(T, case, "elastic_attention", run(q, k, v, modes), pairs)
-        if n_fa == 0:
-            record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
-                q, k, v, modes, sink=args.sink, window=args.window, check_modes=False, _config=CONFIG), pairs,
-                "no host sync")
+        record(T, "SSA-only", "elastic_attention", run(q, k, v, modes), pairs_per_head(mode_h(modes), T).sum().item())
+    else:  # every other case
+        # dense
+        case = "FA-only (dense causal)"
+        record(T, case, "SDPA cuDNN (K/V pre-expanded)", lambda: sdpa(SDPBackend.CUDNN_ATTENTION, q, k_rep, v_rep), dense_pairs)
+        record(T, case, "SDPA flash (K/V pre-expanded)", lambda: sdpa(SDPBackend.FLASH_ATTENTION, q, k_rep, v_rep), dense_pairs)
         if flex:
-            bm = flex_block_mask(modes, H, T, sink=args.sink, window=args.window)
-            record(T, case, "FlexAttention (same mask, mode table)", lambda: flex(q, k, v, block_mask=bm, enable_gqa=True),
-                   pairs, "attention.flex_block_mask")
-            if n_fa == 0:  # FlexAttention at its best on this mask: one mask_mod and block mask for all heads
-                ssa_mod = lambda b, h, qi, ki: (ki <= qi) & ((ki < args.sink) | (qi - ki < args.window))  # noqa: E731
-                ssa_bm = create_block_mask(ssa_mod, None, None, T, T, device=dev, _compile=True)
-                record(T, case, "FlexAttention (same mask, SSA mask_mod)", lambda: flex(q, k, v, block_mask=ssa_bm,
-                       enable_gqa=True), pairs, "one mask for all heads")
-        if n_fa > 0:
-            record(T, case, "split: cuDNN FA + ours SSA", lambda: split_and_merge(q, k, v, modes, True), pairs)
-            record(T, case, "split: ours per mode", lambda: split_and_merge(q, k, v, modes, False), pairs)
+            causal_bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, T, T, device=dev, _compile=True)
+            record(T, case, "FlexAttention causal", lambda: flex(q, k, v, block_mask=causal_bm, enable_gqa=True), dense_pairs)
+        record(T, case, "elastic_attention", run(q, k, v, all_fa), dense_pairs)
+        record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
+            q, k, v, all_fa, check_modes=False, _config=CONFIG), dense_pairs, "no host sync")
+
+        # SSA-only and FA/SSA mixes
+        perm = torch.tensor([3, 6, 0, 5, 1, 7, 2, 4][:G] if G == 8 else torch.randperm(G).tolist(), device=dev)
+        for n_fa in [0, G // 4, G // 2, 3 * G // 4]:
+            modes = torch.full((B, G), SSA, device=dev, dtype=torch.int32)
+            modes[0, perm[:n_fa]] = FA
+            case = "SSA-only" if n_fa == 0 else f"{100 * n_fa // G}% FA + SSA"
+            pairs = pairs_per_head(mode_h(modes), T).sum().item()
+            record(T, case, "elastic_attention", run(q, k, v, modes), pairs)
+            if n_fa == 0:
+                record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
+                    q, k, v, modes, sink=args.sink, window=args.window, check_modes=False, _config=CONFIG), pairs,
+                    "no host sync")
+            if flex:
+                bm = flex_block_mask(modes, H, T, sink=args.sink, window=args.window)
+                record(T, case, "FlexAttention (same mask, mode table)", lambda: flex(q, k, v, block_mask=bm, enable_gqa=True),
+                       pairs, "attention.flex_block_mask")
+                if n_fa == 0:  # FlexAttention at its best on this mask: one mask_mod and block mask for all heads
+                    ssa_mod = lambda b, h, qi, ki: (ki <= qi) & ((ki < args.sink) | (qi - ki < args.window))  # noqa: E731
+                    ssa_bm = create_block_mask(ssa_mod, None, None, T, T, device=dev, _compile=True)
+                    record(T, case, "FlexAttention (same mask, SSA mask_mod)", lambda: flex(q, k, v, block_mask=ssa_bm,
+                           enable_gqa=True), pairs, "one mask for all heads")
+            if n_fa > 0:
+                record(T, case, "split: cuDNN FA + ours SSA", lambda: split_and_merge(q, k, v, modes, True), pairs)
+                record(T, case, "split: ours per mode", lambda: split_and_merge(q, k, v, modes, False), pairs)
 
     # SK-only at SSA's KV budget per query: sink + window + k = sink + SSA window
     u = torch.randn(B, G, T, device=dev)

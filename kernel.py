@@ -188,6 +188,7 @@ def sk_pools(u, *, k, sink, window):
     j = torch.arange(T, device=u.device)
     key = torch.where(j >= sink, bits * 2**32 + (0x7FFFFFFF - j), none)        # [B, G, T]
     c = [(m + 1) * KV_BLOCK - window for m in range(nb)]                       # start of each local span
+    c_dev = torch.arange(1, nb + 1, device=u.device) * KV_BLOCK - window       # the same, on the device (no copy)
     L = max(32, triton.cdiv(nb, 16))                                           # blocks per chunk
     pool = torch.empty(B, G, nb, P, dtype=torch.int64, device=u.device)
     carry = torch.full((B, G, P), none, dtype=torch.int64, device=u.device)
@@ -196,13 +197,13 @@ def sk_pools(u, *, k, sink, window):
         lo, hi = min(max(c[m0] - KV_BLOCK, 0), T), min(max(c[m1 - 1], 0), T)  # the keys admitted in the chunk
         cand = torch.cat([carry, key[:, :, lo:hi]], -1).sort(dim=-1, descending=True).values  # [B, G, P + W]
         # the carried keys lie before c_{m0 - 1}: every block admits them; "no key" decodes to j = 2^31 - 1
-        admit = (0x7FFFFFFF - (cand & 0xFFFFFFFF))[:, :, None] < torch.tensor(c[m0:m1], device=u.device)[:, None]
-        rank = admit.cumsum(-1) - 1                                            # [B, G, L, P + W]
-        at = torch.where(admit & (rank < P), rank, P)                          # column P: dropped
+        admit = (0x7FFFFFFF - (cand & 0xFFFFFFFF))[:, :, None] < c_dev[m0:m1, None]
+        rank = admit.cumsum(-1, dtype=torch.int32) - 1                         # [B, G, L, P + W]
+        at = torch.where(admit & (rank < P), rank, P).long()                   # column P: dropped
         chunk = torch.full((B, G, m1 - m0, P + 1), none, dtype=torch.int64, device=u.device)
         pool[:, :, m0:m1] = chunk.scatter_(-1, at, cand[:, :, None].expand_as(at))[..., :P]
         carry = pool[:, :, m1 - 1]
-    n = (torch.tensor(c, device=u.device).clamp(max=T) - sink).clamp(min=0)  # [nb] candidates per block
+    n = (c_dev.clamp(max=T) - sink).clamp(min=0)                              # [nb] candidates per block
     pos = torch.where(torch.arange(P, device=u.device) < n[:, None], 0x7FFFFFFF - (pool & 0xFFFFFFFF), -1)
     u_pool = u.float().gather(-1, pos.clamp(min=0).flatten(2)).view(B, G, nb, P)
     return pos, u_pool, n
@@ -211,13 +212,24 @@ def sk_pools(u, *, k, sink, window):
 def sk_select(u, *, k, sink, window):
     """SK's selection for every 128-query block, for the fused kernel: scores u [B, G, T] -> (idx int32 [B, G, nb, K]
     the selected keys, best first, -1 for none; logp fp32 [B, G, nb, K] their log p, -inf for none), K = min(k, T).
-    Exactly sk_pool + sk_logp (the reference), through sk_pools: memory O(nb k + T)."""
+    The reference's selection (sk_pool + sk_logp) exactly, and its log p up to rounding (sparsek.threshold_sorted
+    instead of a sort), through sk_pools: memory O(nb k + T)."""
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"sk_k={k!r} but SK selects at least one key per query block; pass sk_k >= 1")
-    pos, u_pool, n = sk_pools(u, k=k, sink=sink, window=window)
+    from sparsek import threshold_sorted
     with torch.no_grad():
-        logp = sk_logp(u_pool, n, k)[..., :k]
-    return pos[..., :k].to(torch.int32).contiguous(), logp.contiguous()
+        pos, x, n = sk_pools(u, k=k, sink=sink, window=window)                 # x: the pools' scores, best first
+        K = min(k, x.shape[-1])
+        # sk_logp's rule, on pools that come sorted: more than k candidates -> p = clip(x - tau, 0, 1) with the tau
+        # of budget k over the pool (past the candidates: min - 2, below tau); at most k -> every candidate p = 1
+        valid = pos >= 0
+        low = torch.where(valid, x, float("inf")).amin(-1, keepdim=True)
+        x = torch.where(valid, x, torch.where(torch.isfinite(low), low - 2, 0.0))
+        tau = threshold_sorted(x.flatten(0, -2), torch.full(x.shape[:-1], float(K), device=x.device).flatten())
+        p = (x[..., :K] - tau.view(x.shape[:-1])[..., None]).clamp(0, 1)
+        p = torch.where((n > k)[:, None], p, 1.0)                                                # n [nb] per block
+        logp = torch.where(valid[..., :K], p.clamp(min=SK_P_FLOOR).log(), float("-inf"))
+    return pos[..., :K].to(torch.int32).contiguous(), logp.contiguous()
 
 
 def sk_bias_reference(u, T, *, k, sink, window):
