@@ -36,6 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from sparsek import sparsek, threshold_sorted
+
 FA, SSA, XA, SK = 0, 1, 2, 3
 KV_BLOCK = 128  # the method's block: XA selects 128 x 128 blocks
 SK_P_FLOOR = 1e-30  # log p of a selected key is taken of max(p, this): a finite logit even if p rounds to 0
@@ -139,11 +141,12 @@ def sk_pool(u, blocks, *, k, sink, window):
     return torch.where(valid, order, -1), u_pool, n
 
 
-def sk_logp(u_pool, n, k, return_tau=False):
+def sk_logp(u_pool, n, k, return_tau=False, presorted=False):
     """log p of the pool's best min(k, n) keys -> logp [..., P] (-inf for keys not selected) from u_pool
     [..., P] (best first) and n [...] candidates (broadcast). With return_tau also tau [...] with
-    p = clip(u - tau, 0, 1), differentiable in u_pool (the analytic form of SPARSEK's backward)."""
-    from sparsek import sparsek
+    p = clip(u - tau, 0, 1), differentiable in u_pool (the analytic form of SPARSEK's backward).
+    presorted: the pools' scores come in descending order (sk_pools'): the threshold without a sort
+    (sparsek.threshold_sorted; p equal up to rounding, no gradient)."""
     P = u_pool.shape[-1]
     n = torch.as_tensor(n, device=u_pool.device).expand(u_pool.shape[:-1])
     rank = torch.arange(P, device=u_pool.device)
@@ -153,7 +156,11 @@ def sk_logp(u_pool, n, k, return_tau=False):
     low = torch.where(valid, u_pool.detach(), float("inf")).amin(-1, keepdim=True) - 2
     x = torch.where(valid, u_pool, torch.where(torch.isfinite(low), low, 0.0))
     budget = n.clamp(min=1, max=k).to(x.dtype)
-    p = sparsek(x, budget, check=False)
+    if presorted:  # at most k candidates: every one is selected with p = 1
+        tau = threshold_sorted(x.detach().flatten(0, -2), budget.flatten()).view(budget.shape)
+        p = torch.where((n > k)[..., None], (x - tau[..., None]).clamp(0, 1), 1.0)
+    else:
+        p = sparsek(x, budget, check=False)
     logp = torch.where(valid & (rank < k), p.clamp(min=SK_P_FLOOR).log(), float("-inf"))
     if not return_tau:
         return logp
@@ -216,19 +223,10 @@ def sk_select(u, *, k, sink, window):
     instead of a sort), through sk_pools: memory O(nb k + T)."""
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"sk_k={k!r} but SK selects at least one key per query block; pass sk_k >= 1")
-    from sparsek import threshold_sorted
     with torch.no_grad():
-        pos, x, n = sk_pools(u, k=k, sink=sink, window=window)                 # x: the pools' scores, best first
-        K = min(k, x.shape[-1])
-        # sk_logp's rule, on pools that come sorted: more than k candidates -> p = clip(x - tau, 0, 1) with the tau
-        # of budget k over the pool (past the candidates: min - 2, below tau); at most k -> every candidate p = 1
-        valid = pos >= 0
-        low = torch.where(valid, x, float("inf")).amin(-1, keepdim=True)
-        x = torch.where(valid, x, torch.where(torch.isfinite(low), low - 2, 0.0))
-        tau = threshold_sorted(x.flatten(0, -2), torch.full(x.shape[:-1], float(K), device=x.device).flatten())
-        p = (x[..., :K] - tau.view(x.shape[:-1])[..., None]).clamp(0, 1)
-        p = torch.where((n > k)[:, None], p, 1.0)                                                # n [nb] per block
-        logp = torch.where(valid[..., :K], p.clamp(min=SK_P_FLOOR).log(), float("-inf"))
+        pos, u_pool, n = sk_pools(u, k=k, sink=sink, window=window)
+        K = min(k, u_pool.shape[-1])
+        logp = sk_logp(u_pool, n, k, presorted=True)[..., :K]
     return pos[..., :K].to(torch.int32).contiguous(), logp.contiguous()
 
 
