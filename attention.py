@@ -182,8 +182,10 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     (kernel.sk_pools: the pools of all 128-query blocks, [B, G, T / 128, 2k]); FlexAttention gets a block mask of
     the sink, the local span and the blocks holding a selected key, a mask_mod that keeps a candidate iff it ranks
     among the block's k best (u above the k-th best's, or equal and not later), and a score_mod that adds
-    log p = log clip(u_j - tau_m, 0, 1) with the block's threshold tau_m (differentiable: SPARSEK's backward).
-    window must be a multiple of 128 (ElasticConfig checks it for SK pairs)."""
+    log p = log clip(u_j - tau_m, 0, 1) with the block's threshold tau_m. Flex gives the gradients in q, k, v; the
+    gradient in log p, and through SPARSEK's analytic backward in u, comes from SKLogpGrad on the gathered selected
+    keys (a score_mod gradient in a captured tensor is summed by Flex over every (query, key) pair with atomics:
+    FA-SK training steps took 5x those of FA-SSA). window must be a multiple of 128 (ElasticConfig checks it)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     B, H, T, _ = q.shape
@@ -196,14 +198,15 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     blocks = torch.arange(NB, device=dev)
     u = u.float()
     pos, u_pool, n = kernel.sk_pools(u, k=sk_k, sink=sink, window=window)  # [B, G, NB, P]
-    _, tau = kernel.sk_logp(u_pool, n, sk_k, return_tau=True)                     # [B, G, NB]
+    logp, tau = kernel.sk_logp(u_pool, n, sk_k, return_tau=True)              # differentiable in u (SPARSEK)
+    tau = tau.detach()  # Flex adds log p as a constant; SKLogpGrad brings its gradient
     with torch.no_grad():  # the k-th best candidate of each block (past all when n <= k: every candidate kept)
         last = (n.clamp(max=sk_k) - 1).clamp(min=0).expand(B, G, NB)[..., None]
         kth_u = torch.where(n > sk_k, u_pool.gather(-1, last)[..., 0], float("-inf"))
         kth_j = torch.where(n > sk_k, pos.gather(-1, last)[..., 0], T)
     c = (blocks + 1) * KV_BLOCK - window  # [NB] start of each query block's local span
 
-    u_sel = u.detach()  # the selection is discrete: no gradient through it
+    u_sel = u.detach()  # the selection is discrete: no gradient through it (nor through the score_mod)
 
     def selected(b, h, q_idx, kv_idx):
         g, m = h // group, q_idx // KV_BLOCK
@@ -216,7 +219,7 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
         return (kv_idx <= q_idx) & (local | selected(b, h, q_idx, kv_idx))
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        p = (u[b, h // group, kv_idx] - tau[b, h // group, q_idx // KV_BLOCK]).clamp(kernel.SK_P_FLOOR, 1.0)
+        p = (u_sel[b, h // group, kv_idx] - tau[b, h // group, q_idx // KV_BLOCK]).clamp(kernel.SK_P_FLOOR, 1.0)
         return score + torch.where(selected(b, h, q_idx, kv_idx), p.log(), 0.0)
 
     # blocks: the sink and the local span (whole, except the diagonal and partial ones), the selected keys' blocks
@@ -240,7 +243,69 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
 
     mask = BlockMask.from_kv_blocks(*as_lists(any_ & ~full), *as_lists(full.expand(B, H, NB, NB)), KV_BLOCK,
                                     mask_mod, seq_lengths=(T, T))
-    return (_flex or compiled_flex_attention())(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True)
+    o, aux = (_flex or compiled_flex_attention())(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True,
+                                                  **LSE)
+    lse = getattr(aux, "lse", aux)  # AuxOutput, or the lse itself (older torch)
+    if not logp.requires_grad:
+        return o
+    K = min(sk_k, pos.shape[-1])  # the pool's first K: the selected keys (log p -inf for none)
+    return SKLogpGrad.apply(o, logp[..., :K], lse, q.detach(), k.detach(), v.detach(), pos[..., :K],
+                            q.shape[-1] ** -0.5)
+
+
+try:  # how flex_attention returns the log-sum-exp of each row's scores (natural log)
+    from torch.nn.attention.flex_attention import AuxRequest
+    LSE = dict(return_aux=AuxRequest(lse=True))
+except ImportError:
+    LSE = dict(return_lse=True)
+
+
+class SKLogpGrad(torch.autograd.Function):
+    """o unchanged forward; backward passes dL/do on to o (Flex's backward: q, k, v) and returns dL/dlog p of the
+    selected keys, [B, G, NB, K]. log p_mj is added to the logit s_ij of every query i of block m, so with
+    P_ij = exp(s_ij - lse_i) and delta_i = do_i . o_i (the softmax backward, as in flash attention)
+        dL/dlog p_mj = sum over the block's queries i (and the KV head's query heads) of P_ij (do_i . v_j - delta_i).
+    A selected key lies before the block's local span (j < c_m <= 128 m), so every query of the block sees it."""
+
+    @staticmethod
+    def forward(ctx, o, logp, lse, q, k, v, idx, scale):
+        ctx.save_for_backward(o, logp, lse, q, k, v, idx)
+        ctx.scale = scale
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, do):
+        o, logp, lse, q, k, v, idx = ctx.saved_tensors
+        return do, sk_logp_grad(q, k, v, o, lse, do, idx, logp, ctx.scale), None, None, None, None, None, None
+
+
+def sk_logp_grad(q, k, v, o, lse, do, idx, logp, scale, max_bytes=1 << 28):
+    """dL/dlog p [B, G, NB, K] (SKLogpGrad) from q [B, H, T, D], k and v [B, G, T, D], the output o and its gradient
+    do [B, H, T, D], lse [B, H, T] (natural log), the selected keys idx [B, G, NB, K] (-1: none) and their log p
+    [B, G, NB, K]. The selected keys are gathered, [128, K] logits per block and query head, in chunks of blocks of
+    at most max_bytes: O(T k D) work, nothing T x T."""
+    B, H, T, D = q.shape
+    G, (NB, K) = k.shape[1], idx.shape[2:]
+    pad = NB * KV_BLOCK - T
+
+    def blocked(x, value=0.0):  # [B, H, T, ...] -> [B, G, H / G, NB, 128, ...] fp32, padded past T
+        x = F.pad(x.float(), (0, 0, 0, pad) if x.ndim == 4 else (0, pad), value=value)
+        return x.view(B, G, H // G, NB, KV_BLOCK, *x.shape[3:])
+
+    qb, dob = blocked(q), blocked(do)
+    delta = (dob * blocked(o)).sum(-1)                     # [B, G, H/G, NB, 128]
+    lseb = blocked(lse, float("inf"))                      # rows past T: P = 0
+    j = idx.clamp(min=0).long().flatten(2)[..., None].expand(-1, -1, -1, D)
+    ks, vs = (x.float().gather(2, j).view(B, G, NB, K, D) for x in (k, v))
+    out = torch.empty(B, G, NB, K, dtype=torch.float32, device=q.device)
+    step = max(1, max_bytes // (4 * B * H * KV_BLOCK * K))
+    for a in range(0, NB, step):
+        m = slice(a, a + step)
+        s = torch.einsum("bgrmqd,bgmkd->bgrmqk", qb[:, :, :, m], ks[:, :, m]) * scale + logp[:, :, None, m, None]
+        p = torch.exp(s - lseb[:, :, :, m, :, None])      # -inf log p (no key): 0
+        dp = torch.einsum("bgrmqd,bgmkd->bgrmqk", dob[:, :, :, m], vs[:, :, m])
+        out[:, :, m] = (p * (dp - delta[:, :, :, m, :, None])).sum((2, 4))
+    return out.to(logp.dtype)
 
 
 # The masks of kernel.py as a FlexAttention BlockMask: the training branch above runs

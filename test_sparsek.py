@@ -340,3 +340,33 @@ def test_sk_threshold_carries_sparsek_gradient():
     (logp2 * w).sum().backward()
     torch.testing.assert_close(u2.grad, u1.grad)
     assert u1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("T,sink,window,sk_k", [(389, 5, 128, 16), (700, 4, 256, 100)])
+def test_sk_logp_grad_matches_autograd(T, sink, window, sk_k):
+    """The training path's gradient in the scores (attention.SKLogpGrad: dL/dlog p on the gathered selected keys,
+    then SPARSEK's backward through kernel.sk_pools' pools) equals autograd through the reference's T x T bias;
+    GQA 4:2, odd T, a block with fewer candidates than k (the pools and log p are fp32, as on the GPU; the
+    attention fp64). Flex has no CPU backward: o and lse come from the
+    reference here, the GPU test runs the whole path."""
+    from attention import SKLogpGrad
+    torch.manual_seed(T)
+    B, H, G, D = 2, 4, 2, 16
+    q, k, v = (torch.randn(B, n, T, D, dtype=torch.float64) for n in (H, G, G))
+    u = torch.randn(B, G, T, dtype=torch.float64)
+    w = torch.randn(B, H, T, D, dtype=torch.float64)
+    scale = D ** -0.5
+    u_ref = u.clone().requires_grad_()
+    bias = kernel.sk_bias_reference(u_ref, T, k=sk_k, sink=sink, window=window).double()
+    s = torch.einsum("bhid,bhjd->bhij", q, k.repeat_interleave(H // G, 1)) * scale + bias.repeat_interleave(H // G, 1)
+    o = torch.softmax(s, -1) @ v.repeat_interleave(H // G, 1)
+    (o * w).sum().backward()
+    u_new = u.clone().requires_grad_()
+    pos, u_pool, n = kernel.sk_pools(u_new, k=sk_k, sink=sink, window=window)
+    logp, _ = kernel.sk_logp(u_pool, n, sk_k, return_tau=True)
+    K = min(sk_k, pos.shape[-1])
+    out = SKLogpGrad.apply(o.detach(), logp[..., :K], s.detach().logsumexp(-1), q, k, v, pos[..., :K], scale)
+    torch.testing.assert_close(out, o.detach())
+    (out * w).sum().backward()
+    assert u_ref.grad.abs().max() > 0
+    assert (u_new.grad - u_ref.grad).abs().max() < 1e-5 * u_ref.grad.abs().max()
