@@ -44,6 +44,8 @@ class Run:
     prompt_lens: [B] the prompt span of each row that the routers pool (None: all T tokens)
     caches:      one KVCache per layer while generating, or None
     pos:         int [B] on the device: the position of each row's token in a decode step (None: a prefill)
+    lengths:     a prefill of rows of several lengths, right-padded to T: the tokens of each row, as Python ints
+                 (for the caches) and as lens, int32 [B] on the device (for XA's estimate); None: all T
     """
     elastic: ElasticConfig
     routers: object = None
@@ -52,6 +54,8 @@ class Run:
     prompt_lens: torch.Tensor | None = None
     caches: list | None = None
     pos: torch.Tensor | None = None
+    lengths: list | None = None
+    lens: torch.Tensor | None = None
 
 
 class Routed(NamedTuple):
@@ -76,6 +80,13 @@ class Routing:
             return cls(None, modes, (modes == elastic.mode_ids[1]).float().mean(dim=(1, 2)))
         zs = [r.z for r in layers]  # Omega keeps the straight-through gradient
         return cls(torch.stack(zs, dim=1), modes, sparsity_ratio(zs), torch.stack([r.logits for r in layers], dim=1))
+
+    def rows(self) -> list["Routing"]:
+        """One Routing per row of the batch."""
+        def row(x, b):
+            return None if x is None else x[b:b + 1]
+        return [Routing(row(self.z, b), row(self.modes, b), row(self.omega, b), row(self.logits, b))
+                for b in range(self.modes.shape[0])]
 
     @property
     def margin(self) -> torch.Tensor:
@@ -104,10 +115,25 @@ def attend(q, k, v, k_pre, run: Run, i: int):
     elif run.tau is not None:
         y = mixed_attention(q, k, v, routed.z, run.elastic, u)
     else:
-        y = routed_attention(q, k, v, routed.modes, run.elastic, u)
+        y = routed_attention(q, k, v, routed.modes, run.elastic, u, run.lens)
     if cache is not None:
-        cache.prefill(k, v, None if routed is None else routed.modes, u)
+        cache.prefill(k, v, None if routed is None else routed.modes, u, run.lengths)
     return y, routed
+
+
+def check_modes(modes, L, G, has_scorers):
+    """Fixed modes int [1 or B, L, G] of FA, SSA, XA, or SK (which needs the routers' scorers), checked once per
+    forward (Transformer.forward; one host sync), so that no layer's kernel waits for a check."""
+    if not isinstance(modes, torch.Tensor) or modes.is_floating_point() or modes.dim() != 3 \
+            or tuple(modes.shape[1:]) != (L, G):
+        raise ValueError(f"modes must be an integer tensor [B or 1, L={L}, G={G}] of FA=0, SSA=1, XA=2, SK=3; got "
+                         f"{tuple(modes.shape) if isinstance(modes, torch.Tensor) else type(modes)}")
+    found = set(modes.unique().tolist())
+    if found - {FA, SSA, XA, SK}:
+        raise ValueError(f"modes must be FA=0, SSA=1, XA=2 or SK=3; got {sorted(found - {FA, SSA, XA, SK})}")
+    if SK in found and not has_scorers:
+        raise ValueError("modes has SK heads, which need their layer's scorer: load routers of an SK mode pair "
+                         "(FA-SK), or use FA, SSA and XA")
 
 # -----------------------------------------------------------------------------
 # prefill
@@ -118,16 +144,19 @@ def dense_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def routed_attention(q, k, v, modes, ec, sk_scores=None):
+def routed_attention(q, k, v, modes, ec, sk_scores=None, lens=None):
     """Inference prefill: each KV head runs its own mode (modes int [B, G]), all heads in one fused launch.
     On the CPU the PyTorch reference runs instead: the same function (test_kernel.py), without the Triton
     interpreter's slowness. SK heads need sk_scores [B, G, T] (the layer's scorer); when given, the kernel's SK
-    selection runs for every KV head of the layer (kernel.sk_select), then SK heads run in the same launch."""
+    selection runs for every KV head of the layer (kernel.sk_select), then SK heads run in the same launch.
+    lens [B]: the tokens of right-padded rows (Run.lens). The modes come from the routers or were checked once
+    per forward (check_modes): the kernel's own check, a host sync per layer, is off."""
     if not q.is_cuda:
         return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
-                                          xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k)
+                                          xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lens)
     return kernel.elastic_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
-                                    xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k)
+                                    xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lens,
+                                    check_modes=False)
 
 
 def mixed_attention(q, k, v, z, ec, sk_scores=None):
@@ -387,13 +416,17 @@ class KVCache:
     def __init__(self, max_new_tokens, sink, window, sk_k=256):
         self.max_new_tokens, self.sink, self.window, self.sk_k = max_new_tokens, sink, window, sk_k
 
-    def prefill(self, k, v, modes, sk_scores=None):
-        """k, v [B, G, T, D] of B rows of T prompt tokens; modes int [B, G] (None: every head FA); sk_scores
-        [B, G, T] the scorer's u (needed when a head is SK)."""
+    def prefill(self, k, v, modes, sk_scores=None, lengths=None):
+        """k, v [B, G, T, D] of B rows of prompt tokens; modes int [B, G] (None: every head FA); sk_scores
+        [B, G, T] the scorer's u (needed when a head is SK); lengths: the tokens of each row (Python ints) when the
+        rows are right-padded to T (None: all T): a row's segments hold its own tokens only, as if it had been
+        prefilled alone. The segment sizes follow the modes: they come to the host, one copy per layer."""
         B, G, T, D = k.shape
+        lengths = [T] * B if lengths is None else list(lengths)
         kinds = [FA] * (B * G) if modes is None else modes.reshape(B * G).tolist()  # the segment sizes: host
-        ring = min(self.sink + self.window, T + self.max_new_tokens)
-        caps = [ring if m in (SSA, SK) else T + self.max_new_tokens for m in kinds]
+        n = [lengths[i // G] for i in range(B * G)]                                 # each segment's prompt tokens
+        caps = [min(self.sink + self.window, t + self.max_new_tokens) if m in (SSA, SK) else t + self.max_new_tokens
+                for m, t in zip(kinds, n)]
         extras = [self.sk_k if m == SK else 0 for m in kinds]
         full = [i for i, m in enumerate(kinds) if m not in (SSA, SK)]
         ssa = [i for i, m in enumerate(kinds) if m == SSA]
@@ -411,43 +444,49 @@ class KVCache:
                     self.runs.append((b, group, at, caps[group[0]], extras[group[0]]))
                 for i in group:
                     bases[i], at = at, at + caps[i] + extras[i]
+        dev = k.device
+        # one copy to the device: the segments' first slots, caps, extras, tokens, and the full, SSA, SK ones in order
+        meta = torch.tensor(bases + caps + extras + n + full + ssa + sk).to(dev, non_blocking=True)
+        base, cap, extra, n_dev, order = meta.split([B * G] * 5)
         self.k, self.v = k.new_zeros(at, D), v.new_zeros(at, D)
-        self.u = torch.zeros(at, dtype=torch.float32, device=k.device)     # SK rings: the score of each slot's key
-        self.bias = torch.zeros(at, dtype=torch.float32, device=k.device)  # SK selected slots: log p (-inf: empty)
+        self.u = torch.zeros(at, dtype=torch.float32, device=dev)     # SK rings: the score of each slot's key
+        self.bias = torch.zeros(at, dtype=torch.float32, device=dev)  # SK selected slots: log p (-inf: empty)
         k, v = k.reshape(B * G, T, D), v.reshape(B * G, T, D)
-        j = torch.arange(T, device=k.device)
-        if full:  # positions 0 .. T-1 in slots 0 .. T-1
-            at = torch.tensor([bases[i] for i in full], device=k.device)[:, None] + j   # [n_full, T]
-            self.k[at], self.v[at] = k[full], v[full]
+        # positions past a segment's tokens are read as its last token: the same slot, written the same value
+        if full:  # positions 0 .. n - 1 in slots 0 .. n - 1
+            f = order[:len(full), None]
+            j = torch.minimum(torch.arange(T, device=dev), n_dev[f] - 1)                      # [n_full, T]
+            self.k[base[f] + j], self.v[base[f] + j] = k[f, j], v[f, j]
         if ssa or sk:  # what the next query sees under SSA: the sinks and the last `window` positions
-            rings = ssa + sk
-            j = j[(j < self.sink) | (T - 1 - j < self.window)]
-            at = torch.tensor([bases[i] for i in rings], device=k.device)[:, None] + cache_slot(j, ring, self.sink,
-                                                                                                self.window)
-            self.k[at], self.v[at] = k[rings][:, j], v[rings][:, j]
+            r = order[len(full):len(full) + len(ssa) + len(sk), None]
+            p, last = torch.arange(self.sink + self.window, device=dev), n_dev[r] - 1
+            j = torch.where(p < self.sink, p, last + 1 - self.window + (p - self.sink)).clamp(min=0)
+            j = torch.minimum(j, last)                                                        # [n_rings, R]
+            at = base[r] + cache_slot(j, cap[r], self.sink, self.window)
+            self.k[at], self.v[at] = k[r, j], v[r, j]
             if sk:
-                self.u[at[len(ssa):]] = sk_scores.reshape(B * G, T)[sk][:, j].float()
-        self.base = torch.tensor(bases, dtype=torch.int32, device=k.device)  # int32: a [B*G] table the kernel reads
-        self.cap = torch.tensor(caps, dtype=torch.int32, device=k.device)
-        self.extra = torch.tensor(extras, dtype=torch.int32, device=k.device)
+                self.u[at[len(ssa):]] = sk_scores.reshape(B * G, T)[r[len(ssa):], j[len(ssa):]].float()
+        self.base, self.cap, self.extra = base.int(), cap.int(), extra.int()  # int32: [B*G] tables the kernel reads
         self.n_splits = decode_splits(1 << (max(c + e for c, e in zip(caps, extras)) - 1).bit_length(), DECODE_SPLIT)
         self.rows, self.G = B, G
         # SK state, one row per SK segment: the pool (2k positions, best first, -1 empty, and their scores) as of the
-        # block of the last prompt token; its best k are in the selected slots, in rank order
-        self.sk_seg = torch.tensor(sk, dtype=torch.long, device=k.device)
-        self.sk_pos = torch.full((len(sk), 2 * self.sk_k), -1, dtype=torch.long, device=k.device)
-        self.sk_u = torch.zeros(len(sk), 2 * self.sk_k, dtype=torch.float32, device=k.device)
-        self.sk_block = torch.full((len(sk),), (T - 1) // KV_BLOCK, dtype=torch.long, device=k.device)  # merged up to
+        # block of its last prompt token; its best k are in the selected slots, in rank order
+        self.sk_seg = order[len(full) + len(ssa):]
+        self.sk_pos = torch.full((len(sk), 2 * self.sk_k), -1, dtype=torch.long, device=dev)
+        self.sk_u = torch.zeros(len(sk), 2 * self.sk_k, dtype=torch.float32, device=dev)
+        self.sk_block = (n_dev[self.sk_seg] - 1) // KV_BLOCK                              # merged up to
         if sk:
-            u = sk_scores.reshape(B * G, T)[sk].float()[None]                                # [1, S, T]
-            pos, u_pool, _ = kernel.sk_pool(u, torch.tensor([(T - 1) // KV_BLOCK], device=k.device), k=self.sk_k,
-                                            sink=self.sink, window=self.window)            # [1, S, 1, P]
-            P = pos.shape[-1]
-            self.sk_pos[:, :P], self.sk_u[:, :P] = pos[0, :, 0], u_pool[0, :, 0]
+            u = sk_scores.reshape(B * G, T).float()
+            last_block = [(n[i] - 1) // KV_BLOCK for i in sk]
+            for m in sorted(set(last_block)):  # the pools of the segments whose prompt ends in block m
+                rows = [s for s, mb in enumerate(last_block) if mb == m]
+                pos, u_pool, _ = kernel.sk_pool(u[[sk[s] for s in rows]][None], torch.full((1,), m, device=dev),
+                                                k=self.sk_k, sink=self.sink, window=self.window)  # [1, S, 1, P]
+                P = pos.shape[-1]
+                self.sk_pos[rows, :P], self.sk_u[rows, :P] = pos[0, :, 0], u_pool[0, :, 0]
             top = self.sk_pos[:, :self.sk_k]                                                 # [S, k]
-            slots = self._sk_slots()
-            src = torch.arange(len(sk), device=k.device)[:, None]
-            self.k[slots], self.v[slots] = k[sk][src, top.clamp(min=0)], v[sk][src, top.clamp(min=0)]
+            slots, seg = self._sk_slots(), self.sk_seg[:, None]
+            self.k[slots], self.v[slots] = k[seg, top.clamp(min=0)], v[seg, top.clamp(min=0)]
             self._sk_bias()
 
     def _sk_slots(self):

@@ -208,7 +208,7 @@ class SdpaCache:
     def __init__(self, max_new_tokens, graphed):
         self.max_new_tokens, self.graphed = max_new_tokens, graphed
 
-    def prefill(self, k, v, modes):
+    def prefill(self, k, v, modes, sk_scores=None, lengths=None):  # rows of one length, every head dense
         B, G, T, D = k.shape
         self.k, self.v = k.new_zeros(B, G, T + self.max_new_tokens, D), v.new_zeros(B, G, T + self.max_new_tokens, D)
         self.k[:, :, :T], self.v[:, :, :T] = k, v

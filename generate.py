@@ -1,14 +1,14 @@
 """
-Generation for one prompt or many: each prompt is prefilled alone (and, with routers, routed from its own keys),
-then all decode together, one token per row per step, through the KV cache and the decode kernel of attention.py
-and decode_kernel.py. On the GPU a decode step has static shapes and no host sync, so it is captured once as a
+Generation for one prompt or many: the prompts are prefilled in batches, right-padded, each row as if alone (and,
+with routers, routed from its own keys), then all decode together, one token per row per step, through the KV
+cache and the decode kernel of attention.py and decode_kernel.py. On the GPU a decode step has static shapes and no host sync, so it is captured once as a
 CUDA graph and replayed (gpt-fast's way to a decode at the speed of memory).
 
     from generate import generate
     for tokens in generate(model, [ids_a, ids_b], max_new_tokens=100, eos_token_id=tokenizer.eos_token_id):
         ...   # tokens: one new id per prompt, None for a prompt that has finished
 
-Read in order: sample_next, prefill, decode_one_token, CUDAGraphStep, generate. python sample.py is the
+Read in order: sample_next, batches, prefill, decode_one_token, CUDAGraphStep, generate. python sample.py is the
 command-line front end.
 """
 import functools
@@ -31,23 +31,42 @@ def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+PREFILL_TOKENS = 1 << 16  # a prefill forward holds at most this many tokens, padding included (or one prompt)
+
+
+def batches(lengths, budget=PREFILL_TOKENS):
+    """Consecutive prompts, as few forwards as the budget allows: -> [(first, end)], each batch's count times its
+    longest prompt <= budget (a longer prompt alone)."""
+    out, a, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > a and (i + 1 - a) * max(longest, n) > budget:
+            out.append((a, i))
+            a, longest = i, 0
+        longest = max(longest, n)
+    return out + [(a, len(lengths))]
+
+
 @torch.no_grad()
 def prefill(model, prompts, max_new_tokens, modes=None):
-    """Prefills every prompt alone (no padding, its own routing) into caches that hold it and max_new_tokens more.
+    """Prefills the prompts a batch at a time (batches: right-padded to the batch's longest, each row as if alone:
+    its own routing from its own keys, a cache of its own tokens, the logits of its own last token; Transformer.
+    forward(lengths=...)) into caches that hold each prompt and max_new_tokens more.
     prompts: list of B int tensors [T_b]; modes: [1 or B, L, G] fixed modes, or None (the routers decide, or every
     head is dense). -> (logits [B, V] at each prompt's last token, caches: one attention.KVCache per layer with
     the B rows, routings: one attention.Routing per prompt, or None)."""
     ec, L = model.elastic, model.config.num_hidden_layers
     logits, rows, routings = [], [], []
-    for b, ids in enumerate(prompts):
+    for a, b in batches([len(p) for p in prompts]):
+        ids = torch.nn.utils.rnn.pad_sequence(prompts[a:b], batch_first=True)  # [b - a, longest], zeros after each
         caches = [KVCache(max_new_tokens, ec.sink, ec.window, ec.sk_k) for _ in range(L)]
-        m = None if modes is None else modes[b if modes.shape[0] > 1 else 0][None]
-        out, routing = model(ids[None], modes=m, caches=caches, return_routing=True, last_only=True)
+        m = None if modes is None else modes[a:b] if modes.shape[0] > 1 else modes
+        out, routing = model(ids, modes=m, caches=caches, return_routing=True, last_only=True,
+                             lengths=[len(p) for p in prompts[a:b]])
         logits.append(out[:, -1])
         rows.append(caches)
-        routings.append(routing)
+        routings += [None] * (b - a) if routing is None else routing.rows()
     caches = []
-    for i in range(L):  # layer by layer, so that the rows' own buffers are freed as they are copied
+    for i in range(L):  # layer by layer, so that the batches' own buffers are freed as they are copied
         caches.append(KVCache.cat([row[i] for row in rows]))
         for row in rows:
             row[i] = None

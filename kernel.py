@@ -74,7 +74,7 @@ def attention_mask_reference(modes, H, T, *, sink=128, window=2048, xa_blocks=No
 
 
 def reference_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
-                        sm_scale=None, xa_blocks=None, sk_scores=None, sk_k=256):
+                        sm_scale=None, xa_blocks=None, sk_scores=None, sk_k=256, lengths=None):
     """Elastic attention in plain PyTorch (fp32 math, differentiable in q, k, v) -> o [B, H, T, D].
 
     q [B, H, T, D]; k, v [B, G, T, D]; modes [B, G] with values FA, SSA, XA, SK. xa_blocks: an XA block
@@ -82,13 +82,23 @@ def reference_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0
     checked separately, so that a block on the threshold's edge cannot flip between the two).
     sk_scores [B, G, T]: the scorer's u (sparsek.Scorer), needed when a head is SK (differentiable: gradients
     reach the scorer through log p); sk_k its budget. SK is defined here (sk_bias_reference).
+    lengths [B]: the tokens of each row, right padding past them (elastic_attention): XA estimates each row
+    on its own tokens.
     """
     B, H, T, D = q.shape
     modes = modes.to(q.device)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     if xa_blocks is None and bool((modes == XA).any()):
         with torch.no_grad():
-            xa_blocks = xattn_block_mask_reference(q, k, stride=xa_stride, threshold=xa_threshold)
+            if lengths is None:
+                xa_blocks = xattn_block_mask_reference(q, k, stride=xa_stride, threshold=xa_threshold)
+            else:  # each row on its own tokens; the blocks past them keep every causal block
+                nb = triton.cdiv(T, KV_BLOCK)
+                xa_blocks = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril().repeat(B, H, 1, 1)
+                for b, n in enumerate(torch.as_tensor(lengths).tolist()):
+                    m = triton.cdiv(n, KV_BLOCK)
+                    xa_blocks[b, :, :m, :m] = xattn_block_mask_reference(
+                        q[b:b + 1, :, :n], k[b:b + 1, :, :n], stride=xa_stride, threshold=xa_threshold)[0]
     mask = attention_mask_reference(modes, H, T, sink=sink, window=window, xa_blocks=xa_blocks)
     s = (q.float() @ _expand_kv(k, H).float().transpose(-1, -2)) * scale  # [B, H, T, T]
     if bool((modes == SK).any()):
@@ -537,8 +547,8 @@ def _check_xa_args(stride, threshold):
 
 
 def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
-                      sm_scale=None, sk_scores=None, sk_k=256, sk_selection=None, out=None, check_modes=True,
-                      _config=None):
+                      sm_scale=None, sk_scores=None, sk_k=256, sk_selection=None, lengths=None, out=None,
+                      check_modes=True, _config=None):
     """Causal attention where every KV head runs its own mode, one launch for all heads -> o [B, H, T, D].
 
     q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA, read in place); modes [B, G] of FA, SSA, XA, SK.
@@ -547,6 +557,10 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     SK heads need sk_scores [B, G, T] (the scorer's u) and their budget sk_k; the selection (sk_select) then
     runs for every KV head, since which heads are SK is known on the device only. Or pass sk_selection, the
     (idx, logp) of sk_select, computed beforehand.
+    lengths: int [B] on the device, the tokens of each row when rows of several lengths are right-padded to T
+    (None: every row has T). Causal attention never lets a query see the padding after it; only XA's estimate,
+    which pools the queries of a 128-block, must leave the padded ones out: row b's first lengths[b] outputs then
+    equal those of the row alone, cut to its length. Padded rows' outputs are finite and meaningless.
     out: an optional [B, H, T, D] tensor to write into. check_modes: raise if a mode is not FA, SSA, XA or SK
     (or is SK without scores), read back after the launches: the host waits for the check, not for the kernel.
     """
@@ -566,6 +580,11 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
                              f"{tuple(sk_scores.shape) if isinstance(sk_scores, torch.Tensor) else type(sk_scores)}")
         sk_selection = sk_select(sk_scores, k=sk_k, sink=sink, window=window)
     sk_idx, sk_logp_, sk_width = _check_sk_selection(sk_selection, B, G, T, q.device)
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,) or lengths.is_floating_point():
+            raise ValueError(f"lengths must be an integer tensor [B={B}] (the tokens of each row), got "
+                             f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths)}")
+        lengths = lengths.to(device=q.device, dtype=torch.int32)
     if check_modes:  # a kernel reads a bad mode as FA (SK without a selection: sink + local span); the
         # wrapper raises once its launches are queued
         bad_modes = ((modes < FA) | (modes > (XA if sk_selection is None else SK))).any()
@@ -583,7 +602,7 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
         raise ValueError(f"config needs BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}; got {cfg}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
 
-    _, _, count, index = _xattn(q, k, modes, xa_stride, xa_threshold, cfg)
+    _, _, count, index = _xattn(q, k, modes, xa_stride, xa_threshold, cfg, lengths)
     order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_M"], cfg["BLOCK_N"], sk_width)
     _elastic_attn_fwd[(order.numel(),)](
         q, k, v, out, modes, order, count, index, sk_idx, sk_logp_,
@@ -617,7 +636,7 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
 
 @triton.jit
 def _xattn_rows_kernel(
-    Q, K, Modes, SegLse, RowLse,
+    Q, K, Modes, Lens, SegLse, RowLse,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     T, NC, NB, H, G, GROUP, qk_scale,
     S: tl.constexpr, CELLS: tl.constexpr, D: tl.constexpr,
@@ -631,6 +650,8 @@ def _xattn_rows_kernel(
     h = pid_bh % H
     mode = tl.load(Modes + b * G + h // GROUP)
     if mode == _XA:  # other heads need no estimate
+        T_b = tl.load(Lens + b)  # the row's own tokens: right padding past them is not estimated
+        NC_b = (T_b + S - 1) // S
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)  # query cells (rows)
         offs_d = tl.arange(0, D)
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -639,7 +660,7 @@ def _xattn_rows_kernel(
         m_i = tl.full([BLOCK_I], _NEG, tl.float32)  # running max of the row (log2 units)
         l_i = tl.zeros([BLOCK_I], tl.float32)       # running sum of exp2(score - m_i)
         # visit key cells 0 .. the last row's own cell (causal at the cell level)
-        hi = tl.minimum((pid_i + 1) * BLOCK_I, NC)
+        hi = tl.minimum((pid_i + 1) * BLOCK_I, NC_b)
         for start_j in range(0, hi, BLOCK_J):
             offs_j = start_j + tl.arange(0, BLOCK_J)  # key cells (columns)
             # antidiagonal sums: query row S-1-t of cell i meets key row t of cell j
@@ -648,11 +669,11 @@ def _xattn_rows_kernel(
                 q_rows = offs_i * S + (S - 1 - t)
                 k_rows = offs_j * S + t
                 qt = tl.load(q_base + q_rows[:, None] * stride_qt + offs_d[None, :],
-                             mask=q_rows[:, None] < T, other=0.0)
+                             mask=q_rows[:, None] < T_b, other=0.0)
                 kt = tl.load(k_base + k_rows[None, :] * stride_kt + offs_d[:, None],
-                             mask=k_rows[None, :] < T, other=0.0)  # [D, BLOCK_J]
+                             mask=k_rows[None, :] < T_b, other=0.0)  # [D, BLOCK_J]
                 s = tl.dot(qt, kt, s)
-            valid = (offs_j[None, :] <= offs_i[:, None]) & (offs_i[:, None] < NC)
+            valid = (offs_j[None, :] <= offs_i[:, None]) & (offs_i[:, None] < NC_b)
             s = tl.where(valid, s * qk_scale, _NEG)
             # log-sum-exp of each segment: CELLS consecutive key cells = one 128-token key block
             s3 = tl.reshape(s, [BLOCK_I, BLOCK_J // CELLS, CELLS])
@@ -670,8 +691,8 @@ def _xattn_rows_kernel(
 
 @triton.jit
 def _xattn_select_kernel(
-    SegLse, RowLse, Modes, Scores, Mask, Count, Index,
-    NC, NB, H, G, GROUP, threshold,
+    SegLse, RowLse, Modes, Lens, Scores, Mask, Count, Index,
+    NC, NB, H, G, GROUP, threshold, S,
     CELLS: tl.constexpr, NB_P2: tl.constexpr,
 ):
     # program -> one block row m of one (batch, query head)
@@ -686,7 +707,8 @@ def _xattn_select_kernel(
         row_out = (pid_bh.to(tl.int64) * NB + m) * NB
         # Phase 1: block scores. The mass of segment (r, n) is exp2(seg - row): sum the block's rows.
         score = tl.zeros([NB_P2], tl.float32)
-        for r in range(tl.minimum(CELLS, NC - m * CELLS)):  # the last block row may have fewer cells
+        NC_b = (tl.load(Lens + b) + S - 1) // S  # the row's own cells (none past its tokens: right padding)
+        for r in range(tl.minimum(CELLS, NC_b - m * CELLS)):  # the last block row may have fewer cells
             row = m * CELLS + r
             row_lse = tl.load(RowLse + pid_bh.to(tl.int64) * NC + row)
             seg = tl.load(SegLse + (pid_bh.to(tl.int64) * NC + row) * NB + offs_n, mask=causal, other=_NEG)
@@ -711,9 +733,9 @@ def _xattn_select_kernel(
         tl.store(Count + pid_bh.to(tl.int64) * NB + m, tl.sum(keep.to(tl.int32), 0))
 
 
-def _xattn(q, k, modes, stride, threshold, config):
+def _xattn(q, k, modes, stride, threshold, config, lengths=None):
     """The XA estimate for the heads whose mode is XA -> (scores, mask, count, index), [B, H, nb, ...].
-    Rows of other heads are left unwritten."""
+    Rows of other heads are left unwritten. lengths int32 [B]: the tokens of each row (None: all T)."""
     B, H, T, D = q.shape
     G = k.shape[1]
     S = stride
@@ -729,15 +751,16 @@ def _xattn(q, k, modes, stride, threshold, config):
     count = torch.empty(B, H, NB, device=dev, dtype=torch.int32)
     index = torch.empty(B, H, NB, NB, device=dev, dtype=torch.int32)
     qk_scale = math.log2(math.e) / (math.sqrt(D) * S)
+    lens = torch.full((B,), T, dtype=torch.int32, device=dev) if lengths is None else lengths
     _xattn_rows_kernel[(triton.cdiv(NC, block_i), B * H)](
-        q, k, modes, seg_lse, row_lse,
+        q, k, modes, lens, seg_lse, row_lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         T, NC, NB, H, G, H // G, qk_scale,
         S=S, CELLS=cells, D=D, BLOCK_I=block_i, BLOCK_J=block_j,
         num_warps=config["XA_WARPS"], num_stages=config["XA_STAGES"])
     _xattn_select_kernel[(NB, B * H)](
-        seg_lse, row_lse, modes, scores, mask, count, index,
-        NC, NB, H, G, H // G, float(torch.tensor(threshold, dtype=torch.float32)),  # fp32, as the reference
+        seg_lse, row_lse, modes, lens, scores, mask, count, index,
+        NC, NB, H, G, H // G, float(torch.tensor(threshold, dtype=torch.float32)), S,  # fp32, as the reference
         CELLS=cells, NB_P2=max(16, triton.next_power_of_2(NB)), num_warps=4)
     return scores, mask, count, index
 

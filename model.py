@@ -227,7 +227,7 @@ class Transformer(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, idx, pos=None, *, prompt_lens=None, tau=None, modes=None, caches=None, return_routing=False,
-                last_only=False):
+                last_only=False, lengths=None):
         """idx [B, T] token ids -> logits [B, T, V] (fp32 when the model is fp32).
 
         A prefill (pos None) reads positions 0..T-1. With routers, each layer routes its KV heads from the keys
@@ -237,15 +237,28 @@ class Transformer(nn.Module):
         prefill and used by decode steps: pos (int [B] on the device, or an int) is then the position of each
         row's one token. return_routing: also return an attention.Routing of what the heads ran (None when
         nothing was routed). last_only: logits of the last position only, [B, 1, V] (a long prefill need not
-        hold T x V logits)."""
+        hold T x V logits). lengths: a prefill of rows of several lengths (Python ints), right-padded to T: each row
+        runs as if alone (routers pool its tokens, unless prompt_lens says otherwise; caches hold them; last_only
+        gives its own last token's logits). Fixed modes are checked once here, not in every layer."""
         B, T = idx.shape
+        lens = None
+        if lengths is not None:
+            lengths = [int(n) for n in lengths]
+            if pos is not None or len(lengths) != B or not all(1 <= n <= T for n in lengths):
+                raise ValueError(f"lengths must give each of the B={B} rows of a prefill its tokens, in [1, T={T}]; "
+                                 f"got {lengths}")
+            lens = torch.tensor(lengths, dtype=torch.int32).to(idx.device, non_blocking=True)
+            prompt_lens = lens.long() if prompt_lens is None else prompt_lens
         if prompt_lens is not None:
             check_prompt_lens(prompt_lens, T)  # once here, not in every layer's router (a sync on the GPU)
         if isinstance(pos, int):
             pos = torch.full((B,), pos, dtype=torch.int32, device=idx.device)
         if pos is not None and (caches is None or T != 1):
             raise ValueError("a decode step (pos given) takes one token per row and the caches of a prefill")
-        run = attention.Run(self.elastic, self.routers, modes, tau, prompt_lens, caches, pos)
+        if modes is not None and pos is None:
+            has_scorers = self.routers is not None and getattr(self.routers[0], "scorer", None) is not None
+            attention.check_modes(modes, self.config.num_hidden_layers, self.config.num_key_value_heads, has_scorers)
+        run = attention.Run(self.elastic, self.routers, modes, tau, prompt_lens, caches, pos, lengths, lens)
         x = self.model.embed_tokens(idx)
         positions = torch.arange(T, device=idx.device)[None] if pos is None else pos[:, None]  # [1, T] or [B, 1]
         freqs = positions.float()[..., None] * self.inv_freq                                 # [B|1, T, D/2]
@@ -259,7 +272,7 @@ class Transformer(nn.Module):
                 x, r = block(x, cos, sin, run, i)
             routed.append(r)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if lens is None else x[torch.arange(B, device=x.device), lens.long() - 1][:, None]
         logits = F.linear(self.model.norm(x), self.output_weight())
         if not return_routing:
             return logits

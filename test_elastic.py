@@ -120,6 +120,41 @@ def test_batched_generation_equals_generating_alone(smollm2_dir, tiny_dir):
         assert stats[b]["kv_bytes"] == alone_stats[0]["kv_bytes"]
 
 
+def assert_batched_prefill_equals_alone(model, prompts, modes=None, new=5):
+    """generate.prefill of prompts of several lengths in one right-padded batch: each row's last logits, routing
+    and cache segments equal those of prefilling the prompt alone."""
+    from generate import batches, prefill
+    assert batches([len(p) for p in prompts]) == [(0, len(prompts))]  # one forward, padded
+    logits, caches, routings = prefill(model, prompts, new, modes)
+    for b, p in enumerate(prompts):
+        alone, caches1, routing1 = prefill(model, [p], new, modes)
+        scale = alone.abs().max()
+        assert (logits[b] - alone[0]).abs().max() < 1e-4 * scale, f"row {b} (prompt {len(p)})"
+        if routing1[0] is not None:
+            assert torch.equal(routings[b].modes, routing1[0].modes)
+        for c, c1 in zip(caches, caches1):
+            assert c.nbytes(b) == c1.nbytes(0)
+            segs = [(at, len(group) * (cap + extra)) for r, group, at, cap, extra in c.runs if r == b]
+            segs1 = [(at, len(group) * (cap + extra)) for _, group, at, cap, extra in c1.runs]
+            for (at, n), (at1, n1) in zip(segs, segs1):
+                assert n == n1
+                for x, x1 in ((c.k, c1.k), (c.v, c1.v), (c.u, c1.u), (c.bias, c1.bias)):
+                    torch.testing.assert_close(x[at:at + n], x1[at1:at1 + n1], rtol=1e-4, atol=1e-4)
+
+
+def test_batched_prefill_equals_prefilling_alone(tiny_dir):
+    """Prompts of several lengths prefill in one right-padded forward, each row as if alone: XA heads over several
+    128-blocks (the estimate of a block pools its queries: the padded ones must not count; rows 260 and 300 end
+    inside a block that the longest row fills), SSA rings that wrap; and routed by fresh routers."""
+    model = load(tiny_dir, ElasticConfig(sink=4, window=16))
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (T,)) for T in (390, 260, 300, 7)]
+    modes = torch.full_like(mixed_modes(model), XA)
+    modes[0, ::2] = mixed_modes(model)[0, ::2]
+    assert_batched_prefill_equals_alone(model, prompts, modes)
+    assert_batched_prefill_equals_alone(with_routers(model), prompts)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_equals_eager(tiny_weights_dir):
     """On the GPU a decode step is replayed from a CUDA graph, compiled or not: the same tokens as eager steps, several

@@ -250,6 +250,40 @@ def test_xa_selection_clear_margins():
     assert ref[0, 0].cpu().equal(expected), "the reference disagrees with the planted selection"
 
 
+def test_xa_right_padded_rows_equal_rows_alone():
+    """Rows of several lengths right-padded to T (lengths): XA's estimate of a block pools its queries, so a row's
+    padded queries must not count. Planted: keys of block j point along axis j; row 1 (300 tokens) has its own
+    queries of block 2 along axis 2 (that block row keeps blocks 0 and 2 alone), its padding along axis 1 (which,
+    counted, adds block 1). With lengths the selection and the outputs equal the row's alone; without, the selection
+    differs."""
+    T, n, D = 512, 300, 64
+    g = torch.Generator().manual_seed(0)
+    axis = torch.arange(T) // 128                                  # each position's block
+    k = torch.zeros(2, 1, T, D)
+    k[:, 0, torch.arange(T), axis] = 12.0
+    q = k.clone()[:, 0].repeat(2, 1, 1, 1).transpose(0, 1).contiguous()  # [2, 2, T, D]: each query along its block
+    q[1, :, n:] = 0.0
+    q[1, :, n:, 1] = 12.0                                          # row 1's padding points at block 1
+    q, k = ((x + 0.1 * torch.randn(x.shape, generator=g)).to(DEV, DTYPES[0]) for x in (q, k))
+    v = torch.randn(k.shape, generator=g).to(DEV, DTYPES[0])
+    modes = torch.full((2, 1), XA, dtype=torch.int32, device=DEV)
+    lens = torch.tensor([T, n], device=DEV)
+    cfg = kernel._default_config(q)
+    mask = lambda q_, k_, lens_=None: kernel._xattn(q_, k_, modes[:len(q_)], 16, 0.9, cfg, lens_)[1]  # noqa: E731
+    alone = mask(q[1:, :, :n], k[1:, :, :n])[0]                    # [H, 3, 3]
+    assert alone[:, 2].tolist() == [[True, False, True]] * 2        # the planted selection
+    assert mask(q, k, lens.int())[1, :, :3, :3].equal(alone)
+    assert not mask(q, k)[1, :, :3, :3].equal(alone)               # the padding, counted, changes it
+    o = elastic_attention(q, k, v, modes, lengths=lens)
+    o1 = elastic_attention(q[1:, :, :n], k[1:, :, :n], v[1:, :, :n], modes[1:])
+    err, max_abs = rel_err(o[1, :, :n], o1[0])
+    assert err <= SAME[DTYPES[0]], f"rel err {err:.2e}, max abs {max_abs:.2e}"
+    ref = reference_attention(q, k, v, modes, lengths=lens)
+    ref1 = reference_attention(q[1:, :, :n], k[1:, :, :n], v[1:, :, :n], modes[1:])
+    assert rel_err(ref[1, :, :n], ref1[0])[0] <= SAME[DTYPES[0]]
+    assert rel_err(o[:, :, :n], ref[:, :, :n])[0] < TOL[DTYPES[0]]
+
+
 # -----------------------------------------------------------------------------
 # schedule: work per program is the tiles it visits, heaviest first
 
