@@ -179,6 +179,22 @@ def test_generate_errors(tiny_dir):
         list(generate(model, [torch.zeros(8190, dtype=torch.long)], 5))
 
 
+def test_forward_checks_fixed_modes_and_lengths_once(tiny_dir):
+    """Fixed modes and right-padded lengths are checked at the forward's start (the kernels' own per-layer check is
+    off): a bad mode, SK without the routers' scorers, a mode table of another shape, lengths out of range."""
+    model = load(tiny_dir, ElasticConfig())
+    L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
+    idx = torch.randint(0, 1000, (2, 20))
+    for modes, message in ((torch.full((1, L, G), 7), r"FA=0, SSA=1, XA=2 or SK=3; got \[7\]"),
+                           (torch.full((1, L, G), SK), "SK heads, which need their layer's scorer"),
+                           (torch.zeros(1, L + 1, G, dtype=torch.int32), f"\\[B or 1, L={L}, G={G}\\]")):
+        with pytest.raises(ValueError, match=message):
+            model(idx, modes=modes)
+    for lengths in ([20], [0, 20], [20, 21]):
+        with pytest.raises(ValueError, match="lengths must give each of the B=2 rows"):
+            model(idx, lengths=lengths)
+
+
 def test_ssa_cache_is_constant(tiny_dir):
     model = load(tiny_dir, ElasticConfig(sink=8, window=32))
     L, G, D = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
