@@ -16,6 +16,7 @@ import functools
 import torch
 
 from attention import KVCache
+from kernel import KV_BLOCK
 
 
 def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -55,10 +56,14 @@ def prefill(model, prompts, max_new_tokens, modes=None):
     head is dense). -> (logits [B, V] at each prompt's last token, caches: one attention.KVCache per layer with
     the B rows, routings: one attention.Routing per prompt, or None)."""
     ec, L = model.elastic, model.config.num_hidden_layers
+    # an SK head keeps sk_k selected slots, but never more than the keys that can be candidates by the last step
+    # (those before the local span, past the sink): then every candidate is selected with p = 1 either way
+    last = max(len(p) for p in prompts) + max_new_tokens - 1
+    sk_k = min(ec.sk_k, max(1, (last // KV_BLOCK + 1) * KV_BLOCK - ec.window - ec.sink))
     logits, rows, routings = [], [], []
     for a, b in batches([len(p) for p in prompts]):
         ids = torch.nn.utils.rnn.pad_sequence(prompts[a:b], batch_first=True)  # [b - a, longest], zeros after each
-        caches = [KVCache(max_new_tokens, ec.sink, ec.window, ec.sk_k) for _ in range(L)]
+        caches = [KVCache(max_new_tokens, ec.sink, ec.window, sk_k) for _ in range(L)]
         m = None if modes is None else modes[a:b] if modes.shape[0] > 1 else modes
         out, routing = model(ids, modes=m, caches=caches, return_routing=True, last_only=True,
                              lengths=[len(p) for p in prompts[a:b]])

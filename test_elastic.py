@@ -389,6 +389,24 @@ def test_sk_decode_equals_recompute(tiny_dir):
     assert sum(c.nbytes() for c in caches) == sum(per_row)
 
 
+def test_sk_short_prompt_keeps_no_more_than_its_candidates(tiny_dir):
+    """A prompt too short for any key to become an SK candidate before the last step: its SK heads hold one
+    selected slot, not sk_k (the cache no larger than dense), and it generates what a cache of sk_k slots would."""
+    model = sk_model(tiny_dir, sk_k=64)
+    L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
+    modes = torch.full((1, L, G), SK, dtype=torch.int32)
+    prompt = torch.randint(0, 1000, (40,))
+    stats = []
+    short = list(generate(model, [prompt], 20, modes=modes, stats=stats))
+    assert stats[0]["kv_bytes"] <= stats[0]["kv_bytes_dense"] + 2 * L * G * model.config.head_dim * 4
+    caches = [KVCache(20, 4, 128, 64) for _ in range(L)]  # the full sk_k slots
+    logits = model(prompt[None], modes=modes, caches=caches, last_only=True)[:, -1]
+    tokens, pos = [logits.argmax(-1)], torch.tensor([40], dtype=torch.int32)
+    for i in range(19):
+        tokens.append(model(tokens[-1][:, None], pos + i, caches=caches)[:, -1].argmax(-1))
+    assert [t for (t,) in short] == [int(t) for t in tokens]
+
+
 def test_sk_training_mix_trains_the_scorer(tiny_dir):
     """FA-SK training: the Gumbel mix with SK as the sparse branch equals the routed forward, and the routers and
     the scorers get gradients (the scorer's through log p)."""
