@@ -24,7 +24,7 @@ def smol(smollm2_dir):
 
 def test_the_shipped_sets(smol):
     model, _ = smol
-    assert {"fa-ssa", "fa-xa", "xa-ssa"} <= set(SHIPPED)
+    assert {"fa-ssa", "fa-xa", "xa-ssa", "fa-sk"} <= set(SHIPPED)
     for name in SHIPPED:
         routers = Routers.load(routers_dir(name), model.config)  # by name, as sample.py and eval.py take it
         assert routers.elastic.mode_pair in MODE_PAIRS and len(routers) == model.config.num_hidden_layers
