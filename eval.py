@@ -7,7 +7,8 @@ class on task kinds the routers never saw (Elastic Attention, arXiv 2601.17367; 
     python eval.py --routers fa-ssa fa-xa xa-ssa --lengths 1024 2048 4096   # several routers dirs or names
     python eval.py --routers out-routers --limit 2 --lengths 512 1024       # a quick run, also on the CPU
     python eval.py --routers fa-ssa --probe                                 # + the linear probe's ceiling
-    python eval.py --routers fa-ssa fa-xa xa-ssa --out eval_results.md      # regenerate the committed results
+    python eval.py --routers fa-ssa fa-xa xa-ssa fa-sk --lengths 1024 2048 4096 --probe --out eval_results.md
+                                                                            # regenerate the committed results
 
 Tasks (data.SyntheticMix, built from Python's own docs, docstrings and source):
   seen:     passkey, multi_key, multi_value (sensitive) and continuation (robust), kinds the routers trained on,
