@@ -1,8 +1,9 @@
 """
 Generation for one prompt or many: the prompts are prefilled in batches, right-padded, each row as if alone (and,
 with routers, routed from its own keys), then all decode together, one token per row per step, through the KV
-cache and the decode kernel of attention.py and decode_kernel.py. On the GPU a decode step has static shapes and no host sync, so it is captured once as a
-CUDA graph and replayed (gpt-fast's way to a decode at the speed of memory).
+cache and the decode kernel of attention.py and decode_kernel.py. On the GPU a decode step has static shapes and
+no host sync, so it is captured once as a CUDA graph and replayed (gpt-fast's way to a decode at the speed of
+memory).
 
     from generate import generate
     for tokens in generate(model, [ids_a, ids_b], max_new_tokens=100, eos_token_id=tokenizer.eos_token_id):
