@@ -584,7 +584,7 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
         if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,) or lengths.is_floating_point():
             raise ValueError(f"lengths must be an integer tensor [B={B}] (the tokens of each row), got "
                              f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths)}")
-        lengths = lengths.to(device=q.device, dtype=torch.int32)
+        lengths = lengths.to(device=q.device, dtype=torch.int32).clamp(0, T)  # no read past T (and no sync)
     if check_modes:  # a kernel reads a bad mode as FA (SK without a selection: sink + local span); the
         # wrapper raises once its launches are queued
         bad_modes = ((modes < FA) | (modes > (XA if sk_selection is None else SK))).any()
