@@ -248,9 +248,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"lengths must give each of the B={B} rows of a prefill its tokens, in [1, T={T}]; "
                                  f"got {lengths}")
             lens = torch.tensor(lengths, dtype=torch.int32).to(idx.device, non_blocking=True)
-            prompt_lens = lens.long() if prompt_lens is None else prompt_lens
         if prompt_lens is not None:
             check_prompt_lens(prompt_lens, T)  # once here, not in every layer's router (a sync on the GPU)
+        elif lens is not None:
+            prompt_lens = lens.long()  # checked above, on the host: no sync
         if isinstance(pos, int):
             pos = torch.full((B,), pos, dtype=torch.int32, device=idx.device)
         if pos is not None and (caches is None or T != 1):
