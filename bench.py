@@ -634,6 +634,7 @@ for T in args.seq_lens:
 
     # SK-only at SSA's KV budget per query: sink + window + k = sink + SSA window
     u = torch.randn(B, G, T, device=dev)
+    u_rising = u + 8 * torch.arange(T, device=dev) / T
     all_sk = torch.full((B, G), SK, device=dev, dtype=torch.int32)
     for sk_k in args.sk_ks:
         win = args.window - sk_k
@@ -641,6 +642,8 @@ for T in args.seq_lens:
         pairs = H * sk_pairs(T, win, sk_k)
         sel_kw = dict(k=sk_k, sink=args.sink, window=win)
         record(T, case, "sk_select alone", lambda: kernel.sk_select(u, **sel_kw), 0)
+        record(T, case, "sk_select alone, scores rising with position", lambda: kernel.sk_select(u_rising, **sel_kw),
+               0, "u + 8 j / T: later keys rank first, so each block walks past keys it cannot see yet")
         record(T, case, "elastic_attention (selection + attention)", lambda: kernel.elastic_attention(
             q, k, v, all_sk, sink=args.sink, window=win, sk_scores=u, sk_k=sk_k, _config=CONFIG), pairs)
         try:  # out of memory: a line of the log, not a crash (as in record)
@@ -658,7 +661,7 @@ for T in args.seq_lens:
         elif flex:
             rows.append((T, case, "FlexAttention SK (sk_flex_attention)", float("nan"), float("nan"),
                          f"skipped: T > {args.flex_sk_max_len}, about dense cost (random scores)"))
-    del u
+    del u, u_rising
     torch.cuda.empty_cache()
 
     # XA: the estimate alone, XA-only on random and on structured inputs

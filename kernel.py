@@ -12,7 +12,8 @@ Each KV head of each batch element has a mode (FA = 0, SSA = 1, XA = 2, SK = 3),
        highest-scoring blocks until their mass reaches `xa_threshold` of the row.
 - SK:  (SparseK, arXiv 2406.16747; see sk_pool) query i in 128-query block m sees the sink, its local span
        c_m <= j <= i with c_m = 128 (m + 1) - window, and the sk_k best-scoring earlier keys by a per-key
-       score, whose logits get + log p (p from SPARSEK). The selection runs first, in PyTorch (sk_select).
+       score, whose logits get + log p (p from SPARSEK). The selection runs first (sk_select: a sort, two small
+       Triton kernels).
 
 Read top to bottom, in the order of the Triton tutorial (06-fused-attention): 1. the reference (the
 definition), 2. the attention kernel and its wrapper, 3. where XA's block list comes from (the estimate),
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sparsek import sparsek, threshold_sorted
+from sparsek import sparsek
 
 FA, SSA, XA, SK = 0, 1, 2, 3
 KV_BLOCK = 128  # the method's block: XA selects 128 x 128 blocks
@@ -151,12 +152,10 @@ def sk_pool(u, blocks, *, k, sink, window):
     return torch.where(valid, order, -1), u_pool, n
 
 
-def sk_logp(u_pool, n, k, return_tau=False, presorted=False):
+def sk_logp(u_pool, n, k, return_tau=False):
     """log p of the pool's best min(k, n) keys -> logp [..., P] (-inf for keys not selected) from u_pool
     [..., P] (best first) and n [...] candidates (broadcast). With return_tau also tau [...] with
-    p = clip(u - tau, 0, 1), differentiable in u_pool (the analytic form of SPARSEK's backward).
-    presorted: the pools' scores come in descending order (sk_pools'): the threshold without a sort
-    (sparsek.threshold_sorted; p equal up to rounding, no gradient)."""
+    p = clip(u - tau, 0, 1), differentiable in u_pool (the analytic form of SPARSEK's backward)."""
     P = u_pool.shape[-1]
     n = torch.as_tensor(n, device=u_pool.device).expand(u_pool.shape[:-1])
     rank = torch.arange(P, device=u_pool.device)
@@ -166,11 +165,7 @@ def sk_logp(u_pool, n, k, return_tau=False, presorted=False):
     low = torch.where(valid, u_pool.detach(), float("inf")).amin(-1, keepdim=True) - 2
     x = torch.where(valid, u_pool, torch.where(torch.isfinite(low), low, 0.0))
     budget = n.clamp(min=1, max=k).to(x.dtype)
-    if presorted:  # at most k candidates: every one is selected with p = 1
-        tau = threshold_sorted(x.detach().flatten(0, -2), budget.flatten()).view(budget.shape)
-        p = torch.where((n > k)[..., None], (x - tau[..., None]).clamp(0, 1), 1.0)
-    else:
-        p = sparsek(x, budget, check=False)
+    p = sparsek(x, budget, check=False)
     logp = torch.where(valid & (rank < k), p.clamp(min=SK_P_FLOOR).log(), float("-inf"))
     if not return_tau:
         return logp
@@ -188,7 +183,8 @@ def sk_logp(u_pool, n, k, return_tau=False, presorted=False):
 
 def sk_pools(u, *, k, sink, window):
     """sk_pool of every block (the same pos, u_pool, n as sk_pool(u, arange(nb))), without anything nb x T in
-    size: O(nb k + T) memory, at most ~16 sorts.
+    size: O(nb k + T) memory, at most ~16 sorts. In PyTorch, for training: u_pool carries u's gradient (the
+    fused kernel's selection, sk_select, has none).
 
     C_m only grows with m, so the pool of block m is the best P of (the pool of block m - 1) + its 128 new keys.
     Blocks are taken in chunks of L: the pool carried from before the chunk and the chunk's new keys are sorted
@@ -226,18 +222,105 @@ def sk_pools(u, *, k, sink, window):
     return pos, u_pool, n
 
 
+# SK's selection for the fused kernel, in Triton. Sort each (batch, KV head)'s keys once, best first (u
+# descending, ties: the earlier key, as sk_pool ranks them). Key j is a candidate of block m iff sink <= j < c_m,
+# i.e. from block e_j = (j + window) // 128 on. So block m's pool is the first P entries of the sorted list with
+# e_j <= m, in order: one program per block walks the list a tile at a time, keeps the entries with e_j <= m and
+# writes them at their running rank (a cumsum), until P are found; a tile without any (its smallest e above m) is
+# skipped by reading one number. A second program per block solves SPARSEK's threshold over its pool (bisection,
+# then the exact solve on the segment it lands in) and writes log p of the selected (the first min(k, n)).
+# Work: the sort, plus each block's walk until its P-th candidate: with scores unrelated to position block m
+# reads about P * nb / (m + 1) entries (O(P nb log nb) in all); when later keys score higher the walk skips
+# the tiles of the keys past c_m one number each.
+
+_SK_TILE = 1024  # sorted entries a walking program reads at a time
+
+
+@triton.jit
+def _sk_pool_kernel(Usort, Jsort, Esort, TileMin, Idx, Pool, T, sink, window, K, P, NT, TILE: tl.constexpr):
+    m = tl.program_id(0)
+    bg = tl.program_id(1).to(tl.int64)
+    out = bg * tl.num_programs(0) + m                                   # row of (b, g, m) in Idx and Pool
+    need = tl.minimum(tl.maximum(tl.minimum((m + 1) * _KV_BLOCK - window, T) - sink, 0), P)
+    row = bg * NT * TILE
+    found = 0
+    t = 0
+    while found < need:
+        if tl.load(TileMin + bg * NT + t) <= m:                         # a candidate of block m in this tile
+            offs = row + t * TILE + tl.arange(0, TILE)
+            ok = tl.load(Esort + offs) <= m
+            rank = found + tl.cumsum(ok.to(tl.int32), 0) - 1
+            tl.store(Pool + out * P + rank, tl.load(Usort + offs), mask=ok & (rank < P))
+            tl.store(Idx + out * K + rank, tl.load(Jsort + offs), mask=ok & (rank < K))
+            found += tl.sum(ok.to(tl.int32), 0)
+        t += 1
+
+
+@triton.jit
+def _sk_logp_kernel(Idx, Logp, Pool, T, sink, window, k, K, P, PP: tl.constexpr, KK: tl.constexpr,
+                    STEPS: tl.constexpr, ITERS: tl.constexpr, FLOOR: tl.constexpr):
+    m = tl.program_id(0)
+    out = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + m
+    n = tl.maximum(tl.minimum((m + 1) * _KV_BLOCK - window, T) - sink, 0)  # candidates of block m
+    offs = tl.arange(0, PP)
+    x = tl.load(Pool + out * P + offs, mask=offs < tl.minimum(n, P), other=float("-inf"))
+    # SPARSEK over the pool with budget k (n > k; else every candidate gets p = 1): tau lies in
+    # [x_k - 1, x_k) with x_k the k-th best, where sum clip(x - tau, 0, 1) falls through k
+    x_k = tl.max(tl.where(offs == k - 1, x, float("-inf")), 0)
+    x_k = tl.where(n > k, x_k, 0.0)  # (n <= k: the threshold is not used; a finite one keeps NaN out)
+    lo, hi = x_k - 1.0, x_k
+    for _ in range(ITERS):  # f at STEPS points splitting [lo, hi) into STEPS + 1; f does not grow with t,
+        # so the c points with f >= k come first and the crossing lies between points c and c + 1
+        t = lo + (hi - lo) * (tl.arange(0, STEPS) + 1).to(tl.float32) / (STEPS + 1)
+        f = tl.sum(tl.minimum(tl.maximum(x[None, :] - t[:, None], 0.0), 1.0), 1)          # [STEPS]
+        c = tl.sum((f >= k).to(tl.float32), 0)
+        lo, hi = lo + (hi - lo) * c / (STEPS + 1), lo + (hi - lo) * (c + 1) / (STEPS + 1)
+    # on the segment around mid each entry is 0, fractional or 1: sum_S (x - tau) + #ones = k, solved exactly
+    mid = (lo + hi) * 0.5
+    d = x - mid
+    frac = (d > 0) & (d < 1)
+    ones = tl.sum((d >= 1).to(tl.float32), 0)
+    tau = mid + (tl.sum(tl.where(frac, d, 0.0), 0) + ones - k) / tl.maximum(tl.sum(frac.to(tl.float32), 0), 1.0)
+    sel = tl.arange(0, KK)
+    n_sel = tl.minimum(n, k)
+    xs = tl.load(Pool + out * P + sel, mask=sel < n_sel, other=0.0)
+    p = tl.where(n > k, tl.minimum(tl.maximum(xs - tau, FLOOR), 1.0), 1.0)
+    tl.store(Logp + out * K + sel, tl.where(sel < n_sel, tl.log(p), float("-inf")), mask=sel < K)
+    tl.store(Idx + out * K + sel, tl.full([KK], -1, tl.int32), mask=(sel >= n_sel) & (sel < K))
+
+
 def sk_select(u, *, k, sink, window):
     """SK's selection for every 128-query block, for the fused kernel: scores u [B, G, T] -> (idx int32 [B, G, nb, K]
     the selected keys, best first, -1 for none; logp fp32 [B, G, nb, K] their log p, -inf for none), K = min(k, T).
-    The reference's selection (sk_pool + sk_logp) exactly, and its log p up to rounding (sparsek.threshold_sorted
-    instead of a sort), through sk_pools: memory O(nb k + T)."""
+    The reference's selection (sk_pool + sk_logp) exactly, and its log p up to rounding (a bisection instead of a
+    sort), in two Triton kernels after one sort per (batch, KV head). Memory O(nb k + T)."""
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"sk_k={k!r} but SK selects at least one key per query block; pass sk_k >= 1")
+    B, G, T = u.shape
+    _check_sk_scores(u, T)
+    nb, P, K = triton.cdiv(T, KV_BLOCK), min(2 * k, T), min(k, T)
+    NT = triton.cdiv(T, _SK_TILE)
+    sink, window = min(sink, T), min(window, T + KV_BLOCK)  # beyond, nothing changes; keeps them in int32
     with torch.no_grad():
-        pos, u_pool, n = sk_pools(u, k=k, sink=sink, window=window)
-        K = min(k, u_pool.shape[-1])
-        logp = sk_logp(u_pool, n, k, presorted=True)[..., :K]
-    return pos[..., :K].to(torch.int32).contiguous(), logp.contiguous()
+        usort, jsort = u.detach().float().sort(dim=-1, descending=True, stable=True)   # ties: the earlier key first
+        esort = torch.where(jsort >= sink, (jsort + window) // KV_BLOCK, nb)          # first block that admits it
+        pad = (0, NT * _SK_TILE - T)
+        usort, jsort = F.pad(usort, pad), F.pad(jsort.to(torch.int32), pad)
+        esort = F.pad(esort.to(torch.int32), pad, value=nb)                           # padding: never a candidate
+        tile_min = esort.view(B, G, NT, _SK_TILE).amin(-1).contiguous()
+        idx = torch.empty(B, G, nb, K, dtype=torch.int32, device=u.device)
+        logp = torch.empty(B, G, nb, K, dtype=torch.float32, device=u.device)
+        pool = torch.empty(B, G, nb, P, dtype=torch.float32, device=u.device)
+        _sk_pool_kernel[(nb, B * G)](usort, jsort, esort, tile_min, idx, pool, T, sink, window, K, P, NT,
+                                     TILE=_SK_TILE, num_warps=4)
+        # the threshold's bracket shrinks to 2^-24 of its width, STEPS + 1 times an iteration ([STEPS, P] values;
+        # Triton's interpreter pays per operation whatever its size: few iterations of many points there)
+        PP = triton.next_power_of_2(P)
+        steps = 256 if not u.is_cuda else max(2, min(16, 8192 // PP))
+        _sk_logp_kernel[(nb, B * G)](idx, logp, pool, T, sink, window, k, K, P, PP=PP, KK=triton.next_power_of_2(K),
+                                     STEPS=steps, ITERS=math.ceil(24 / math.log2(steps + 1)), FLOOR=SK_P_FLOOR,
+                                     num_warps=4)
+    return idx, logp
 
 
 def sk_bias_reference(u, T, *, k, sink, window):
@@ -362,10 +445,11 @@ def _key_ranges(mode, start_m, T, sink, window, sk_k, BLOCK_M: tl.constexpr, BLO
 
 @triton.jit
 def _attn_tile(acc, l_i, m_i, q, k_base, v_base, cols, offs_m, offs_d,
-               T, sink, local_lo, bias, qk_scale, stride_kt, stride_vt, MASKED: tl.constexpr):
+               T, sink, local_lo, bias, qk_scale, stride_kt, stride_vt, MASKED: tl.constexpr, BIASED: tl.constexpr):
     """One tile of BLOCK_N keys (positions cols: consecutive, or SK's selected keys, T for none): scores,
     online-softmax update, acc += p @ v. Masked: query i keeps key j <= i, j < T, if j < sink or
-    j >= local_lo[i], with the logit + bias (log2 units: SK's log p; 0 elsewhere)."""
+    j >= local_lo[i], with the logit + bias (log2 units: SK's log p; 0 elsewhere). Unmasked: every query keeps
+    every key, with + bias if BIASED (SK's selected keys that lie before all the tile's queries)."""
     if MASKED:
         k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
     else:
@@ -375,6 +459,10 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, cols, offs_m, offs_d,
         keep = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T)
         keep = keep & ((cols[None, :] < sink) | (cols[None, :] >= local_lo[:, None]))
         qk = tl.where(keep, qk * qk_scale + bias, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_ij[:, None]
+    elif BIASED:
+        qk = qk * qk_scale + bias
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         qk = qk - m_ij[:, None]
     else:
@@ -437,12 +525,12 @@ def _elastic_attn_fwd(
                            tl.where(t < n_sink + n_edge, edge_lo + (t - n_sink) * BLOCK_N,
                                     diag_lo + (t - n_sink - n_edge) * BLOCK_N))
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
-                                   T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=True)
+                                   T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=True, BIASED=False)
     # 2. unmasked tiles every query of the tile sees whole (FA: all earlier keys, SSA: inside the window,
     # SK: inside the local span)
     for start_n in range(full_lo, diag_lo, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
-                                   T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False)
+                                   T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=False)
     # 2. (XA) the selected blocks before the diagonal, from the compact ascending list (its last entry
     # is the diagonal block, done above), no mask
     xa_row = bh.to(tl.int64) * NB + start_m // _KV_BLOCK
@@ -452,17 +540,25 @@ def _elastic_attn_fwd(
         for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
             start_n = blk * _KV_BLOCK + sub * BLOCK_N
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
-                                       T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False)
+                                       T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=False)
     # 3. (SK) the selected keys of the tile's 128-query block, BLOCK_N at a time: gathered K/V rows, the logits
-    # + log p, masked causally (a candidate can lie past a query when window < 128), no local-span bound
+    # + log p. A selected key lies before the local span, j < c_m = 128 (m + 1) - window: with window >= 128 before
+    # every query of the block, so whole tiles need no mask; the last, partial one (and all, for window < 128:
+    # a candidate can lie past a query) are masked causally, with no local-span bound
     sk_row = ((b * G + g).to(tl.int64) * NB + start_m // _KV_BLOCK) * sk_k
-    for t0 in range(0, n_sel, BLOCK_N):
+    n_whole = tl.where(window >= _KV_BLOCK, n_sel // BLOCK_N * BLOCK_N, 0)
+    for t0 in range(0, n_whole, BLOCK_N):
+        cols = tl.load(SkIdx + sk_row + t0 + offs_n)
+        logp = tl.load(SkLogp + sk_row + t0 + offs_n)
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, cols, offs_m, offs_d, T, sink, local_lo,
+                                   logp[None, :] * _LOG2E, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=True)
+    for t0 in range(n_whole, n_sel, BLOCK_N):
         ok = t0 + offs_n < n_sel
         cols = tl.load(SkIdx + sk_row + t0 + offs_n, mask=ok, other=-1)
         logp = tl.load(SkLogp + sk_row + t0 + offs_n, mask=ok, other=0.0)
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, tl.where(cols >= 0, cols, T), offs_m, offs_d,
                                    T, sink, tl.zeros([BLOCK_M], tl.int32), logp[None, :] * _LOG2E, qk_scale,
-                                   stride_kt, stride_vt, MASKED=True)
+                                   stride_kt, stride_vt, MASKED=True, BIASED=True)
 
     # every query sees at least itself (SK: with window >= 128), so l_i > 0
     o = acc / l_i[:, None]

@@ -59,32 +59,6 @@ def _threshold(u, k):
     return (mid + ((d * frac).sum(-1, keepdim=True) + ones - k[:, None]) / m).squeeze(-1)
 
 
-def threshold_sorted(x, k):
-    """tau [R] for rows x [R, n] sorted in descending order and budgets 1 <= k [R] < n (float32), without a sort
-    (inference: no gradient). Used by SK's selection (kernel.sk_select), whose pools come sorted.
-
-    f(t) = sum_i clip(x_i - t, 0, 1) at a breakpoint t is #{x_i >= t + 1} + (the sum of the x_i in (t, t + 1))
-    - t * (their number): two binary searches into the sorted row and two prefix sums (float64), for all 2n
-    breakpoints at once. f is non-increasing, so the segment where it crosses k is [the largest breakpoint with
-    f >= k, the smallest with f < k]; the same exact solve as _threshold's finishes on it. O(n log n) per row
-    like the sort, but a few passes over [R, 2n] instead of a sort of it."""
-    n = x.shape[-1]
-    up = x.flip(-1).contiguous()                                              # ascending, for searchsorted
-    csum = F.pad(x.double().cumsum(-1), (1, 0))                               # csum[j]: the j largest, summed
-    t = torch.cat([x, x - 1], -1)                                             # [R, 2n] the breakpoints
-    above = n - torch.searchsorted(up, t, right=True)                         # #{x_i > t}
-    ones = n - torch.searchsorted(up, t + 1, right=False)                     # #{x_i >= t + 1}
-    f = ones + csum.gather(-1, above) - csum.gather(-1, ones) - t.double() * (above - ones)
-    kk = k[:, None]
-    lo = torch.where(f >= kk, t, float("-inf")).amax(-1, keepdim=True)       # f(lo) >= k > f(hi), lo < hi
-    hi = torch.where(f < kk, t, float("inf")).amin(-1, keepdim=True)
-    mid = (lo + hi) / 2
-    d = x - mid
-    frac = (d > 0) & (d < 1)
-    m = frac.sum(-1, keepdim=True).clamp(min=1)
-    return (mid + ((d * frac).sum(-1, keepdim=True) + (d >= 1).sum(-1, keepdim=True) - kk) / m).squeeze(-1)
-
-
 class _SparseK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, k):                     # u [..., n] float32/64, k [...] same dtype

@@ -110,29 +110,42 @@ def test_strided_views():
 # -----------------------------------------------------------------------------
 # SK heads: the selection (sk_select) equals the reference's pools, the kernel equals the reference
 
-@pytest.mark.parametrize("T,sk_k,sink,window", [(1000, 16, 5, 256), (777, 300, 0, 200), (300, 400, 4, 128),
-                                                (10007, 64, 128, 1024), (9000, 700, 3, 300), (129, 8, 0, 1),
-                                                (5, 2, 0, 128)])
-def test_sk_select_matches_reference_pools(T, sk_k, sink, window):
-    # odd lengths, k beyond the candidates (p = 1) and beyond T, sink 0, windows off the 128 grid, several chunks of
-    # blocks (T > 32 x 128); scores with many ties, and -0.0 beside 0.0 (equal: the earlier key wins)
-    (u,), seed = rand((2, 3, T), dtype=torch.float32)
+@pytest.mark.parametrize("T,sk_k,sink,window,rising", [(1000, 16, 5, 256, False), (777, 300, 0, 200, False),
+                                                       (300, 400, 4, 128, False), (2900, 64, 128, 1024, False),
+                                                       (2500, 700, 3, 300, False), (3000, 50, 10, 256, True),
+                                                       (129, 8, 0, 1, False), (5, 2, 0, 128, False)])
+def test_sk_select_matches_reference_pools(T, sk_k, sink, window, rising):
+    # odd lengths, k beyond the candidates (p = 1) and beyond T, sink 0, windows off the 128 grid, several tiles of
+    # the sorted list (T > 1024); scores with many ties, and -0.0 beside 0.0 (equal: the earlier key wins); rising:
+    # later keys score higher, so the blocks skip whole tiles of keys they cannot see yet
+    (u,), seed = rand((1, 2, T), dtype=torch.float32)
     u = (u * 2).round() / 2
     u[0, 0, :T // 2:2] = -0.0
+    if rising:
+        u = u + torch.arange(T, device=DEV) / 64
     nb = math.ceil(T / 128)
     pos, u_pool, n = kernel.sk_pool(u, torch.arange(nb, device=DEV), k=sk_k, sink=sink, window=window)
     logp = kernel.sk_logp(u_pool, n, sk_k)
     idx, sel_logp = kernel.sk_select(u, k=sk_k, sink=sink, window=window)
     K = min(sk_k, T)
-    assert idx.shape == sel_logp.shape == (2, 3, nb, K) and idx.dtype == torch.int32
+    assert idx.shape == sel_logp.shape == (1, 2, nb, K) and idx.dtype == torch.int32
     assert torch.equal(idx.long(), pos[..., :K]), f"selections differ (seed {seed})"
     assert torch.equal(sel_logp.isinf(), logp[..., :K].isinf()), f"selections differ (seed {seed})"
     fin = sel_logp.isfinite()
     torch.testing.assert_close(sel_logp[fin].exp(), logp[..., :K][fin].exp(), rtol=0, atol=1e-5,
                                msg=f"p differs (seed {seed})")
+
+
+@pytest.mark.parametrize("T,sk_k,sink,window", [(10007, 64, 128, 1024), (9000, 700, 3, 300), (129, 8, 0, 1)])
+def test_sk_pools_match_reference_pools(T, sk_k, sink, window):
+    # the training path's pools (PyTorch, chunks of 32 blocks and more) equal the reference's, with ties
+    (u,), seed = rand((2, 3, T), dtype=torch.float32)
+    u = (u * 2).round() / 2
+    u[0, 0, :T // 2:2] = -0.0
+    pos, u_pool, n = kernel.sk_pool(u, torch.arange(math.ceil(T / 128), device=DEV), k=sk_k, sink=sink, window=window)
     pos2, u_pool2, n2 = kernel.sk_pools(u, k=sk_k, sink=sink, window=window)
-    assert torch.equal(pos2, pos) and torch.equal(n2, n)
-    assert torch.equal(u_pool2[pos >= 0], u_pool[pos >= 0])
+    assert torch.equal(pos2, pos) and torch.equal(n2, n), f"seed {seed}"
+    assert torch.equal(u_pool2[pos >= 0], u_pool[pos >= 0]), f"seed {seed}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES if CUDA else [torch.float32, torch.float16])
@@ -141,10 +154,11 @@ def test_sk_alone(dtype):
     assert_matches_reference(1, 2, 1, 389, 32, [[SK]], dtype, sink=5, window=128, sk_k=40)
 
 
-@pytest.mark.parametrize("T,sink,window,sk_k", [(333, 7, 200, 30), (300, 0, 128, 500)])
+@pytest.mark.parametrize("T,sink,window,sk_k", [(333, 7, 200, 30), (300, 0, 128, 500), (333, 3, 100, 80)])
 def test_sk_mixed_with_every_mode_gqa(T, sink, window, sk_k):
     # SK beside FA, SSA and XA in one launch, GQA 2:1, odd T; a window off the 128 grid (the local span starts
-    # mid-tile), and sk_k above every block's candidates with sink 0
+    # mid-tile), sk_k above every block's candidates with sink 0 (whole tiles of selected keys, unmasked), and a
+    # window under 128 (selected keys can lie past a query: every tile masked)
     assert_matches_reference(2, 6, 3, T, 32, [[FA, SK, SSA], [SK, XA, SK]], DTYPES[0], sink=sink, window=window,
                              sk_k=sk_k, xa_threshold=0.8)
 
@@ -426,7 +440,7 @@ def test_gpu_sk_large(T, sk_k):
 @gpu_only
 @pytest.mark.parametrize("T,sk_k", [(20000 + 3, 1024), (9000, 128)])
 def test_gpu_sk_select_large(T, sk_k):
-    # the selection on the GPU (torch.topk on CUDA) against the reference's sort, several chunks of blocks
+    # the selection's kernels on the GPU against the reference's sort, many tiles of the sorted list
     (u,), seed = rand((1, 8, T), dtype=torch.float32)
     u = (u * 8).round() / 8
     nb = math.ceil(T / 128)
