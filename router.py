@@ -14,6 +14,7 @@ This file holds, in the order a reader needs them:
     AttentionRouter       Task MLP -> Router MLP, one per layer, shared by its KV heads [B, T, G, D] -> [B, G, 2]
     Routers               the routers of all layers, saved and loaded with the ElasticConfig they route for
     calibrate_routers     the routers' input standardisation from the dense model (ours)
+    warm_start_routers    routers first taught the task class of their input (ours)
     route                 Gumbel-softmax straight-through (training) or argmax (inference) [B, G, 2] -> z
     tau_schedule          the Gumbel temperature over training
     sparsity_ratio        Omega per sample from every layer's z
@@ -333,6 +334,32 @@ def calibrate_routers(model, batches, reduce=None) -> int:
     for router, (s, sq) in zip(model.routers, stats):  # fp64: the variance is a difference of two large sums
         router.set_input_stats(s, sq, count.item())
     return int(count.item())
+
+
+def warm_start_routers(routers, keys, task_class, steps=200, lr=1e-3, margin_penalty=1e-2) -> float:
+    """Ours: before the Lagrangian training, teach every router the task class of its input. keys [L, N, G, D]: the
+    dense model's pooled pre-RoPE keys of N labelled prompts (dense_pooled_keys), task_class [N] (0 sensitive, 1
+    robust). Each KV head of a sensitive prompt is pushed to retrieval (class 0), of a robust prompt to sparse
+    (class 1): cross-entropy of the router logits, plus margin_penalty x the mean squared logit so that the logits
+    stay small enough for the Gumbel noise and the training that follows to move them. Full-batch Adam for `steps`.
+    The training then sets how sparse each class runs (the targets) and which heads stay full (the task loss); it
+    starts from routers that already read the task. Returns the final share of heads routed to their class."""
+    L, N, G, _ = keys.shape
+    target = task_class.long().view(1, N, 1).expand(L, N, G).reshape(-1)
+
+    def logits():  # [L * N * G, 2], what each router's forward gives after pooling
+        return torch.stack([r.router_mlp(r.task_mlp((x - r.in_mean) / r.in_std)).float()
+                            for r, x in zip(routers, keys)]).reshape(-1, 2)
+    opt = torch.optim.Adam(routers.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            out = logits()
+            loss = F.cross_entropy(out, target) + margin_penalty * out.square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (logits().argmax(-1) == target).float().mean().item()
 
 
 def route(logits: torch.Tensor, tau: float | None = None, hard: bool = True,

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from router import (FA, SK, SSA, XA, AttentionRouter, ElasticConfig, SparsityConstraint, boundary_pool, route,
-                    sparsity_ratio, tau_schedule)
+from router import (FA, SK, SSA, XA, AttentionRouter, ElasticConfig, Routers, SparsityConstraint, boundary_pool,
+                    route, sparsity_ratio, tau_schedule, warm_start_routers)
 
 
 def mlp_params(d, mult=4):
@@ -225,6 +225,35 @@ def test_router_step_lowers_the_violation(task_class, start_bias, target):
 
 
 # --- config and errors ----------------------------------------------------
+
+
+def test_warm_start_teaches_the_task_class():
+    # pooled keys whose task class shows along one direction of each layer (under a large common part, as in
+    # SmolLM2): after the warm start the routers route sensitive prompts' heads full and robust ones' sparse, on
+    # prompts they did not fit, and their logits stay small (the margin penalty)
+    torch.manual_seed(0)
+    L, N, G, D = 3, 64, 2, 16
+    routers = Routers(L, D)
+    direction = torch.randn(L, 1, 1, D)
+
+    def prompts(n):
+        y = torch.randint(0, 2, (n,))
+        return 15 + torch.randn(L, n, G, D) + 1.5 * (2 * y.view(1, n, 1, 1) - 1) * direction, y
+    keys, y = prompts(N)
+    for r, x in zip(routers, keys):  # the input standardisation, as calibrate_routers sets it
+        r.set_input_stats(x.double().flatten(0, 1).sum(0), x.double().flatten(0, 1).square().sum(0), N * G)
+    test_keys, test_y = prompts(256)
+
+    def accuracy():
+        with torch.no_grad():
+            z = torch.stack([r(x[:, None]).argmax(-1) for r, x in zip(routers, test_keys)])   # [L, n, G]
+        return (z == test_y.view(1, -1, 1)).float().mean().item(), \
+            torch.stack([r(x[:, None]) for r, x in zip(routers, test_keys)]).abs().max().item()
+    before, _ = accuracy()
+    fit = warm_start_routers(routers, keys, y, steps=100, lr=3e-3, margin_penalty=1e-2)
+    after, largest = accuracy()
+    assert before < 0.75 and fit > 0.95 and after > 0.9, (before, fit, after)
+    assert largest < 20, largest
 
 
 def test_config_modes_and_roundtrip(tmp_path):

@@ -64,9 +64,11 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_processes_keep_routers_identical(tiny_dir, tmp_path):
+    # with the warm start, whose prompts are gathered from both processes
     log = train("--model", tiny_dir, "--out-dir", tmp_path / "ddp", "--steps", 2, "--batch-size", 4,
-                "--eval-every", 0, "--device", "cpu", *SHORT, nproc=2)
+                "--eval-every", 0, "--device", "cpu", "--warm-start", 4, "--warm-steps", 3, *SHORT, nproc=2)
     assert "2 process(es) x 1 x 2 accum = batch 4" in log
+    assert "warm start: routers taught the task class of 4 prompts in 3 steps" in log
     line = next(l for l in log.splitlines() if l.startswith("routers in sync across 2 processes"))
     assert float(line.split()[-1]) == 0.0, line
 

@@ -48,7 +48,7 @@ from default_model import check_device, checkpoint_dir
 from kernel import FA
 from model import Transformer
 from router import (MODE_PAIRS, TARGETS, TAU_END, TAU_FRAC, TAU_START, ElasticConfig, Routers, SparsityConstraint,
-                    calibrate_routers, tau_schedule)
+                    calibrate_routers, dense_pooled_keys, tau_schedule, warm_start_routers)
 
 # Flags a resumed run may change: they say how it runs and reports, not what it trains (a new --steps stretches
 # the schedules; the run says so).
@@ -141,6 +141,9 @@ def main():
     parser.add_argument("--margin-penalty", type=float, default=1e-2, help="weight of the mean squared router logit "
                         "margin in the loss (ours; 0: off): keeps decisions within reach of the Gumbel noise, so the "
                         "routers keep learning from the prompt instead of freezing into per-head switches")
+    parser.add_argument("--warm-start", type=int, default=0, help="ours: before step 0, teach the routers the task "
+                        "class of this many training prompts from the dense model's pooled keys (0: off; README)")
+    parser.add_argument("--warm-steps", type=int, default=200, help="full-batch steps of the warm start")
     parser.add_argument("--calib-samples", type=int, default=64, help="samples whose dense pooled keys set the "
                         "routers' input standardisation before step 0 (ours; README: Training)")
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen backbone over the "
@@ -217,6 +220,8 @@ def main():
             ("tau_frac", 0 < args.tau_frac <= 1, "in (0, 1]"),
             ("targets", all(0 <= t <= 1 for t in args.targets), "in [0, 1]"),
             ("calib_samples", args.calib_samples >= 0, ">= 0 (0: no input standardisation)"),
+            ("warm_start", args.warm_start >= 0, ">= 0 (0: no warm start)"),
+            ("warm_steps", args.warm_steps >= 1, ">= 1"),
             ("eval_every", args.eval_every >= 0, ">= 0 (0: never)"), ("eval_samples", args.eval_samples >= 1, ">= 1"),
             ("save_every", args.save_every >= 1, ">= 1"), ("sink", args.sink >= 0, ">= 0"),
             ("window", args.window >= 1, ">= 1")):
@@ -414,20 +419,39 @@ def main():
     # -------------------------------------------------------------------------
     # the routers' input standardisation (ours): from the dense model's pooled keys, before step 0 (a resumed run
     # has it in its saved routers)
-    def calibration_batches():
-        """The first --calib-samples samples of the training stream, split over the processes; each runs the same
-        number of forwards (FSDP's all-gathers must pair up)."""
-        per_rank = -(-args.calib_samples // world)
+    def stream_batches(count, desc):
+        """The first `count` samples of the training stream, split over the processes; each runs the same number of
+        forwards (FSDP's all-gathers must pair up)."""
+        per_rank = -(-count // world)
         mine = [dataset[(rank * per_rank + i) % len(dataset)] for i in range(per_rank)]
-        for i in tqdm(range(0, per_rank, args.micro_batch), desc="calibrating router inputs", disable=not master,
-                      dynamic_ncols=True, leave=False):
-            batch = collate(mine[i:i + args.micro_batch], pad_id, pad_multiple=args.pad_multiple).to(device)
-            yield batch.input_ids, batch.prompt_lens
+        for i in tqdm(range(0, per_rank, args.micro_batch), desc=desc, disable=not master, dynamic_ncols=True,
+                      leave=False):
+            yield collate(mine[i:i + args.micro_batch], pad_id, pad_multiple=args.pad_multiple).to(device)
 
     if start == 0 and args.calib_samples > 0:
-        n = calibrate_routers(model, calibration_batches(), reduce=dist.all_reduce if ddp else None)
+        n = calibrate_routers(model, ((b.input_ids, b.prompt_lens) for b in stream_batches(
+            args.calib_samples, "calibrating router inputs")), reduce=dist.all_reduce if ddp else None)
         if master:
             print(f"router inputs standardised from {n:,} pooled key vectors per layer (dense model)")
+    if start == 0 and args.warm_start > 0:  # ours: routers that read the task from step 0 (README: Training)
+        batches = list(stream_batches(args.warm_start, "warm start: pooled keys"))
+        keys = torch.cat(list(dense_pooled_keys(model, ((b.input_ids, b.prompt_lens) for b in batches),
+                                                elastic.boundary)), 1)           # [L, N, G, D]
+        labels = torch.cat([b.task_class for b in batches])
+        if ddp:  # every rank fits all ranks' prompts (as many on each), then takes rank 0's routers
+            def gather(x):
+                parts = [torch.empty_like(x) for _ in range(world)]
+                dist.all_gather(parts, x.contiguous())
+                return torch.cat(parts)
+            keys, labels = gather(keys.transpose(0, 1)).transpose(0, 1), gather(labels)
+        acc = warm_start_routers(routers, keys.float(), labels, steps=args.warm_steps,
+                                 margin_penalty=args.margin_penalty)
+        if ddp:
+            for p in routers.parameters():
+                dist.broadcast(p.data, src=0)
+        if master:
+            print(f"warm start: routers taught the task class of {len(labels)} prompts in {args.warm_steps} steps, "
+                  f"{100 * acc:.1f}% of heads routed to their class")
 
     # -------------------------------------------------------------------------
     # training loop
