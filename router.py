@@ -206,9 +206,12 @@ class AttentionRouter(nn.Module):
     def forward(self, k: torch.Tensor, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
         if k.ndim != 4 or k.shape[-1] != self.head_dim:
             raise ValueError(f"expected pre-RoPE keys [B, T, G, D={self.head_dim}], got {list(k.shape)}")
-        x = boundary_pool(k, prompt_lens, self.boundary)                  # [B, G, D] fp32
-        x = ((x - self.in_mean) / self.in_std).to(self.router_mlp[0].weight.dtype)
-        return self.router_mlp(self.task_mlp(x)).float()                 # [B, G, 2]
+        return self.classify(boundary_pool(k, prompt_lens, self.boundary))  # [B, G, D] fp32 -> [B, G, 2]
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The logits [..., 2] (fp32) of pooled keys [..., D]: standardised, Task MLP, Router MLP."""
+        x = ((pooled - self.in_mean) / self.in_std).to(self.router_mlp[0].weight.dtype)
+        return self.router_mlp(self.task_mlp(x)).float()
 
     @torch.no_grad()
     def set_input_stats(self, pooled_sum: torch.Tensor, pooled_sq_sum: torch.Tensor, count: float) -> None:
@@ -348,8 +351,7 @@ def warm_start_routers(routers, keys, task_class, steps=200, lr=1e-3, margin_pen
     target = task_class.long().view(1, N, 1).expand(L, N, G).reshape(-1)
 
     def logits():  # [L * N * G, 2], what each router's forward gives after pooling
-        return torch.stack([r.router_mlp(r.task_mlp((x - r.in_mean) / r.in_std)).float()
-                            for r, x in zip(routers, keys)]).reshape(-1, 2)
+        return torch.stack([r.classify(x) for r, x in zip(routers, keys)]).reshape(-1, 2)
     opt = torch.optim.Adam(routers.parameters(), lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
