@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import triton
 
 import kernel
+from default_model import command_line
 from attention import flex_block_mask, sk_flex_attention
 from kernel import FA, SK, SSA, XA
 
@@ -329,7 +330,7 @@ def bench_model():
     gpu = torch.cuda.get_device_name()
     lines = [f"# End to end: {args.model}, random weights", "",
              f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · {datetime.date.today()} · "
-             f"`python bench.py --model {args.model} {' '.join(sys.argv[3:])}`".rstrip(), "",
+             f"`{command_line('bench.py')}`", "",
              f"bf16; SSA sink {args.sink}, window {args.window}; Omega {args.sparse_ratio}: that share of KV heads "
              f"sparse (SSA), the rest full (FA) or XA. First token: the prefill of B prompts of T tokens (a single "
              f"run after a warm-up). Decode: mean ms per step over {new - 1} greedy steps, B tokens per step. "
@@ -360,7 +361,7 @@ def bench_decode():
     of them SSA rings (sink + window); time per layer against the bytes it must read."""
     from decode_kernel import decode_attention, decode_splits
     bandwidth = copy_bandwidth()
-    lines = [f"# The decode kernel alone (`python bench.py {' '.join(sys.argv[1:])}`)", "",
+    lines = [f"# The decode kernel alone (`{command_line('bench.py')}`)", "",
              f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "
              f"{datetime.date.today()} · copy bandwidth {bandwidth / 1e12:.2f} TB/s. Each call replayed from a CUDA "
              f"graph (as in a decode step); one layer of {H} query / {G} KV heads, D {D}, bf16; floor: the filled "

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -74,6 +75,16 @@ def check_device(device):
     if cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch has no CUDA device (torch.cuda.is_available() is False); "
                          "use --device cpu")
+
+
+def command_line(script, argv=None):
+    """The command that made a results file, as a reader would retype it: `python SCRIPT ARGS`, where the
+    values of --out and --figure keep only their file name (the dir was the writer's machine's)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(1, len(argv)):
+        if argv[i - 1] in ("--out", "--figure"):
+            argv[i] = os.path.basename(argv[i])
+    return " ".join(["python", script, *argv])
 
 
 def is_converted(out):

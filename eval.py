@@ -44,7 +44,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import data
-from default_model import check_device, checkpoint_dir, routers_dir
+from default_model import check_device, checkpoint_dir, command_line, routers_dir
 from generate import generate
 from kernel import FA, XA
 from model import Transformer
@@ -391,7 +391,7 @@ def main():
         gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         lines = ["# Accuracy against sparsity on SmolLM2-135M-Instruct, with 95% intervals", "",
                  f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}. "
-                 f"Command: `python eval.py {' '.join(sys.argv[1:])}`. {n} samples per task and length, lengths "
+                 f"Command: `{command_line('eval.py')}`. {n} samples per task and length, lengths "
                  f"{args.lengths}; seen kinds {', '.join(t for w, t in classes if w == 'seen') or 'none'}; held-out "
                  f"kinds {', '.join(t for w, t in classes if w == 'held-out')}. SSA sink {ssa_config.sink}, window "
                  f"{ssa_config.window}; XA threshold {ssa_config.xa_threshold}, stride {ssa_config.xa_stride}. "

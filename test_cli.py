@@ -332,3 +332,10 @@ def test_two_processes_convert_the_default_model_at_once(tmp_path):
     assert sorted(f.name for f in cache.iterdir()) == [".SmolLM2-135M-Instruct.lock", "SmolLM2-135M-Instruct"]
     files = {f.name for f in (cache / "SmolLM2-135M-Instruct").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files, files
+
+
+def test_results_files_name_the_command_without_the_writers_dirs():
+    from default_model import command_line
+    argv = ["--routers", "fa-ssa", "--out", "/some/where/eval_results.md", "--figure", "d/f.png", "--seed", "3"]
+    assert command_line("eval.py", argv) == \
+        "python eval.py --routers fa-ssa --out eval_results.md --figure f.png --seed 3"
