@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import kernel
 from decode_kernel import cache_slot, decode_attention_op, decode_splits
 from kernel import FA, KV_BLOCK, SK, SSA, XA
+from sparsek import SK_P_FLOOR, sk_logp, sk_pool, sk_pools
 from router import ElasticConfig, route, sparsity_ratio
 
 DECODE_SPLIT = 1024  # cache slots per program of the decode kernel on the GPU (decode_kernel.py)
@@ -148,7 +149,7 @@ def routed_attention(q, k, v, modes, ec, sk_scores=None, lens=None):
     """Inference prefill: each KV head runs its own mode (modes int [B, G]), all heads in one fused launch.
     On the CPU the PyTorch reference runs instead: the same function (test_kernel.py), without the Triton
     interpreter's slowness. SK heads need sk_scores [B, G, T] (the layer's scorer); when given, the kernel's SK
-    selection runs for every KV head of the layer (kernel.sk_select), then SK heads run in the same launch.
+    selection runs for every KV head of the layer (sk_select), then SK heads run in the same launch.
     lens [B]: the tokens of right-padded rows (Run.lens). The modes come from the routers or were checked once
     per forward (check_modes): the kernel's own check, a host sync per layer, is off."""
     if not q.is_cuda:
@@ -208,7 +209,7 @@ def ssa_block_mask(B, H, G, T, sink, window, device):
 def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     """SK attention (kernel.reference_attention's rule) for every head, through FlexAttention: differentiable in q,
     k, v and the scores u [B, G, T] (fp32), with nothing T x T built. The selection runs in PyTorch
-    (kernel.sk_pools: the pools of all 128-query blocks, [B, G, T / 128, 2k]); FlexAttention gets a block mask of
+    (sk_pools: the pools of all 128-query blocks, [B, G, T / 128, 2k]); FlexAttention gets a block mask of
     the sink, the local span and the blocks holding a selected key, a mask_mod that keeps a candidate iff it ranks
     among the block's k best (u above the k-th best's, or equal and not later), and a score_mod that adds
     log p = log clip(u_j - tau_m, 0, 1) with the block's threshold tau_m. Flex gives the gradients in q, k, v; the
@@ -226,8 +227,8 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     NB = -(-T // KV_BLOCK)
     blocks = torch.arange(NB, device=dev)
     u = u.float()
-    pos, u_pool, n = kernel.sk_pools(u, k=sk_k, sink=sink, window=window)  # [B, G, NB, P]
-    logp, tau = kernel.sk_logp(u_pool, n, sk_k, return_tau=True)              # differentiable in u (SPARSEK)
+    pos, u_pool, n = sk_pools(u, k=sk_k, sink=sink, window=window)  # [B, G, NB, P]
+    logp, tau = sk_logp(u_pool, n, sk_k, return_tau=True)              # differentiable in u (SPARSEK)
     tau = tau.detach()  # Flex adds log p as a constant; SKLogpGrad brings its gradient
     with torch.no_grad():  # the k-th best candidate of each block (past all when n <= k: every candidate kept)
         last = (n.clamp(max=sk_k) - 1).clamp(min=0).expand(B, G, NB)[..., None]
@@ -248,7 +249,7 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
         return (kv_idx <= q_idx) & (local | selected(b, h, q_idx, kv_idx))
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        p = (u_sel[b, h // group, kv_idx] - tau[b, h // group, q_idx // KV_BLOCK]).clamp(kernel.SK_P_FLOOR, 1.0)
+        p = (u_sel[b, h // group, kv_idx] - tau[b, h // group, q_idx // KV_BLOCK]).clamp(SK_P_FLOOR, 1.0)
         return score + torch.where(selected(b, h, q_idx, kv_idx), p.log(), 0.0)
 
     # blocks: the sink and the local span (whole, except the diagonal and partial ones), the selected keys' blocks
@@ -480,7 +481,7 @@ class KVCache:
             last_block = [(n[i] - 1) // KV_BLOCK for i in sk]
             for m in sorted(set(last_block)):  # the pools of the segments whose prompt ends in block m
                 rows = [s for s, mb in enumerate(last_block) if mb == m]
-                pos, u_pool, _ = kernel.sk_pool(u[[sk[s] for s in rows]][None], torch.full((1,), m, device=dev),
+                pos, u_pool, _ = sk_pool(u[[sk[s] for s in rows]][None], torch.full((1,), m, device=dev),
                                                 k=self.sk_k, sink=self.sink, window=self.window)  # [1, S, 1, P]
                 P = pos.shape[-1]
                 self.sk_pos[rows, :P], self.sk_u[rows, :P] = pos[0, :, 0], u_pool[0, :, 0]
@@ -497,7 +498,7 @@ class KVCache:
     def _sk_bias(self):
         """The selected slots' log p from the pool (-inf for slots without a key)."""
         n = (self.sk_pos >= 0).sum(-1)
-        self.bias[self._sk_slots()] = kernel.sk_logp(self.sk_u, n, self.sk_k)[:, :self.sk_k]
+        self.bias[self._sk_slots()] = sk_logp(self.sk_u, n, self.sk_k)[:, :self.sk_k]
 
     def sk_update(self, pos):
         """Before a decode step at positions pos (int [B], device): at a block's first query (pos % 128 == 0) the

@@ -37,6 +37,7 @@ import kernel
 from default_model import command_line
 from attention import flex_block_mask, sk_flex_attention
 from kernel import FA, SK, SSA, XA
+from sparsek import sk_select
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072], help="sequence lengths T")
@@ -548,7 +549,7 @@ def write_report():
         "(the causal half for dense). 'vs fastest dense' = the fastest FA-only time at that length / this time. "
         "SDPA gets K/V expanded to all query heads before the timing; FlexAttention is compiled, its block "
         "mask built before the timing (it runs on the XA blocks the kernel selected, without the estimate). "
-        "SK: elastic_attention with sk_scores includes the selection (kernel.sk_select, also timed alone); "
+        "SK: elastic_attention with sk_scores includes the selection (sk_select, also timed alone); "
         "FlexAttention SK (attention.sk_flex_attention) includes its selection and block mask, and is skipped "
         f"beyond T = {args.flex_sk_max_len}: with random scores the selected keys' blocks are nearly all the "
         "candidate blocks, so it costs about as much as dense attention.",
@@ -642,13 +643,13 @@ for T in args.seq_lens:
         case = f"SK-only, window {win} + k {sk_k}"
         pairs = H * sk_pairs(T, win, sk_k)
         sel_kw = dict(k=sk_k, sink=args.sink, window=win)
-        record(T, case, "sk_select alone", lambda: kernel.sk_select(u, **sel_kw), 0)
-        record(T, case, "sk_select alone, scores rising with position", lambda: kernel.sk_select(u_rising, **sel_kw),
+        record(T, case, "sk_select alone", lambda: sk_select(u, **sel_kw), 0)
+        record(T, case, "sk_select alone, scores rising with position", lambda: sk_select(u_rising, **sel_kw),
                0, "u + 8 j / T: later keys rank first, so each block walks past keys it cannot see yet")
         record(T, case, "elastic_attention (selection + attention)", lambda: kernel.elastic_attention(
             q, k, v, all_sk, sink=args.sink, window=win, sk_scores=u, sk_k=sk_k, _config=CONFIG), pairs)
         try:  # out of memory: a line of the log, not a crash (as in record)
-            sel = kernel.sk_select(u, **sel_kw)
+            sel = sk_select(u, **sel_kw)
         except Exception as e:
             sel = None
             log(f"T={T} {case} sk_select: failed: {str(e).splitlines()[0][:160]}")

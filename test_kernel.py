@@ -17,6 +17,7 @@ import torch
 import kernel
 from attention import flex_block_mask
 from kernel import FA, SK, SSA, XA, elastic_attention, reference_attention, xattn_block_mask
+from sparsek import sk_logp, sk_pool, sk_pools, sk_select
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -124,9 +125,9 @@ def test_sk_select_matches_reference_pools(T, sk_k, sink, window, rising):
     if rising:
         u = u + torch.arange(T, device=DEV) / 64
     nb = math.ceil(T / 128)
-    pos, u_pool, n = kernel.sk_pool(u, torch.arange(nb, device=DEV), k=sk_k, sink=sink, window=window)
-    logp = kernel.sk_logp(u_pool, n, sk_k)
-    idx, sel_logp = kernel.sk_select(u, k=sk_k, sink=sink, window=window)
+    pos, u_pool, n = sk_pool(u, torch.arange(nb, device=DEV), k=sk_k, sink=sink, window=window)
+    logp = sk_logp(u_pool, n, sk_k)
+    idx, sel_logp = sk_select(u, k=sk_k, sink=sink, window=window)
     K = min(sk_k, T)
     assert idx.shape == sel_logp.shape == (1, 2, nb, K) and idx.dtype == torch.int32
     assert torch.equal(idx.long(), pos[..., :K]), f"selections differ (seed {seed})"
@@ -142,8 +143,8 @@ def test_sk_pools_match_reference_pools(T, sk_k, sink, window):
     (u,), seed = rand((2, 3, T), dtype=torch.float32)
     u = (u * 2).round() / 2
     u[0, 0, :T // 2:2] = -0.0
-    pos, u_pool, n = kernel.sk_pool(u, torch.arange(math.ceil(T / 128), device=DEV), k=sk_k, sink=sink, window=window)
-    pos2, u_pool2, n2 = kernel.sk_pools(u, k=sk_k, sink=sink, window=window)
+    pos, u_pool, n = sk_pool(u, torch.arange(math.ceil(T / 128), device=DEV), k=sk_k, sink=sink, window=window)
+    pos2, u_pool2, n2 = sk_pools(u, k=sk_k, sink=sink, window=window)
     assert torch.equal(pos2, pos) and torch.equal(n2, n), f"seed {seed}"
     assert torch.equal(u_pool2[pos >= 0], u_pool[pos >= 0]), f"seed {seed}"
 
@@ -194,7 +195,7 @@ def test_sk_schedule_counts_selected_tiles():
 def test_sk_precomputed_selection_and_nan_scores():
     (q, k, v, u), seed = rand((1, 2, 300, 32), (1, 1, 300, 32), (1, 1, 300, 32), (1, 1, 300), dtype=DTYPES[0])
     u, modes = u.float(), torch.tensor([[SK]], device=DEV)
-    sel = kernel.sk_select(u, k=20, sink=4, window=128)
+    sel = sk_select(u, k=20, sink=4, window=128)
     o1 = elastic_attention(q, k, v, modes, sink=4, window=128, sk_selection=sel)
     o2 = elastic_attention(q, k, v, modes, sink=4, window=128, sk_scores=u, sk_k=20)
     assert torch.equal(o1, o2), f"seed {seed}"
@@ -444,10 +445,10 @@ def test_gpu_sk_select_large(T, sk_k):
     (u,), seed = rand((1, 8, T), dtype=torch.float32)
     u = (u * 8).round() / 8
     nb = math.ceil(T / 128)
-    pos, u_pool, n = kernel.sk_pool(u, torch.arange(nb, device=DEV), k=sk_k, sink=128, window=2048)
-    idx, logp = kernel.sk_select(u, k=sk_k, sink=128, window=2048)
+    pos, u_pool, n = sk_pool(u, torch.arange(nb, device=DEV), k=sk_k, sink=128, window=2048)
+    idx, logp = sk_select(u, k=sk_k, sink=128, window=2048)
     assert torch.equal(idx.long(), pos[..., :sk_k]), f"seed {seed}"
-    ref = kernel.sk_logp(u_pool, n, sk_k)[..., :sk_k]
+    ref = sk_logp(u_pool, n, sk_k)[..., :sk_k]
     assert torch.equal(logp.isinf(), ref.isinf()) and (logp - ref)[ref.isfinite()].abs().max() < 1e-5, f"seed {seed}"
 
 

@@ -164,6 +164,7 @@ import math  # noqa: E402
 
 import kernel  # noqa: E402
 from kernel import FA, SK, SSA  # noqa: E402
+from sparsek import SK_P_FLOOR, sk_bias_reference, sk_logp, sk_pools  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -319,10 +320,10 @@ def test_sk_threshold_carries_sparsek_gradient():
     n = torch.tensor([40, 30, 9])  # pool full, partly empty, fewer candidates than k
     w = torch.randn(3, P, dtype=torch.float64)
     u1, u2 = u.clone().requires_grad_(), u.clone().requires_grad_()
-    logp = kernel.sk_logp(u1, n, k)
-    _, tau = kernel.sk_logp(u2, n, k, return_tau=True)
+    logp = sk_logp(u1, n, k)
+    _, tau = sk_logp(u2, n, k, return_tau=True)
     sel = torch.isfinite(logp)
-    logp2 = torch.where(sel, (u2 - tau[:, None]).clamp(kernel.SK_P_FLOOR, 1).log(), 0.0)
+    logp2 = torch.where(sel, (u2 - tau[:, None]).clamp(SK_P_FLOOR, 1).log(), 0.0)
     torch.testing.assert_close(logp2[sel], logp[sel])
     (torch.where(sel, logp, 0.0) * w).sum().backward()
     (logp2 * w).sum().backward()
@@ -333,7 +334,7 @@ def test_sk_threshold_carries_sparsek_gradient():
 @pytest.mark.parametrize("T,sink,window,sk_k", [(389, 5, 128, 16), (700, 4, 256, 100)])
 def test_sk_logp_grad_matches_autograd(T, sink, window, sk_k):
     """The training path's gradient in the scores (attention.SKLogpGrad: dL/dlog p on the gathered selected keys,
-    then SPARSEK's backward through kernel.sk_pools' pools) equals autograd through the reference's T x T bias;
+    then SPARSEK's backward through sk_pools' pools) equals autograd through the reference's T x T bias;
     GQA 4:2, odd T, a block with fewer candidates than k (the pools and log p are fp32, as on the GPU; the
     attention fp64). Flex has no CPU backward: o and lse come from the
     reference here, the GPU test runs the whole path."""
@@ -345,13 +346,13 @@ def test_sk_logp_grad_matches_autograd(T, sink, window, sk_k):
     w = torch.randn(B, H, T, D, dtype=torch.float64)
     scale = D ** -0.5
     u_ref = u.clone().requires_grad_()
-    bias = kernel.sk_bias_reference(u_ref, T, k=sk_k, sink=sink, window=window).double()
+    bias = sk_bias_reference(u_ref, T, k=sk_k, sink=sink, window=window).double()
     s = torch.einsum("bhid,bhjd->bhij", q, k.repeat_interleave(H // G, 1)) * scale + bias.repeat_interleave(H // G, 1)
     o = torch.softmax(s, -1) @ v.repeat_interleave(H // G, 1)
     (o * w).sum().backward()
     u_new = u.clone().requires_grad_()
-    pos, u_pool, n = kernel.sk_pools(u_new, k=sk_k, sink=sink, window=window)
-    logp, _ = kernel.sk_logp(u_pool, n, sk_k, return_tau=True)
+    pos, u_pool, n = sk_pools(u_new, k=sk_k, sink=sink, window=window)
+    logp, _ = sk_logp(u_pool, n, sk_k, return_tau=True)
     K = min(sk_k, pos.shape[-1])
     out = SKLogpGrad.apply(o.detach(), logp[..., :K], s.detach().logsumexp(-1), q, k, v, pos[..., :K], scale)
     torch.testing.assert_close(out, o.detach())
