@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import kernel
 from decode_kernel import cache_slot, decode_attention_op, decode_splits
 from kernel import FA, KV_BLOCK, SK, SSA, XA
-from sparsek import SK_P_FLOOR, sk_logp, sk_pool, sk_pools
 from router import ElasticConfig, route, sparsity_ratio
+from sparsek import SK_P_FLOOR, sk_logp, sk_pool, sk_pools
 
 DECODE_SPLIT = 1024  # cache slots per program of the decode kernel on the GPU (decode_kernel.py)
 
@@ -228,7 +228,7 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     blocks = torch.arange(NB, device=dev)
     u = u.float()
     pos, u_pool, n = sk_pools(u, k=sk_k, sink=sink, window=window)  # [B, G, NB, P]
-    logp, tau = sk_logp(u_pool, n, sk_k, return_tau=True)              # differentiable in u (SPARSEK)
+    logp, tau = sk_logp(u_pool, n, sk_k, return_tau=True)         # differentiable in u (SPARSEK)
     tau = tau.detach()  # Flex adds log p as a constant; SKLogpGrad brings its gradient
     with torch.no_grad():  # the k-th best candidate of each block (past all when n <= k: every candidate kept)
         last = (n.clamp(max=sk_k) - 1).clamp(min=0).expand(B, G, NB)[..., None]
@@ -482,7 +482,7 @@ class KVCache:
             for m in sorted(set(last_block)):  # the pools of the segments whose prompt ends in block m
                 rows = [s for s, mb in enumerate(last_block) if mb == m]
                 pos, u_pool, _ = sk_pool(u[[sk[s] for s in rows]][None], torch.full((1,), m, device=dev),
-                                                k=self.sk_k, sink=self.sink, window=self.window)  # [1, S, 1, P]
+                                         k=self.sk_k, sink=self.sink, window=self.window)  # [1, S, 1, P]
                 P = pos.shape[-1]
                 self.sk_pos[rows, :P], self.sk_u[rows, :P] = pos[0, :, 0], u_pool[0, :, 0]
             top = self.sk_pos[:, :self.sk_k]                                                 # [S, k]

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 import triton
 
 import kernel
-from default_model import command_line
 from attention import flex_block_mask, sk_flex_attention
+from default_model import command_line
 from kernel import FA, SK, SSA, XA
 from sparsek import sk_select
 
