@@ -24,8 +24,8 @@ in batches of --batch-size through generate.generate, each routed from its own k
 Statistics: every mean with a percentile-bootstrap 95% interval (1000 resamples, fixed seed); paired differences
 (elastic minus dense, elastic minus its matched static hybrid) resample the samples; the AUC of Omega as a score
 of the task class (robust positive) on the held-out kinds. --probe fits a logistic regression on the dense model's
-boundary-pooled pre-RoPE keys (the routers' input) over train-split samples and reports its held-out AUC next to
-the routers': a probe far above the routers says the routers fail, one near them says the data does.
+pooled pre-RoPE keys (the input of the first routers: boundary mean, and tail mean if they read one) over
+train-split samples and reports its held-out AUC next to the routers': a probe far above the routers says the routers fail, one near them says the data does.
 Writes out-eval/eval_results.md (rewritten after every method) and, with matplotlib, the figure beside it;
 `--out eval_results.md` writes the committed files instead. Every flag is checked before the model loads; a bad
 one is one line on stderr.
@@ -122,9 +122,9 @@ def class_gap(v):
 
 
 @torch.no_grad()
-def pooled_keys(model, samples, boundary=100, batch_size=16):
-    """The dense model's boundary-pooled pre-RoPE keys of every layer (router.dense_pooled_keys of each prompt, what
-    the routers read), [N, L * G * D] fp32 on the CPU. Prompts right-padded (causal: padding is never seen)."""
+def pooled_keys(model, samples, boundary=100, tail=0, batch_size=16):
+    """The dense model's pooled pre-RoPE keys of every layer (router.dense_pooled_keys of each prompt, what routers
+    of this boundary and tail read), [N, L * G * D (or 2D)] fp32 on the CPU. Prompts right-padded (causal: padding is never seen)."""
     device = model.output_weight().device
 
     def batches():
@@ -136,7 +136,7 @@ def pooled_keys(model, samples, boundary=100, batch_size=16):
                 ids[r, :s.prompt_len] = s.input_ids[:s.prompt_len]
             yield ids, lens
     return torch.cat([keys.transpose(0, 1).flatten(1).float().cpu()
-                      for keys in dense_pooled_keys(model, batches(), boundary)])
+                      for keys in dense_pooled_keys(model, batches(), boundary, tail)])
 
 
 def fit_probe(x, y, l2=0.1, steps=300):
@@ -158,12 +158,12 @@ def fit_probe(x, y, l2=0.1, steps=300):
     return lambda x_new: ((x_new - mu) / sd) @ w + b
 
 
-def probe_auc(model, train_samples, test_samples, boundary=100, batch_size=16):
+def probe_auc(model, train_samples, test_samples, boundary=100, tail=0, batch_size=16):
     """Fits the probe on the task class of train_samples and scores test_samples: (auc, low, high) with the
     bootstrap interval over the test samples."""
-    probe = fit_probe(pooled_keys(model, train_samples, boundary, batch_size),
+    probe = fit_probe(pooled_keys(model, train_samples, boundary, tail, batch_size),
                       [s.task_class for s in train_samples])
-    scores = probe(pooled_keys(model, test_samples, boundary, batch_size)).tolist()
+    scores = probe(pooled_keys(model, test_samples, boundary, tail, batch_size)).tolist()
     return bootstrap_ci(list(zip(scores, [s.task_class for s in test_samples])), auc_of_pairs)
 
 # -----------------------------------------------------------------------------
@@ -440,8 +440,9 @@ def main():
                        ci(paired(name, "dense FA", "held-out", data.SENSITIVE), scale=100, digits=1),
                        ci(paired(name, matched[name], "held-out", data.SENSITIVE), scale=100, digits=1)]) + " |")
         if probe is not None:
-            lines += ["", f"Linear probe (logistic regression on the dense model's boundary-pooled pre-RoPE keys of "
-                      f"every layer, fitted on {args.probe_samples} train-split samples of the trained kinds at "
+            pooling = f"boundary {ssa_config.boundary}" + (f", tail {ssa_config.tail}" if ssa_config.tail else "")
+            lines += ["", f"Linear probe (logistic regression on the dense model's pooled pre-RoPE keys of every "
+                      f"layer, the first routers' input ({pooling}), fitted on {args.probe_samples} train-split samples of the trained kinds at "
                       f"{min(args.lengths)} tokens): AUC {probe[0]:.3f} [{probe[1]:.3f}, {probe[2]:.3f}] on the "
                       "held-out samples. Near the routers' AUC: the training data limits routing; far above it: the "
                       "routers do."]
@@ -530,7 +531,8 @@ def main():
                 write_table()
         if args.probe:
             heldout = [s for (where, _, _), samples in cells.items() if where == "held-out" for s in samples]
-            probe = probe_auc(model, train_probe, heldout, ssa_config.boundary, args.batch_size)
+            probe = probe_auc(model, train_probe, heldout, ssa_config.boundary, ssa_config.tail,
+                              args.batch_size)
             print(f"linear probe: held-out AUC {probe[0]:.3f} [{probe[1]:.3f}, {probe[2]:.3f}]")
     except KeyboardInterrupt:
         print(f"interrupted; the {len(results)} methods measured so far are in {out}" if results else

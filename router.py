@@ -2,7 +2,7 @@
 The Attention Router of Elastic Attention (arXiv 2601.17367), its training signal and its saved form.
 
 One small router per layer looks at the layer's key states *before RoPE*, pooled over the two ends of
-the prompt, and sends each KV head (a GQA group) either to a retrieval mode (full attention, class 0)
+the prompt (and, ours, over its last few tokens: ElasticConfig.tail), and sends each KV head (a GQA group) either to a retrieval mode (full attention, class 0)
 or to a sparse mode (streaming sink+window or XAttention, class 1). The routers are the only thing that
 trains, together with two Lagrange multipliers per task class that hold the model sparsity ratio Omega
 (the fraction of sparse heads) near a per-task target (paper Eq. 8). README.md, "The method", writes the
@@ -11,6 +11,7 @@ whole method down with its numbers.
 This file holds, in the order a reader needs them:
     ElasticConfig         how routed heads run (mode pair, SSA sink/window, XA threshold/stride, pooling)
     boundary_pool         mean of the first and last `boundary` prompt tokens, fp32     [B, T, G, D] -> [B, G, D]
+    tail_pool             mean of the last `tail` prompt tokens (ours), and router_input, what a router reads
     AttentionRouter       Task MLP -> Router MLP, one per layer, shared by its KV heads [B, T, G, D] -> [B, G, 2]
     Routers               the routers of all layers, saved and loaded with the ElasticConfig they route for
     calibrate_routers     the routers' input standardisation from the dense model (ours)
@@ -60,6 +61,8 @@ class ElasticConfig:
                   Paper: 128 and 2048 at 8K-64K tokens; size them to the model's context.
     xa_threshold, xa_stride: XAttention's cumulative block-mass threshold and antidiagonal stride.
     boundary:     tokens pooled at each end of the prompt by the router.
+    tail:         tokens at the very end of the prompt pooled as a second router input beside the boundary mean
+                  (ours; 0: the paper's input alone). README: The method, the router's input.
     sk_k:         SK's budget: the selected keys per query beyond the sink and the local span (FA-SK only; an SK
                   head keeps at most sink + window + sk_k keys). FA-SK needs a window that is a multiple of 128.
     """
@@ -70,11 +73,12 @@ class ElasticConfig:
     xa_stride: int = 16
     boundary: int = 100
     sk_k: int = 256
+    tail: int = 0
 
     def __post_init__(self):
         if self.mode_pair not in MODE_PAIRS:
             raise ValueError(f"unknown mode_pair {self.mode_pair!r}; expected one of {', '.join(MODE_PAIRS)}")
-        for name, low in (("sink", 0), ("window", 1), ("xa_stride", 1), ("boundary", 1)):
+        for name, low in (("sink", 0), ("window", 1), ("xa_stride", 1), ("boundary", 1), ("tail", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -146,7 +150,38 @@ def boundary_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: i
     its plain mean. (The released training code pooled the whole prompt; ours pools the boundaries in
     training and inference alike.)
     """
-    B, T, G, D = k.shape
+    prompt_lens = _prompt_lens(k, prompt_lens, n)
+    pos = torch.arange(n, device=k.device)                               # [n]
+    m = prompt_lens.clamp(max=n)                                          # [B] tokens at each end
+    # Positions beyond the first m of each end get weight 0 and are clamped into the prompt, so padding
+    # (whatever it holds) is never read.
+    first = torch.minimum(pos, prompt_lens[:, None] - 1)                  # [B, n] positions 0..m-1
+    last = (prompt_lens[:, None] - 1 - pos).clamp(min=0)                  # [B, n] positions len-1 down to len-m
+    valid = (pos < m[:, None]).repeat(1, 2)                               # [B, 2n] the first m of each end
+    return _weighted_mean(k, torch.cat([first, last], dim=1), valid.float() / (2 * m[:, None]).float())
+
+
+def tail_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: int = 16) -> torch.Tensor:
+    """Ours: the mean of the last m = min(n, prompt_len) prompt tokens' keys, fp32, [B, T, G, D] -> [B, G, D].
+    Arguments as boundary_pool. These tokens (the question when it comes last, the chat template's assistant
+    header) sit where the model starts its answer and have attended to the whole prompt."""
+    prompt_lens = _prompt_lens(k, prompt_lens, n)
+    pos = torch.arange(n, device=k.device)
+    m = prompt_lens.clamp(max=n)
+    last = (prompt_lens[:, None] - 1 - pos).clamp(min=0)                  # [B, n] positions len-1 down to len-m
+    return _weighted_mean(k, last, (pos < m[:, None]).float() / m[:, None].float())
+
+
+def router_input(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, boundary: int = 100,
+                 tail: int = 0) -> torch.Tensor:
+    """What a router reads: boundary_pool [B, G, D], and with tail > 0 tail_pool beside it -> [B, G, 2D], fp32."""
+    pooled = boundary_pool(k, prompt_lens, boundary)
+    return torch.cat([pooled, tail_pool(k, prompt_lens, tail)], -1) if tail else pooled
+
+
+def _prompt_lens(k: torch.Tensor, prompt_lens: torch.Tensor | None, n: int) -> torch.Tensor:
+    """prompt_lens [B] on k's device (None: every sample is all prompt), checked; n (tokens pooled) >= 1."""
+    B, T = k.shape[:2]
     if prompt_lens is None:
         prompt_lens = torch.full((B,), T, dtype=torch.long, device=k.device)
     prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long)
@@ -154,20 +189,15 @@ def boundary_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: i
         raise ValueError(f"prompt_lens must have shape [B]=[{B}], got {list(prompt_lens.shape)}")
     if prompt_lens.device.type == "cpu":
         check_prompt_lens(prompt_lens, T)
-    prompt_lens = prompt_lens.to(k.device)
     if n < 1:
         raise ValueError(f"n (tokens pooled at each end) must be >= 1, got {n}")
-    pos = torch.arange(n, device=k.device)                               # [n]
-    m = prompt_lens.clamp(max=n)                                          # [B] tokens at each end
-    # Positions beyond the first m of each end get weight 0 and are clamped into the prompt, so padding
-    # (whatever it holds) is never read.
-    first = torch.minimum(pos, prompt_lens[:, None] - 1)                  # [B, n] positions 0..m-1
-    last = (prompt_lens[:, None] - 1 - pos).clamp(min=0)                  # [B, n] positions len-1 down to len-m
-    idx = torch.cat([first, last], dim=1)                                 # [B, 2n]
-    valid = (pos < m[:, None]).repeat(1, 2)                               # [B, 2n] the first m of each end
-    weight = valid.float() / (2 * m[:, None]).float()                     # [B, 2n] sums to 1 per sample
-    ends = k[torch.arange(B, device=k.device)[:, None], idx].float()      # [B, 2n, G, D]
-    return torch.einsum("bn,bngd->bgd", weight, ends)                     # [B, G, D]
+    return prompt_lens.to(k.device)
+
+
+def _weighted_mean(k: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_n weight[b, n] * k[b, idx[b, n]] in fp32: [B, T, G, D], idx and weight [B, n] -> [B, G, D]."""
+    picked = k[torch.arange(k.shape[0], device=k.device)[:, None], idx].float()  # [B, n, G, D]
+    return torch.einsum("bn,bngd->bgd", weight, picked)
 
 
 def check_prompt_lens(prompt_lens: torch.Tensor, T: int) -> None:
@@ -182,23 +212,26 @@ class AttentionRouter(nn.Module):
     Router MLP: Linear(D, 4D) -> SiLU -> Linear(4D, D) -> SiLU -> Linear(D, 2) (8D^2 + 7D + 2)
     Both act on each KV head's pooled vector on its own (no head embedding), so one router serves all KV
     heads of its layer. 16D^2 + 12D + 2 parameters: 263,682 for D = 128 (paper: "0.27M"), 66,306 for 64.
-    Before the Task MLP the pooled vector is standardised per dimension (in_mean, in_std; ours, see __init__).
+    With tail > 0 (ours) the input is [boundary mean, tail mean], 2D wide, and the Task MLP's first layer
+    Linear(2D, 4D): 4D^2 parameters more. Before the Task MLP the input is standardised per dimension
+    (in_mean, in_std; ours, see __init__).
     forward(k [B, T, G, D], prompt_lens [B]) -> logits [B, G, 2] in fp32; class 0 retrieval, 1 sparse.
     With sk=True (an SK mode pair) it also holds `scorer`, the layer's sparsek.Scorer.
     """
 
-    def __init__(self, head_dim: int, hidden_mult: int = 4, boundary: int = 100, sk: bool = False):
+    def __init__(self, head_dim: int, hidden_mult: int = 4, boundary: int = 100, tail: int = 0, sk: bool = False):
         super().__init__()
         d, h = head_dim, hidden_mult * head_dim
-        self.head_dim, self.boundary = head_dim, boundary
+        d_in = 2 * d if tail else d
+        self.head_dim, self.boundary, self.tail = head_dim, boundary, tail
         # Input standardisation (ours, not in the paper): buffers, not parameters, set once before training by
         # Transformer.calibrate_routers and saved with the router. The pooled keys of every prompt share a large
         # common part (norm ~15 in SmolLM2) beside which the task's imprint is small (~0.5); per dimension the
         # imprint is up to one standard deviation. Standardised, the router reads it early, before its
         # per-head decisions saturate (README: Training). Identity until calibrated.
-        self.register_buffer("in_mean", torch.zeros(d))
-        self.register_buffer("in_std", torch.ones(d))
-        self.task_mlp = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, d))
+        self.register_buffer("in_mean", torch.zeros(d_in))
+        self.register_buffer("in_std", torch.ones(d_in))
+        self.task_mlp = nn.Sequential(nn.Linear(d_in, h), nn.SiLU(), nn.Linear(h, d))
         self.router_mlp = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, d), nn.SiLU(), nn.Linear(d, 2))
         # SK pairs: the layer's scoring network (sparsek.Scorer, D parameters), trained and saved with the router
         self.scorer = Scorer(d) if sk else None
@@ -206,10 +239,10 @@ class AttentionRouter(nn.Module):
     def forward(self, k: torch.Tensor, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
         if k.ndim != 4 or k.shape[-1] != self.head_dim:
             raise ValueError(f"expected pre-RoPE keys [B, T, G, D={self.head_dim}], got {list(k.shape)}")
-        return self.classify(boundary_pool(k, prompt_lens, self.boundary))  # [B, G, D] fp32 -> [B, G, 2]
+        return self.classify(router_input(k, prompt_lens, self.boundary, self.tail))  # [B, G, D or 2D] -> [B, G, 2]
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The logits [..., 2] (fp32) of pooled keys [..., D]: standardised, Task MLP, Router MLP."""
+        """The logits [..., 2] (fp32) of the pooled input [..., D or 2D]: standardised, Task MLP, Router MLP."""
         x = ((pooled - self.in_mean) / self.in_std).to(self.router_mlp[0].weight.dtype)
         return self.router_mlp(self.task_mlp(x)).float()
 
@@ -233,8 +266,8 @@ class Routers(nn.ModuleList):
 
     def __init__(self, num_layers: int, head_dim: int, elastic: "ElasticConfig | None" = None):
         self.elastic = elastic or ElasticConfig()
-        super().__init__(AttentionRouter(head_dim, boundary=self.elastic.boundary, sk=self.elastic.uses_sk)
-                         for _ in range(num_layers))
+        super().__init__(AttentionRouter(head_dim, boundary=self.elastic.boundary, tail=self.elastic.tail,
+                                         sk=self.elastic.uses_sk) for _ in range(num_layers))
 
     @staticmethod
     def fits(config) -> dict:
@@ -290,17 +323,17 @@ class Routers(nn.ModuleList):
 
 
 @torch.no_grad()
-def dense_pooled_keys(model, batches, boundary: int = 100):
-    """Yields, for each (input_ids [B, T], prompt_lens [B]) of `batches`, the *dense* model's boundary-pooled
-    pre-RoPE keys of every layer, [L, B, G, D] fp32: what the routers read, observed by forward hooks on each
-    layer's `tap` (model.Attention), removed when the generator ends."""
+def dense_pooled_keys(model, batches, boundary: int = 100, tail: int = 0):
+    """Yields, for each (input_ids [B, T], prompt_lens [B]) of `batches`, the *dense* model's pooled pre-RoPE keys of
+    every layer (router_input with this boundary and tail), [L, B, G, D or 2D] fp32: what the routers read,
+    observed by forward hooks on each layer's `tap` (model.Attention), removed when the generator ends."""
     layers = [block.self_attn for block in model.model.layers]
     L, G = len(layers), model.config.num_key_value_heads
     got = {}
 
     def observe(i):
         def hook(tap, args):
-            got[i] = boundary_pool(args[2], got["lens"], boundary)  # k_pre -> [B, G, D]
+            got[i] = router_input(args[2], got["lens"], boundary, tail)  # k_pre -> [B, G, D or 2D]
         return hook
 
     handles = [a.tap.register_forward_pre_hook(observe(i)) for i, a in enumerate(layers)]
@@ -316,18 +349,18 @@ def dense_pooled_keys(model, batches, boundary: int = 100):
 
 
 def calibrate_routers(model, batches, reduce=None) -> int:
-    """Sets every router's input standardisation (AttentionRouter.in_mean, in_std; ours) from the boundary-pooled
-    pre-RoPE keys of the *dense* model on `batches`, an iterable of (input_ids [B, T], prompt_lens [B]).
+    """Sets every router's input standardisation (AttentionRouter.in_mean, in_std; ours) from the pooled pre-RoPE
+    keys (router_input) of the *dense* model on `batches`, an iterable of (input_ids [B, T], prompt_lens [B]).
     Dense, so that the statistics belong to the backbone and the data, not to untrained routers. The keys are
     observed by forward hooks on each layer's `tap` (model.Attention), removed at the end.
     reduce: a function that sums a tensor across processes (train.py passes an all-reduce), so every rank
     ends with the same statistics. Returns the number of pooled vectors per layer (samples x KV heads)."""
     if model.routers is None:
         raise RuntimeError("calibrate_routers needs routers: set model.routers first")
-    L, D = model.config.num_hidden_layers, model.config.head_dim
+    L, D = model.config.num_hidden_layers, model.routers[0].in_mean.numel()  # D: the router input's width
     stats = torch.zeros(L, 2, D, dtype=torch.float64, device=model.output_weight().device)  # per layer: sum, squares
     count = torch.zeros((), dtype=torch.float64, device=stats.device)
-    for keys in dense_pooled_keys(model, batches, model.routers[0].boundary):
+    for keys in dense_pooled_keys(model, batches, model.routers[0].boundary, model.routers[0].tail):
         x = keys.double().flatten(1, 2)  # [L, B * G, D]
         stats += torch.stack([x.sum(1), (x ** 2).sum(1)], 1)
         count += x.shape[1]

@@ -312,12 +312,14 @@ def test_sample_py_rejects_routers_of_another_model(tiny_dir, tmp_path):
     assert r.returncode != 0 and "invalid choice: 'all-xb'" in r.stderr
 
 
-def test_calibrate_routers_standardises_the_dense_pooled_keys(tiny_dir):
-    """calibrate_routers sets each router's in_mean / in_std from the dense model's boundary-pooled pre-RoPE keys.
-    Checked against keys rebuilt from HuggingFace's hidden states (the input of every layer)."""
+@pytest.mark.parametrize("tail", [0, 4])
+def test_calibrate_routers_standardises_the_dense_pooled_keys(tiny_dir, tail):
+    """calibrate_routers sets each router's in_mean / in_std from the dense model's pooled pre-RoPE keys (the
+    boundary mean, and with a tail the tail mean beside it). Checked against keys rebuilt from HuggingFace's hidden
+    states (the input of every layer)."""
     from transformers import LlamaForCausalLM
-    from router import boundary_pool
-    model = with_routers(load(tiny_dir, ElasticConfig()))
+    from router import router_input
+    model = with_routers(load(tiny_dir, ElasticConfig(tail=tail)))
     G, D = model.config.num_key_value_heads, model.config.head_dim
     batches = [(torch.randint(0, 1000, (2, 30)), torch.tensor([30, 12])),
                (torch.randint(0, 1000, (3, 21)), torch.tensor([5, 21, 17]))]
@@ -329,8 +331,8 @@ def test_calibrate_routers_standardises_the_dense_pooled_keys(tiny_dir):
             for idx, lens in batches:
                 h = hf(idx, output_hidden_states=True).hidden_states[i]   # the input of layer i
                 k = block.self_attn.k_proj(block.input_layernorm(h)).view(*idx.shape, G, D)
-                pooled.append(boundary_pool(k, lens, 100).flatten(0, 1))
-            pooled = torch.cat(pooled)                                     # [5 * G, D]
+                pooled.append(router_input(k, lens, 100, tail).flatten(0, 1))
+            pooled = torch.cat(pooled)                                     # [5 * G, D or 2D]
             router = model.routers[i]
             torch.testing.assert_close(router.in_mean, pooled.mean(0), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(router.in_std, (pooled.var(0) + 1e-6).sqrt(), rtol=1e-4, atol=1e-5)

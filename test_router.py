@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from router import (FA, SK, SSA, XA, AttentionRouter, ElasticConfig, Routers, SparsityConstraint, boundary_pool,
-                    route, sparsity_ratio, tau_schedule, warm_start_routers)
+                    route, router_input, sparsity_ratio, tail_pool, tau_schedule, warm_start_routers)
 
 
 def mlp_params(d, mult=4):
@@ -24,6 +24,8 @@ def test_parameter_count():
     assert sum(p.numel() for p in AttentionRouter(128).parameters()) == 263_682  # the paper: "0.27M" per layer
     assert mlp_params(128) == 263_682
     assert sum(p.numel() for p in AttentionRouter(64).parameters()) == mlp_params(64) == 66_306
+    # with a tail (ours) the Task MLP's first layer reads 2D: 4D^2 weights more
+    assert sum(p.numel() for p in AttentionRouter(64, tail=16).parameters()) == 66_306 + 4 * 64 ** 2
 
 
 def test_router_shapes_and_dtype():
@@ -107,6 +109,42 @@ def test_boundary_pool_short_prompt_cases():
     torch.testing.assert_close(boundary_pool(k, torch.tensor([150]))[0], expected)
     # bf16 keys pool in fp32.
     assert boundary_pool(k.bfloat16(), None).dtype == torch.float32
+
+
+@pytest.mark.parametrize("n", [16, 3])
+def test_tail_pool_against_per_sample_definition(n):
+    torch.manual_seed(4)
+    lens = [1, 2, 3, 15, 16, 17, 40]
+    k = torch.randn(len(lens), 40, 2, 8)
+    out = tail_pool(k, torch.tensor(lens), n=n)
+    assert out.shape == (len(lens), 2, 8) and out.dtype == torch.float32
+    for b, length in enumerate(lens):  # the mean of the last min(n, len) prompt tokens
+        expected = k[b, max(0, length - n):length].double().mean(0).float()
+        torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6, msg=f"len {length}")
+    poisoned = k.clone()
+    poisoned[0, 1:] = float("nan")  # past sample 0's prompt of 1 token: never read
+    torch.testing.assert_close(tail_pool(poisoned, torch.tensor(lens), n=n), out)
+
+
+def test_router_input_with_and_without_tail():
+    torch.manual_seed(5)
+    k = torch.randn(2, 30, 3, 8)
+    lens = torch.tensor([30, 12])
+    torch.testing.assert_close(router_input(k, lens, 10), boundary_pool(k, lens, 10))   # tail 0: the paper's input
+    both = router_input(k, lens, 10, tail=4)
+    assert both.shape == (2, 3, 16)
+    torch.testing.assert_close(both[..., :8], boundary_pool(k, lens, 10))
+    torch.testing.assert_close(both[..., 8:], tail_pool(k, lens, 4))
+    router = AttentionRouter(8, boundary=10, tail=4)
+    assert router.in_mean.shape == (16,)
+    torch.testing.assert_close(router(k, lens), router.router_mlp(router.task_mlp(both)))
+    # swapping tokens 20 and 29 keeps the boundary mean (both in the last 10) and moves the tail mean (26..29)
+    other = k.clone()
+    other[0, [20, 29]] = k[0, [29, 20]]
+    torch.testing.assert_close(boundary_pool(other, lens, 10), boundary_pool(k, lens, 10))
+    assert not torch.allclose(router(other, lens)[0], router(k, lens)[0])
+    with pytest.raises(ValueError, match="tail must be an integer >= 0"):
+        ElasticConfig(tail=-1)
 
 
 # --- routing --------------------------------------------------------------
@@ -265,6 +303,8 @@ def test_config_modes_and_roundtrip(tmp_path):
     cfg = ElasticConfig(mode_pair="XA-SSA", sink=64, window=512)
     cfg.save(tmp_path / "elastic.json")
     assert ElasticConfig.load(tmp_path / "elastic.json") == cfg
+    (tmp_path / "old.json").write_text('{"mode_pair": "FA-SSA", "sink": 64}')  # saved before `tail` existed
+    assert ElasticConfig.load(tmp_path / "old.json").tail == 0                # the paper's input, as trained
     (tmp_path / "bad.json").write_text('{"sinks": 3}')
     with pytest.raises(ValueError, match="sinks"):
         ElasticConfig.load(tmp_path / "bad.json")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import Transformer
-from router import Routers
+from router import ElasticConfig, Routers
 
 HERE = Path(__file__).parent
 SHORT = ["--min-len", "160", "--max-len", "260", "--sink", "8", "--window", "32", "--eval-samples", "4",
@@ -42,7 +42,7 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
     trained = load_file(out / "routers.safetensors")
     cfg = Transformer.from_pretrained(tiny_dir).config
     torch.manual_seed(1337)  # train.py's default seed: the routers it started from
-    start = Routers(cfg.num_hidden_layers, cfg.head_dim).state_dict()
+    start = Routers(cfg.num_hidden_layers, cfg.head_dim, ElasticConfig(sink=8, window=32, tail=16)).state_dict()
     assert set(trained) == set(start)
     assert any(not torch.equal(trained[k], start[k]) for k in trained if "in_" not in k), \
         "training left the routers unchanged"
@@ -52,6 +52,7 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
     # the checkpoint loads back into the model, with its ElasticConfig
     routers = Routers.load(out, cfg)
     assert routers.elastic.sink == 8 and routers.elastic.window == 32
+    assert routers.elastic.tail == 16 and trained["0.in_mean"].numel() == 2 * cfg.head_dim  # --tail's default
     assert all(torch.equal(v, trained[k]) for k, v in routers.state_dict().items())
     # and training resumes where it stopped
     log = train("--model", tiny_dir, "--out-dir", out, "--steps", 5, "--batch-size", 2, "--eval-every", 0,
@@ -61,6 +62,21 @@ def test_three_steps_change_routers_save_and_resume(tiny_dir, tmp_path):
     assert "step 3 |" not in log
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_resume_of_a_run_from_before_tail(tiny_dir, tmp_path):
+    """A run saved before --tail existed (no `tail` among its arguments) resumes with the paper's input it was
+    trained on, not with today's default."""
+    out = tmp_path / "old"
+    train("--model", tiny_dir, "--out-dir", out, "--steps", 1, "--batch-size", 2, "--eval-every", 0, "--tail", 0,
+          *SHORT)
+    meta = json.loads((out / "routers.json").read_text())
+    del meta["args"]["tail"]
+    (out / "routers.json").write_text(json.dumps(meta))
+    log = train("--model", tiny_dir, "--out-dir", out, "--steps", 2, "--batch-size", 2, "--eval-every", 0,
+                "--resume", *SHORT)
+    assert "at step 1" in log and "step 2 |" in log
+    assert json.loads((out / "routers.json").read_text())["args"]["tail"] == 0
 
 
 def test_torchrun_two_processes_keep_routers_identical(tiny_dir, tmp_path):

@@ -110,6 +110,9 @@ def main():
     parser.add_argument("--xa-stride", type=int, default=ElasticConfig.xa_stride, help="XAttention antidiagonal stride")
     parser.add_argument("--sk-k", type=int, default=ElasticConfig.sk_k, help="SK (SparseK): keys each query selects "
                         "beyond sink and window (FA-SK; its --window must be a multiple of 128)")
+    parser.add_argument("--tail", type=int, default=16, help="ours: the routers also read the mean key of the prompt's "
+                        "last TAIL tokens, beside the paper's boundary mean; 0: the paper's input alone (README: the "
+                        "router)")
     # data
     parser.add_argument("--min-len", type=int, default=1024, help="synthetic mix: shortest sample, in tokens")
     parser.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens (JSONL: contexts are cut)")
@@ -187,6 +190,7 @@ def main():
             saved = json.loads((out_dir / "routers.json").read_text())["args"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             fail(f"--resume: cannot read the run's arguments from {out_dir / 'routers.json'} ({e})")
+        saved.setdefault("tail", 0)  # a run from before --tail read the paper's input alone
         for name, value in saved.items():
             if name in ("out_dir", "resume") or name not in vars(args):
                 continue  # the dir may have moved; a flag this version no longer has
@@ -229,7 +233,8 @@ def main():
             fail(f"{flag(name, getattr(args, name))} is out of range: it must be {want}")
     try:
         elastic = ElasticConfig(mode_pair=args.mode_pair, sink=args.sink, window=args.window,
-                                xa_threshold=args.xa_threshold, xa_stride=args.xa_stride, sk_k=args.sk_k)
+                                xa_threshold=args.xa_threshold, xa_stride=args.xa_stride, sk_k=args.sk_k,
+                                tail=args.tail)
         elastic.check_context(args.max_len)  # SK: k keys to select must exist in the longest sample
     except ValueError as e:
         fail(e)
@@ -436,7 +441,7 @@ def main():
     if start == 0 and args.warm_start > 0:  # ours: routers that read the task from step 0 (README: Training)
         batches = list(stream_batches(args.warm_start, "warm start: pooled keys"))
         keys = torch.cat(list(dense_pooled_keys(model, ((b.input_ids, b.prompt_lens) for b in batches),
-                                                elastic.boundary)), 1)           # [L, N, G, D]
+                                                elastic.boundary, elastic.tail)), 1)  # [L, N, G, D or 2D]
         labels = torch.cat([b.task_class for b in batches])
         if ddp:  # every rank fits all ranks' prompts (as many on each), then takes rank 0's routers
             def gather(x):
