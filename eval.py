@@ -25,7 +25,8 @@ Statistics: every mean with a percentile-bootstrap 95% interval (1000 resamples,
 (elastic minus dense, elastic minus its matched static hybrid) resample the samples; the AUC of Omega as a score
 of the task class (robust positive) on the held-out kinds. --probe fits a logistic regression on the dense model's
 pooled pre-RoPE keys (the input of the first routers: boundary mean, and tail mean if they read one) over
-train-split samples and reports its held-out AUC next to the routers': a probe far above the routers says the routers fail, one near them says the data does.
+train-split samples and reports its held-out AUC next to the routers': a probe far above the routers says the
+routers fail, one near them says the data does.
 Writes out-eval/eval_results.md (rewritten after every method) and, with matplotlib, the figure beside it;
 `--out eval_results.md` writes the committed files instead. Every flag is checked before the model loads; a bad
 one is one line on stderr.
@@ -124,7 +125,8 @@ def class_gap(v):
 @torch.no_grad()
 def pooled_keys(model, samples, boundary=100, tail=0, batch_size=16):
     """The dense model's pooled pre-RoPE keys of every layer (router.dense_pooled_keys of each prompt, what routers
-    of this boundary and tail read), [N, L * G * D (or 2D)] fp32 on the CPU. Prompts right-padded (causal: padding is never seen)."""
+    of this boundary and tail read), [N, L * G * D (or 2D)] fp32 on the CPU. Prompts right-padded (causal: padding
+    is never seen)."""
     device = model.output_weight().device
 
     def batches():
@@ -442,10 +444,10 @@ def main():
         if probe is not None:
             pooling = f"boundary {ssa_config.boundary}" + (f", tail {ssa_config.tail}" if ssa_config.tail else "")
             lines += ["", f"Linear probe (logistic regression on the dense model's pooled pre-RoPE keys of every "
-                      f"layer, the first routers' input ({pooling}), fitted on {args.probe_samples} train-split samples of the trained kinds at "
-                      f"{min(args.lengths)} tokens): AUC {probe[0]:.3f} [{probe[1]:.3f}, {probe[2]:.3f}] on the "
-                      "held-out samples. Near the routers' AUC: the training data limits routing; far above it: the "
-                      "routers do."]
+                      f"layer, the first routers' input ({pooling}), fitted on {args.probe_samples} train-split "
+                      f"samples of the trained kinds at {min(args.lengths)} tokens): AUC {probe[0]:.3f} "
+                      f"[{probe[1]:.3f}, {probe[2]:.3f}] on the held-out samples. Near the routers' AUC: the training "
+                      "data limits routing; far above it: the routers do."]
 
         if final and done:  # the claims, with their intervals
             lines += ["", "The claims on this run (95% intervals):", ""]

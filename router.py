@@ -2,11 +2,11 @@
 The Attention Router of Elastic Attention (arXiv 2601.17367), its training signal and its saved form.
 
 One small router per layer looks at the layer's key states *before RoPE*, pooled over the two ends of
-the prompt (and, ours, over its last few tokens: ElasticConfig.tail), and sends each KV head (a GQA group) either to a retrieval mode (full attention, class 0)
-or to a sparse mode (streaming sink+window or XAttention, class 1). The routers are the only thing that
-trains, together with two Lagrange multipliers per task class that hold the model sparsity ratio Omega
-(the fraction of sparse heads) near a per-task target (paper Eq. 8). README.md, "The method", writes the
-whole method down with its numbers.
+the prompt (and, ours, over its last few tokens: ElasticConfig.tail), and sends each KV head (a GQA group)
+either to a retrieval mode (full attention, class 0) or to a sparse mode (streaming sink+window or
+XAttention, class 1). The routers are the only thing that trains, together with two Lagrange multipliers
+per task class that hold the model sparsity ratio Omega (the fraction of sparse heads) near a per-task
+target (paper Eq. 8). README.md, "The method", writes the whole method down with its numbers.
 
 This file holds, in the order a reader needs them:
     ElasticConfig         how routed heads run (mode pair, SSA sink/window, XA threshold/stride, pooling)
@@ -190,7 +190,7 @@ def _prompt_lens(k: torch.Tensor, prompt_lens: torch.Tensor | None, n: int) -> t
     if prompt_lens.device.type == "cpu":
         check_prompt_lens(prompt_lens, T)
     if n < 1:
-        raise ValueError(f"n (tokens pooled at each end) must be >= 1, got {n}")
+        raise ValueError(f"n (tokens pooled) must be >= 1, got {n}")
     return prompt_lens.to(k.device)
 
 
