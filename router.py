@@ -11,7 +11,8 @@ target (paper Eq. 8). README.md, "The method", writes the whole method down with
 This file holds, in the order a reader needs them:
     ElasticConfig         how routed heads run (mode pair, SSA sink/window, XA threshold/stride, pooling)
     boundary_pool         mean of the first and last `boundary` prompt tokens, fp32     [B, T, G, D] -> [B, G, D]
-    tail_pool             mean of the last `tail` prompt tokens (ours), and router_input, what a router reads
+    tail_pool             mean of the last `tail` prompt tokens (ours): boundary_pool's last end alone
+    router_input          what a router reads: boundary_pool, and with a tail tail_pool beside it
     AttentionRouter       Task MLP -> Router MLP, one per layer, shared by its KV heads [B, T, G, D] -> [B, G, 2]
     Routers               the routers of all layers, saved and loaded with the ElasticConfig they route for
     calibrate_routers     the routers' input standardisation from the dense model (ours)
@@ -151,25 +152,14 @@ def boundary_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: i
     training and inference alike.)
     """
     prompt_lens = _prompt_lens(k, prompt_lens, n)
-    pos = torch.arange(n, device=k.device)                               # [n]
-    m = prompt_lens.clamp(max=n)                                          # [B] tokens at each end
-    # Positions beyond the first m of each end get weight 0 and are clamped into the prompt, so padding
-    # (whatever it holds) is never read.
-    first = torch.minimum(pos, prompt_lens[:, None] - 1)                  # [B, n] positions 0..m-1
-    last = (prompt_lens[:, None] - 1 - pos).clamp(min=0)                  # [B, n] positions len-1 down to len-m
-    valid = (pos < m[:, None]).repeat(1, 2)                               # [B, 2n] the first m of each end
-    return _weighted_mean(k, torch.cat([first, last], dim=1), valid.float() / (2 * m[:, None]).float())
+    return (_end_mean(k, prompt_lens, n, last=False) + _end_mean(k, prompt_lens, n, last=True)) / 2
 
 
 def tail_pool(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, n: int = 16) -> torch.Tensor:
     """Ours: the mean of the last m = min(n, prompt_len) prompt tokens' keys, fp32, [B, T, G, D] -> [B, G, D].
     Arguments as boundary_pool. These tokens (the question when it comes last, the chat template's assistant
     header) sit where the model starts its answer and have attended to the whole prompt."""
-    prompt_lens = _prompt_lens(k, prompt_lens, n)
-    pos = torch.arange(n, device=k.device)
-    m = prompt_lens.clamp(max=n)
-    last = (prompt_lens[:, None] - 1 - pos).clamp(min=0)                  # [B, n] positions len-1 down to len-m
-    return _weighted_mean(k, last, (pos < m[:, None]).float() / m[:, None].float())
+    return _end_mean(k, _prompt_lens(k, prompt_lens, n), n, last=True)
 
 
 def router_input(k: torch.Tensor, prompt_lens: torch.Tensor | None = None, boundary: int = 100,
@@ -194,9 +184,16 @@ def _prompt_lens(k: torch.Tensor, prompt_lens: torch.Tensor | None, n: int) -> t
     return prompt_lens.to(k.device)
 
 
-def _weighted_mean(k: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum_n weight[b, n] * k[b, idx[b, n]] in fp32: [B, T, G, D], idx and weight [B, n] -> [B, G, D]."""
-    picked = k[torch.arange(k.shape[0], device=k.device)[:, None], idx].float()  # [B, n, G, D]
+def _end_mean(k: torch.Tensor, prompt_lens: torch.Tensor, n: int, last: bool) -> torch.Tensor:
+    """The mean of the first (last=False) or last m = min(n, prompt_len) prompt tokens, fp32: [B, T, G, D] ->
+    [B, G, D]. Positions beyond the m get weight 0 and are clamped into the prompt, so padding (whatever it holds)
+    is never read."""
+    pos = torch.arange(n, device=k.device)                                            # [n]
+    m = prompt_lens.clamp(max=n)                                                      # [B]
+    idx = ((prompt_lens[:, None] - 1 - pos).clamp(min=0) if last                      # [B, n] len-1 down to len-m
+           else torch.minimum(pos, prompt_lens[:, None] - 1))                         # [B, n] 0 up to m-1
+    weight = (pos < m[:, None]).float() / m[:, None].float()                          # [B, n] sums to 1
+    picked = k[torch.arange(k.shape[0], device=k.device)[:, None], idx].float()      # [B, n, G, D]
     return torch.einsum("bn,bngd->bgd", weight, picked)
 
 
