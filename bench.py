@@ -35,7 +35,7 @@ import triton
 
 import kernel
 from attention import flex_block_mask, sk_flex_attention
-from default_model import command_line
+from cli import command_line
 from kernel import FA, SK, SSA, XA
 from sparsek import sk_select
 

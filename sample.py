@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from default_model import check_device, checkpoint_dir, routers_dir
+from cli import check_device, checkpoint_dir, routers_dir
 from router import MODE_IDS, MODE_PAIRS, ElasticConfig
 
 

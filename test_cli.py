@@ -335,7 +335,7 @@ def test_two_processes_convert_the_default_model_at_once(tmp_path):
 
 
 def test_results_files_name_the_command_without_the_writers_dirs():
-    from default_model import command_line
+    from cli import command_line
     argv = ["--routers", "fa-ssa", "--out", "/some/where/eval_results.md", "--figure", "d/f.png", "--seed", "3"]
     assert command_line("eval.py", argv) == \
         "python eval.py --routers fa-ssa --out eval_results.md --figure f.png --seed 3"

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from data import HELDOUT_KINDS, KIND_CLASS, ROBUST, SENSITIVE, SyntheticMix
-from default_model import SHIPPED_ROUTERS, routers_dir
+from cli import SHIPPED_ROUTERS, routers_dir
 from model import Transformer
 from router import MODE_PAIRS, Routers
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from data import IGNORE, ROBUST, SENSITIVE, JsonlDataset, SyntheticMix, collate
-from default_model import check_device, checkpoint_dir
+from cli import check_device, checkpoint_dir
 from kernel import FA
 from model import Transformer
 from router import (MODE_PAIRS, TARGETS, TAU_END, TAU_FRAC, TAU_START, ElasticConfig, Routers, SparsityConstraint,
