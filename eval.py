@@ -314,13 +314,10 @@ def main():
     model.elastic = ssa_config
     scores = retrieval_scores(model, probe_samples(tokenizer, model.config.max_position_embeddings))
 
-    def fixed(mode):
-        return torch.full((1, L, G), mode, dtype=torch.int32, device=device)
-
-    methods = {"dense FA": (None, fixed(FA), ssa_config),
+    methods = {"dense FA": (None, model.fixed_modes(FA), ssa_config),
                f"static FA-SSA {args.static_ratio:.2f}": (None, static_modes(scores, args.static_ratio, ssa_config),
                                                           ssa_config),
-               "XAttention (all heads)": (None, fixed(XA), ssa_config)}
+               "XAttention (all heads)": (None, model.fixed_modes(XA), ssa_config)}
     elastic = {}  # elastic method name -> its label (dir name)
     for label, routers in loaded:
         name = f"elastic {routers.elastic.mode_pair}" + (f" ({label})" if len(loaded) > 1 else "")

@@ -226,6 +226,13 @@ class Transformer(nn.Module):
     def output_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
+    def fixed_modes(self, mode, batch=1):
+        """int32 [batch, L, G]: every KV head in one mode, for forward(modes=...). attention.FA is dense attention,
+        also when the model holds routers."""
+        cfg = self.config
+        return torch.full((batch, cfg.num_hidden_layers, cfg.num_key_value_heads), mode, dtype=torch.int32,
+                          device=self.output_weight().device)
+
     def forward(self, idx, pos=None, *, prompt_lens=None, tau=None, modes=None, caches=None, return_routing=False,
                 last_only=False, lengths=None):
         """idx [B, T] token ids -> logits [B, T, V] (fp32 when the model is fp32).

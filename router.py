@@ -325,7 +325,7 @@ def dense_pooled_keys(model, batches, boundary: int = 100, tail: int = 0):
     every layer (router_input with this boundary and tail), [L, B, G, D or 2D] fp32: what the routers read,
     observed by forward hooks on each layer's `tap` (model.Attention), removed when the generator ends."""
     layers = [block.self_attn for block in model.model.layers]
-    L, G = len(layers), model.config.num_key_value_heads
+    L = len(layers)
     got = {}
 
     def observe(i):
@@ -337,8 +337,7 @@ def dense_pooled_keys(model, batches, boundary: int = 100, tail: int = 0):
     try:
         for input_ids, prompt_lens in batches:
             got["lens"] = prompt_lens
-            model(input_ids, prompt_lens=prompt_lens, modes=torch.full((input_ids.shape[0], L, G), FA,
-                                                                       device=input_ids.device), last_only=True)
+            model(input_ids, prompt_lens=prompt_lens, modes=model.fixed_modes(FA, input_ids.shape[0]), last_only=True)
             yield torch.stack([got[i] for i in range(L)])
     finally:
         for h in handles:

@@ -140,9 +140,8 @@ def main():
             model.elastic = ElasticConfig(**{**vars(model.routers.elastic), **overrides})
         else:
             model.elastic = ElasticConfig(**overrides)
-        L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
         if args.modes:
-            modes = torch.full((1, L, G), MODE_IDS[args.modes[4:].upper()], dtype=torch.int32, device=device)
+            modes = model.fixed_modes(MODE_IDS[args.modes[4:].upper()])
         elif args.sparse_ratio is not None:  # rank heads on a few retrieval prompts (static_hybrid.py)
             modes = static_hybrid_modes(model, tokenizer, args.sparse_ratio)
     except (FileNotFoundError, ValueError) as e:

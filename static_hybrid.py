@@ -56,7 +56,7 @@ def retrieval_scores(model, samples):
 
         handles = [a.tap.register_forward_pre_hook(score(i)) for i, a in enumerate(layers)]
         try:
-            model(ids[None], modes=None if model.routers is None else dense_modes(model, 1), last_only=True)
+            model(ids[None], modes=None if model.routers is None else model.fixed_modes(FA), last_only=True)
         finally:
             for h in handles:
                 h.remove()
@@ -70,12 +70,6 @@ def attention_rows(q, k, rows):
     kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()  # [B, H, T, D]
     s = q[:, :, rows].float() @ kk.transpose(-1, -2) / D ** 0.5       # [B, H, P, T]
     return s.masked_fill(torch.arange(T, device=q.device) > rows[:, None], float("-inf")).softmax(-1)
-
-
-def dense_modes(model, B):
-    """Every head FA, [B, L, G]: dense attention even when the model has routers."""
-    L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
-    return torch.full((B, L, G), FA, dtype=torch.int32, device=model.output_weight().device)
 
 
 def static_modes(scores, sparse_ratio, elastic):

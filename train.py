@@ -376,7 +376,7 @@ def main():
             weight = float(i < args.eval_samples)
             sample = heldout[i if weight else 0]
             batch = collate([sample], pad_id, answer_only=True, pad_multiple=args.pad_multiple).to(device)
-            dense = cross_entropy(model(batch.input_ids, modes=torch.full((1, L, G), FA, device=device)),
+            dense = cross_entropy(model(batch.input_ids, modes=model.fixed_modes(FA)),
                                   batch.targets)
             logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, return_routing=True)
             c = batch.task_class.item()
@@ -473,7 +473,7 @@ def main():
                                    if logged_step(line) <= start))
             os.replace(tmp, log_file)
         log = open(log_file, "a")
-    dense_modes = torch.full((1, model.config.num_hidden_layers, model.config.num_key_value_heads), FA, device=device)
+    dense_modes = model.fixed_modes(FA)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, dynamic_ncols=True)
     for step in bar:
         progress["step"] = step
