@@ -11,11 +11,11 @@ and the same for values. A segment has `cap` slots and starts at `base`:
 So one rule serves every mode: write the new key at slot(p) = p if p < cap else sink + (p - sink) % window,
 then attend the n = min(p + 1, cap) filled slots. The order of the keys in a segment does not matter to a
 softmax; the mode is only in `cap`.
-    SK heads         the same ring, plus `extra` (= sk_k) slots after it holding the selected keys, whose log p
-                     (`bias`, one float per slot of the flat buffer, -inf for an empty slot) is added to their
-                     logits; of the ring only the sinks and the local span count: a slot whose key is `age`
-                     positions old is read iff age <= p - c_m, c_m = 128 (p // 128 + 1) - window (kernel.py, SK).
-                     attention.KVCache.sk_update keeps the selected slots.
+    SK heads         the same ring, plus `selected` (= sk_k) slots after it holding the keys SparseK selected,
+                     whose log p (`logp`, one float per slot of the flat buffer, -inf for an empty slot) is added to
+                     their logits; of the ring only the sinks and the local span count: a slot whose key is `age`
+                     positions old is read iff age <= p - c_m, c_m = sparsek.span_start(p // 128). sparsek.SKCache
+                     keeps the selected slots.
 
 At B = 1 with GQA there are only a handful of (row, KV head) pairs: one program each would leave an H200's
 132 multiprocessors idle and read the cache at a quarter of its bandwidth. So each segment is split along its
@@ -34,6 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsek import BLOCK, span_start, tl_span_start
+
+_BLOCK = tl.constexpr(BLOCK)
+
 # -----------------------------------------------------------------------------
 # 1. The reference: plain PyTorch, fp32 math. The definition the kernel is tested against; the model uses it on
 # the CPU.
@@ -45,13 +49,13 @@ def cache_slot(pos, cap, sink, window):
 
 
 def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink, window, sm_scale=None,
-                               extra=None, bias=None):
+                               selected=None, logp=None):
     """One decode step of B rows. q [B, H, D]; k_new, v_new [B, G, D]; k_cache, v_cache [N, D] (written in
     place); base, cap [B * G] int (the segment of row b, KV head g at index b * G + g); pos [B] int (the
     position of the new token of each row). Writes the new keys and values at slot(pos), then every query head
     attends the min(pos + 1, cap) filled slots of its group's segment -> o [B, H, D].
-    SK segments (extra [B * G] > 0, bias [N] fp32): of the ring only the sinks and the local span, plus the
-    `extra` slots after the ring with their bias (log p) added (module docstring)."""
+    SK segments (selected [B * G] > 0, logp [N] fp32): of the ring only the sinks and the local span, plus the
+    `selected` slots after the ring with their log p added (module docstring)."""
     B, H, D = q.shape
     G = k_new.shape[1]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
@@ -61,18 +65,18 @@ def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, base, cap, pos
     k_cache[at] = k_new.reshape(B * G, D).to(k_cache.dtype)
     v_cache[at] = v_new.reshape(B * G, D).to(v_cache.dtype)
     n = torch.minimum(p + 1, cap)                                            # [B*G] filled slots
-    extra = torch.zeros_like(cap) if extra is None else extra.long()
-    j = torch.arange(int((n + extra).max()), device=base.device)            # a host sync: the reference only
+    selected = torch.zeros_like(cap) if selected is None else selected.long()
+    j = torch.arange(int((n + selected).max()), device=base.device)         # a host sync: the reference only
     ring = j < n[:, None]                                                    # [B*G, n_max]
     slot = torch.where(ring, j, cap[:, None] + j - n[:, None])               # ring slots, then the selected ones
     idx = (base[:, None] + slot).clamp(max=k_cache.shape[0] - 1)            # [B*G, n_max]
-    filled = j < (n + extra)[:, None]
+    filled = j < (n + selected)[:, None]
     age = (cache_slot(p, cap, sink, window)[:, None] - slot) % window
-    local = (slot < sink) | (age <= (p - ((p // 128 + 1) * 128 - window))[:, None])
-    filled = filled & ((extra[:, None] == 0) | ~ring | local)
+    local = (slot < sink) | (age <= (p - span_start(p // BLOCK, window))[:, None])
+    filled = filled & ((selected[:, None] == 0) | ~ring | local)
     add = torch.zeros(idx.shape, device=base.device)
-    if bias is not None:
-        add = torch.where(ring, 0.0, bias[idx].float())
+    if logp is not None:
+        add = torch.where(ring, 0.0, logp[idx].float())
     filled = filled[..., None]                                               # [B*G, n_max, 1]
     k = torch.where(filled, k_cache[idx].float(), 0.0)                       # [B*G, n_max, D]; slots past
     v = torch.where(filled, v_cache[idx].float(), 0.0)                       # n may hold anything
@@ -87,7 +91,7 @@ def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, base, cap, pos
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KNew, VNew, KC, VC, Base, Cap, Pos, Extra, Bias, MOut, LOut, AccOut,
+    Q, KNew, VNew, KC, VC, Base, Cap, Pos, Selected, Logp, MOut, LOut, AccOut,
     stride_qb, stride_qh, stride_nb, stride_ng,
     G, GROUP, N_SPLITS, sink, window, qk_scale,
     D: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -100,10 +104,10 @@ def _decode_split_kernel(
     pos = tl.load(Pos + b)
     cap = tl.load(Cap + bg)
     base = tl.load(Base + bg).to(tl.int64)
-    extra = tl.load(Extra + bg)                                        # SK: selected slots after the ring
+    n_sel = tl.load(Selected + bg)                                     # SK: selected slots after the ring
     n = tl.minimum(pos + 1, cap)                                       # filled slots once the new key is in
     slot_new = tl.where(pos < cap, pos, sink + (pos - sink) % window)
-    local = pos - ((pos // 128 + 1) * 128 - window)                    # SK: the oldest ring key it reads (age)
+    local = pos - tl_span_start(pos // _BLOCK, window)                 # SK: the oldest ring key it reads (age)
     offs_h = tl.arange(0, GROUP_P2)                                    # the group's query heads (padded)
     offs_d = tl.arange(0, D)
     h_ok = offs_h < GROUP
@@ -124,9 +128,9 @@ def _decode_split_kernel(
         l_i = tl.full([GROUP_P2], 1.0, tl.float32)
         acc = tl.zeros([GROUP_P2, D], tl.float32) + vn.to(tl.float32)[None, :]
     # the chunk's filled slots, a BLOCK_N tile at a time, online softmax as in flash attention; a segment's
-    # slots in order: the n ring slots, then its `extra` selected slots (SK)
+    # slots in order: the n ring slots, then its n_sel selected slots (SK)
     lo = s * SPLIT
-    hi = tl.minimum(lo + SPLIT, n + extra)
+    hi = tl.minimum(lo + SPLIT, n + n_sel)
     for start_n in range(lo, hi, BLOCK_N):
         offs_v = start_n + tl.arange(0, BLOCK_N)
         ring = offs_v < n
@@ -135,10 +139,10 @@ def _decode_split_kernel(
         age = (slot_new - offs_n + window) % window
         keep = (offs_v < hi) & (offs_n != slot_new)
         sk_keep = sel | (offs_n < sink) | (age <= local)
-        keep = keep & (sk_keep | (tl.zeros_like(offs_v) + extra == 0))
+        keep = keep & (sk_keep | (tl.zeros_like(offs_v) + n_sel == 0))
         k = tl.load(KC + (base + offs_n)[None, :] * D + offs_d[:, None], mask=keep[None, :], other=0.0)  # [D, BN]
-        bias = tl.load(Bias + base + offs_n, mask=keep & sel, other=0.0) * 1.4426950408889634  # log p, log2 units
-        qk = tl.dot(q, k) * qk_scale + bias[None, :]                   # [GROUP_P2, BLOCK_N]
+        logp = tl.load(Logp + base + offs_n, mask=keep & sel, other=0.0) * 1.4426950408889634  # log2 units
+        qk = tl.dot(q, k) * qk_scale + logp[None, :]                   # [GROUP_P2, BLOCK_N]
         qk = tl.where(keep[None, :], qk, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)          # a chunk may hold nothing yet
@@ -190,9 +194,9 @@ def decode_splits(max_cap, split):
 
 
 def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink, window, n_splits, split=None,
-                     sm_scale=None, out=None, extra=None, bias=None, _config=None):
+                     sm_scale=None, out=None, selected=None, logp=None, _config=None):
     """The kernel version of decode_attention_reference (same arguments, same result), in two launches.
-    n_splits: chunks per segment, decode_splits(max(cap + extra), split), passed in so that the launch needs nothing
+    n_splits: chunks per segment, decode_splits(max(cap + selected), split), passed in so that the launch needs nothing
     from the device (CUDA graphs); split: slots per chunk (default 512 on the GPU, 64 in the interpreter).
     fp16 / bf16 (fp32 for the CPU tests); D a power of two >= 16."""
     B, H, D = q.shape
@@ -222,13 +226,14 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
     acc = torch.empty(B * G * n_splits * group_p2, D, device=dev, dtype=torch.float32)
     if k_new.stride(-1) != 1 or v_new.stride(1) != k_new.stride(1) or v_new.stride(0) != k_new.stride(0):
         k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    if extra is None:  # no SK segment: nothing after the rings, the bias never read
-        extra = torch.zeros_like(cap)
-        bias = torch.zeros(1, device=dev, dtype=torch.float32)
-    elif bias is None or bias.shape != (k_cache.shape[0],) or bias.dtype != torch.float32 or extra.shape != cap.shape:
-        raise ValueError(f"with extra [B*G] (SK segments) pass bias, fp32 [N={k_cache.shape[0]}]")
+    if selected is None:  # no SK segment: nothing after the rings, logp never read
+        selected = torch.zeros_like(cap)
+        logp = torch.zeros(1, device=dev, dtype=torch.float32)
+    elif logp is None or logp.shape != (k_cache.shape[0],) or logp.dtype != torch.float32 \
+            or selected.shape != cap.shape:
+        raise ValueError(f"with selected [B*G] (SK segments) pass logp, fp32 [N={k_cache.shape[0]}]")
     _decode_split_kernel[(B * G, n_splits)](
-        q, k_new, v_new, k_cache, v_cache, base, cap, pos, extra, bias, m, l, acc,
+        q, k_new, v_new, k_cache, v_cache, base, cap, pos, selected, logp, m, l, acc,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
         G, H // G, n_splits, sink, window, scale,
         D=D, GROUP_P2=group_p2, SPLIT=split, BLOCK_N=block_n, num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
@@ -246,13 +251,13 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
 @torch.library.custom_op("elastic::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, base: torch.Tensor, cap: torch.Tensor, pos: torch.Tensor,
-                        sink: int, window: int, n_splits: int, split: int, extra: torch.Tensor | None = None,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+                        sink: int, window: int, n_splits: int, split: int, selected: torch.Tensor | None = None,
+                        logp: torch.Tensor | None = None) -> torch.Tensor:
     return decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink=sink, window=window,
-                            n_splits=n_splits, split=split, extra=extra, bias=bias)
+                            n_splits=n_splits, split=split, selected=selected, logp=logp)
 
 
 @decode_attention_op.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink, window, n_splits, split, extra=None, bias=None):
+def _(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink, window, n_splits, split, selected=None, logp=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 

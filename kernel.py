@@ -10,10 +10,10 @@ Each KV head of each batch element has a mode (FA = 0, SSA = 1, XA = 2, SK = 3),
        XAttention estimate (arXiv 2503.16428): antidiagonal scores of 16 x 16 cells, softmax per row,
        summed into block scores, then per block row the sink block, the diagonal block and the
        highest-scoring blocks until their mass reaches `xa_threshold` of the row.
-- SK:  (SparseK, arXiv 2406.16747; defined in sparsek.py, sk_pool) query i in 128-query block m sees the sink, its local span
-       c_m <= j <= i with c_m = 128 (m + 1) - window, and the sk_k best-scoring earlier keys by a per-key
-       score, whose logits get + log p (p from SPARSEK). The selection runs first (sk_select: a sort, two small
-       Triton kernels).
+- SK:  (SparseK, arXiv 2406.16747; defined in sparsek.py) query i in 128-query block m sees the sink, its local
+       span c_m <= j <= i with c_m = sparsek.span_start(m) = 128 (m + 1) - window, and the sk_k best-scoring
+       earlier keys by a per-key score, whose logits get + log p (p from SPARSEK). The selection runs first
+       (sparsek.sk_select: a sort, two small Triton kernels).
 
 Read top to bottom, in the order of the Triton tutorial (06-fused-attention): 1. the reference (the
 definition), 2. the attention kernel and its wrapper, 3. where XA's block list comes from (the estimate),
@@ -38,10 +38,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sparsek import BLOCK as KV_BLOCK  # the method's block: XA selects 128 x 128 blocks, SK per 128 queries
-from sparsek import sk_bias_reference, sk_select
+import sparsek
+from sparsek import sk_bias_reference, sk_select, tl_candidates, tl_span_start
 
 FA, SSA, XA, SK = 0, 1, 2, 3
+KV_BLOCK = 128  # the method's block: XA selects 128 x 128 blocks; SK selects per block of 128 queries
+assert KV_BLOCK == sparsek.BLOCK
 
 # the same numbers as constants the kernels can read
 _SSA = tl.constexpr(SSA)
@@ -201,7 +203,7 @@ def _key_ranges(mode, start_m, T, sink, window, sk_k, BLOCK_M: tl.constexpr, BLO
     # from start_m + BLOCK_M - window on. Between the two the queries disagree: the edge. SK: every query
     # of the tile sees from c = 128 (m + 1) - window on (its 128-query block m); an edge only if c is not
     # a multiple of BLOCK_N.
-    c = (start_m // _KV_BLOCK + 1) * _KV_BLOCK - window
+    c = tl_span_start(start_m // _KV_BLOCK, window)
     edge_lo = tl.maximum(tl.where(is_sk, c, start_m - window + 1), 0) // BLOCK_N * BLOCK_N
     edge_lo = tl.minimum(edge_lo, diag_lo)
     full_lo = (tl.maximum(tl.where(is_sk, c, start_m + BLOCK_M - window), 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -211,7 +213,7 @@ def _key_ranges(mode, start_m, T, sink, window, sk_k, BLOCK_M: tl.constexpr, BLO
     edge_lo = tl.where(local, edge_lo, tl.where(is_xa, diag_lo, 0))  # FA: all from 0; XA: the list
     full_lo = tl.where(local, full_lo, edge_lo)
     # SK: the best min(k, n) of the n candidates sink <= j < c (the selection's rows hold them first)
-    n_sel = tl.where(is_sk, tl.minimum(tl.maximum(tl.minimum(c, T) - sink, 0), sk_k), 0)
+    n_sel = tl.where(is_sk, tl.minimum(tl_candidates(start_m // _KV_BLOCK, T, sink, window), sk_k), 0)
     return sink_hi, edge_lo, full_lo, diag_lo, diag_hi, n_sel
 
 
@@ -285,7 +287,7 @@ def _elastic_attn_fwd(
     sink_hi, edge_lo, full_lo, diag_lo, diag_hi, n_sel = _key_ranges(mode, start_m, T, sink, window, sk_k,
                                                                      BLOCK_M, BLOCK_N)
     # where each query's local keys start: SSA its window, SK its block's local span; FA and XA: key 0
-    c = (start_m // _KV_BLOCK + 1) * _KV_BLOCK - window
+    c = tl_span_start(start_m // _KV_BLOCK, window)
     local_lo = tl.where(mode == _SSA, offs_m - window + 1, tl.where(mode == _SK, c, 0))
 
     # 1. masked tiles, one loop over three ranges: the sink, the window's edge (SSA, SK), the diagonal

@@ -118,10 +118,6 @@ def apply_rope(x, cos, sin):
 # -----------------------------------------------------------------------------
 # the decoder
 
-
-# -----------------------------------------------------------------------------
-# the decoder
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -158,8 +154,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.tap = Tap()
 
-    def forward(self, x, cos, sin, run, i):
-        """x [B, T, C] -> (y [B, T, C], attention.Routed of layer i, or None when nothing was routed)."""
+    def forward(self, x, cos, sin, fwd, i):
+        """x [B, T, C] -> (y [B, T, C], attention.LayerRouting of layer i, or None when nothing was routed)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)     # [B, T, H, D]
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # [B, T, G, D]
@@ -169,9 +165,9 @@ class Attention(nn.Module):
         k_pre = k  # what the router reads: key states before RoPE, after Qwen3's k_norm
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if run.pos is None:  # a prefill
+        if fwd.pos is None:  # a prefill
             self.tap(q, k, k_pre)
-        y, routed = attention.attend(q, k, v, k_pre, run, i)
+        y, routed = attention.attend(q, k, v, k_pre, fwd, i)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
         return self.o_proj(y), routed
 
@@ -195,8 +191,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, run, i):
-        h, routed = self.self_attn(self.input_layernorm(x), cos, sin, run, i)
+    def forward(self, x, cos, sin, fwd, i):
+        h, routed = self.self_attn(self.input_layernorm(x), cos, sin, fwd, i)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), routed
 
@@ -247,18 +243,42 @@ class Transformer(nn.Module):
         hold T x V logits). lengths: a prefill of rows of several lengths (Python ints), right-padded to T: each row
         runs as if alone (routers pool its tokens, unless prompt_lens says otherwise; caches hold them; last_only
         gives its own last token's logits). Fixed modes are checked once here, not in every layer."""
+        fwd = self._forward_spec(idx, pos, prompt_lens, tau, modes, caches, lengths)
         B, T = idx.shape
-        lens = None
+        x = self.model.embed_tokens(idx)
+        positions = torch.arange(T, device=idx.device)[None] if fwd.pos is None else fwd.pos[:, None]  # [1|B, T]
+        freqs = positions.float()[..., None] * self.inv_freq                                 # [B|1, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                                              # [B|1, T, D]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        routed = []
+        for i, block in enumerate(self.model.layers):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, r = checkpoint(block, x, cos, sin, fwd, i, use_reentrant=False)  # the RNG is replayed: same z
+            else:
+                x, r = block(x, cos, sin, fwd, i)
+            routed.append(r)
+        if last_only:
+            last = fwd.lengths_device
+            x = x[:, -1:] if last is None else x[torch.arange(B, device=x.device), last.long() - 1][:, None]
+        logits = F.linear(self.model.norm(x), self.output_weight())
+        if not return_routing:
+            return logits
+        return logits, None if routed[0] is None else attention.Routing.stack(routed, self.elastic)
+
+    def _forward_spec(self, idx, pos, prompt_lens, tau, modes, caches, lengths):
+        """forward()'s arguments checked once, for all layers -> attention.Forward."""
+        B, T = idx.shape
+        lengths_device = None
         if lengths is not None:
             lengths = [int(n) for n in lengths]
             if pos is not None or len(lengths) != B or not all(1 <= n <= T for n in lengths):
                 raise ValueError(f"lengths must give each of the B={B} rows of a prefill its tokens, in [1, T={T}]; "
                                  f"got {lengths}")
-            lens = torch.tensor(lengths, dtype=torch.int32).to(idx.device, non_blocking=True)
+            lengths_device = torch.tensor(lengths, dtype=torch.int32).to(idx.device, non_blocking=True)
         if prompt_lens is not None:
             check_prompt_lens(prompt_lens, T)  # once here, not in every layer's router (a sync on the GPU)
-        elif lens is not None:
-            prompt_lens = lens.long()  # checked above, on the host: no sync
+        elif lengths_device is not None:
+            prompt_lens = lengths_device.long()  # checked above, on the host: no sync
         if isinstance(pos, int):
             pos = torch.full((B,), pos, dtype=torch.int32, device=idx.device)
         if pos is not None and (caches is None or T != 1):
@@ -266,25 +286,8 @@ class Transformer(nn.Module):
         if modes is not None and pos is None:
             has_scorers = self.routers is not None and getattr(self.routers[0], "scorer", None) is not None
             attention.check_modes(modes, self.config.num_hidden_layers, self.config.num_key_value_heads, has_scorers)
-        run = attention.Run(self.elastic, self.routers, modes, tau, prompt_lens, caches, pos, lengths, lens)
-        x = self.model.embed_tokens(idx)
-        positions = torch.arange(T, device=idx.device)[None] if pos is None else pos[:, None]  # [1, T] or [B, 1]
-        freqs = positions.float()[..., None] * self.inv_freq                                 # [B|1, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                                              # [B|1, T, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        routed = []
-        for i, block in enumerate(self.model.layers):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, r = checkpoint(block, x, cos, sin, run, i, use_reentrant=False)  # the RNG is replayed: same z
-            else:
-                x, r = block(x, cos, sin, run, i)
-            routed.append(r)
-        if last_only:
-            x = x[:, -1:] if lens is None else x[torch.arange(B, device=x.device), lens.long() - 1][:, None]
-        logits = F.linear(self.model.norm(x), self.output_weight())
-        if not return_routing:
-            return logits
-        return logits, None if routed[0] is None else attention.Routing.stack(routed, self.elastic)
+        return attention.Forward(self.elastic, self.routers, modes, tau, prompt_lens, caches, pos, lengths,
+                                 lengths_device)
 
     # -------------------------------------------------------------------------
     # checkpoint loading

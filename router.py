@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from kernel import FA, KV_BLOCK, SK, SSA, XA
-from sparsek import Scorer
+from sparsek import Scorer, candidates
 
 # Attention modes as kernel.py numbers them in its per-(batch, KV head) mode table (README: the attention modes).
 MODE_IDS = {"FA": FA, "SSA": SSA, "XA": XA, "SK": SK}
@@ -63,7 +63,8 @@ class ElasticConfig:
     xa_threshold, xa_stride: XAttention's cumulative block-mass threshold and antidiagonal stride.
     boundary:     tokens pooled at each end of the prompt by the router.
     tail:         tokens at the very end of the prompt pooled as a second router input beside the boundary mean
-                  (ours; 0: the paper's input alone). README: The method, the router's input.
+                  (ours; 0: the paper's input alone; elastic.json files without it were saved before it existed
+                  and read 0). README: The method, the router's input.
     sk_k:         SK's budget: the selected keys per query beyond the sink and the local span (FA-SK only; an SK
                   head keeps at most sink + window + sk_k keys). FA-SK needs a window that is a multiple of 128.
     """
@@ -74,7 +75,7 @@ class ElasticConfig:
     xa_stride: int = 16
     boundary: int = 100
     sk_k: int = 256
-    tail: int = 0
+    tail: int = 16
 
     def __post_init__(self):
         if self.mode_pair not in MODE_PAIRS:
@@ -104,12 +105,12 @@ class ElasticConfig:
         max_position_embeddings (or the longest sequence a run will see)."""
         if not self.uses_sk:
             return
-        last = (max_pos - 1) // KV_BLOCK
-        candidates = max(0, (last + 1) * KV_BLOCK - self.window - self.sink)
-        if self.sk_k > candidates:
-            raise ValueError(f"sk_k={self.sk_k} is larger than the {candidates} keys SK can select from in a context "
+        n = candidates((max_pos - 1) // KV_BLOCK, max_pos, sink=self.sink, window=self.window)
+        if self.sk_k > n:
+            raise ValueError(f"sk_k={self.sk_k} is larger than the {n} keys SK can select from in a context "
                              f"of {max_pos} tokens (outside sink={self.sink} and window={self.window}); lower sk_k "
                              f"or the window")
+
     @property
     def mode_ids(self) -> tuple[int, int]:
         """Kernel mode ids (FA=0, SSA=1, XA=2) of router class 0 (retrieval) and class 1 (sparse)."""
@@ -132,7 +133,7 @@ class ElasticConfig:
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(d) - known):
             raise ValueError(f"{path}: unknown ElasticConfig keys {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return cls(**{"tail": 0, **d})  # saved before the tail input existed: the paper's input alone
 
 # -----------------------------------------------------------------------------
 # Router
@@ -222,7 +223,7 @@ class AttentionRouter(nn.Module):
         d_in = 2 * d if tail else d
         self.head_dim, self.boundary, self.tail = head_dim, boundary, tail
         # Input standardisation (ours, not in the paper): buffers, not parameters, set once before training by
-        # Transformer.calibrate_routers and saved with the router. The pooled keys of every prompt share a large
+        # calibrate_routers and saved with the router. The pooled keys of every prompt share a large
         # common part (norm ~15 in SmolLM2) beside which the task's imprint is small (~0.5); per dimension the
         # imprint is up to one standard deviation. Standardised, the router reads it early, before its
         # per-head decisions saturate (README: Training). Identity until calibrated.

@@ -1,10 +1,20 @@
 """
-SPARSEK, the differentiable top-k mask of SparseK attention (Lou et al., *Sparser is Faster and Less is More:
-Efficient Sparse Attention for Long-Range Transformers*, arXiv 2406.16747).
+SparseK attention (Lou et al., *Sparser is Faster and Less is More: Efficient Sparse Attention for Long-Range
+Transformers*, arXiv 2406.16747) as a fourth mode of Elastic Attention ("SK", ours): everything SK is in this file,
+so a reader who skips it reads the paper's method (FA, SSA, XA) without meeting it. Read in order:
 
-Given scores u in R^n and a budget k, SPARSEK is the Euclidean projection of u onto the capped simplex:
+    1. SPARSEK        the differentiable top-k mask: the projection onto the capped simplex and its gradient
+    2. Scorer         one score per key, u_j = w . k_pre_j, one w per layer
+    3. the rule       which keys a query sees (span_start, candidates, sk_pool, sk_logp, sk_bias_reference)
+    4. sk_select      the rule's selection for the fused prefill kernel, in Triton
+    5. training       sk_pools and sk_flex_attention: FlexAttention with + log p, the gradient reaching u
+    6. SKCache        SK's part of the decode cache: k selected keys per head, evicted for good
 
-    SPARSEK(u, k) = argmin_p ||p - u||^2   s.t.   0 <= p_i <= 1,   sum_i p_i = k
+The files of the paper's method call a few names of it: kernel.py sk_bias_reference (its reference), sk_select and
+tl_span_start (its SK tiles); decode_kernel.py span_start and tl_span_start; attention.py sk_flex_attention (the
+training branch) and SKCache (the cache); router.py Scorer and candidates; generate.py candidates.
+
+SPARSEK(u, k) = argmin_p ||p - u||^2   s.t.   0 <= p_i <= 1,   sum_i p_i = k
 
 Closed form (KKT): p_i = clip(u_i - tau, 0, 1), with the threshold tau chosen so that the p sum to k. Entries far
 above tau get 1, entries below tau get 0, a few in between are fractional: a top-k mask with a gradient. The
@@ -29,14 +39,11 @@ The projection is defined for any 0 < k <= n; this project requires k >= 1 (a qu
 Scores must be finite: masked positions get a finite score (at most min(u) - 1 keeps them at p = 0 when k is
 at most the number of unmasked ones), not -inf.
 
-After the operator come the per-layer key scorer of SK heads (`Scorer`) and SK attention's selection of keys:
-the rule that defines it (`sk_pool`, `sk_logp`, `sk_bias_reference`), the pools that training differentiates
-(`sk_pools`), and the fused kernel's selection in Triton (`sk_select`). kernel.py runs the attention itself.
-
     pytest test_sparsek.py          # the operator, the scorer, SK attention and its training path
     pytest test_kernel.py -k sk     # the selection against its rule, the fused kernel's SK mode
 """
 
+import functools
 import math
 
 import torch
@@ -45,10 +52,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-BLOCK = 128  # SK selects once per 128-query block (kernel.KV_BLOCK, the block XA selects too, is this number)
+BLOCK = 128  # SK selects once per block of 128 queries (kernel.KV_BLOCK, the block XA selects, is the same number)
 SK_P_FLOOR = 1e-30  # log p of a selected key is taken of max(p, this): a finite logit even if p rounds to 0
 _BLOCK = tl.constexpr(BLOCK)
 
+# -----------------------------------------------------------------------------
+# 1. SPARSEK
 
 def _threshold(u, k):
     """tau [B] such that sum_i clip(u_i - tau, 0, 1) = k, for u [B, n] and 1 <= k [B] < n (float32/64)."""
@@ -132,7 +141,7 @@ def _check(u, k):
 
 
 # -----------------------------------------------------------------------------
-# The scoring network of SK attention (attention.py, kernel.reference_attention)
+# 2. The scoring network of SK heads (one per layer; router.AttentionRouter holds it for SK mode pairs)
 
 
 class Scorer(nn.Module):
@@ -159,11 +168,12 @@ class Scorer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# SK attention's selection: the rule (the reference the kernels are tested against) and its Triton version.
-
-# SK, the SparseK mode (arXiv 2406.16747), defined on 128-query blocks. Query i in block m = i // 128 sees
+# 3. The rule: what an SK head's query sees (the reference the kernels, the training path and decode are tested
+# against).
+#
+# SK is defined on 128-query blocks. Query i in block m = i // 128 sees
 #   the sink          j < sink,
-#   its local span    c_m <= j <= i, with c_m = 128 (m + 1) - window (window - 127 to window keys),
+#   its local span    c_m <= j <= i, with c_m = span_start(m) = 128 (m + 1) - window (window - 127 to window keys),
 #   the selected      the k best candidates of C_m = {sink <= j < c_m} by score u_j (ties: the earlier key),
 # and a selected key's logit gets + log p_j, p = SPARSEK(u over the pool of the 2k best candidates, k) (when
 # C_m has at most k keys every candidate is selected with p = 1). Adding log p to a logit multiplies the
@@ -171,7 +181,37 @@ class Scorer(nn.Module):
 # key with p = 1 weighs as in full attention, one with p < 1 is discounted, and d(log p)/du carries the
 # gradient to the scorer (the selection itself is discrete). One u per key per KV head, independent of the
 # query: with the candidate set only growing (c_m grows with m), a key that falls out of the top k can never
-# come back, which is what lets decode evict it (attention.KVCache).
+# come back, which is what lets decode evict it (SKCache).
+
+
+def span_start(block, window):
+    """c_m: the first key of the local span of 128-query block m (ints or tensors). tl_span_start is the same in
+    Triton."""
+    return (block + 1) * BLOCK - window
+
+
+@triton.jit
+def tl_span_start(block, window):
+    return (block + 1) * _BLOCK - window
+
+
+def first_block(j, window):
+    """The first block whose candidates include key j (past the sink): the smallest m with j < span_start(m)."""
+    return (j + window) // BLOCK
+
+
+def candidates(block, T, *, sink, window):
+    """How many keys the queries of block m select from, sink <= j < min(c_m, T) (ints or tensors)."""
+    c = span_start(block, window)
+    if torch.is_tensor(c):
+        return (c.clamp(max=T) - sink).clamp(min=0)
+    return max(min(c, T) - sink, 0)
+
+
+@triton.jit
+def tl_candidates(block, T, sink, window):
+    return tl.maximum(tl.minimum(tl_span_start(block, window), T) - sink, 0)
+
 
 def _check_sk_scores(u, T):
     if not isinstance(u, torch.Tensor) or u.dim() != 3 or u.shape[-1] != T:
@@ -190,7 +230,7 @@ def sk_pool(u, blocks, *, k, sink, window):
     _check_sk_scores(u, T)
     P = min(2 * k, T)
     j = torch.arange(T, device=u.device)
-    c = (blocks.to(u.device) + 1) * BLOCK - window                          # [M] start of the local span
+    c = span_start(blocks.to(u.device), window)                             # [M] start of the local span
     cand = (j >= sink) & (j < c[:, None])                                     # [M, T]
     key = torch.where(cand, u.detach().float()[:, :, None, :], float("-inf"))  # [B, G, M, T]
     order = key.sort(dim=-1, descending=True, stable=True).indices[..., :P]      # stable: ties keep j ascending
@@ -229,48 +269,28 @@ def sk_logp(u_pool, n, k, return_tau=False):
     return logp, tau
 
 
-def sk_pools(u, *, k, sink, window):
-    """sk_pool of every block (the same pos, u_pool, n as sk_pool(u, arange(nb))), without anything nb x T in
-    size: O(nb k + T) memory, at most ~16 sorts. In PyTorch, for training: u_pool carries u's gradient (the
-    fused kernel's selection, sk_select, has none).
-
-    C_m only grows with m, so the pool of block m is the best P of (the pool of block m - 1) + its 128 new keys.
-    Blocks are taken in chunks of L: the pool carried from before the chunk and the chunk's new keys are sorted
-    once, best first; block m's pool is the first P of them that it admits (the carried ones and j < c_m), found
-    by a running count per block. Ranking is exact: every key gets a unique int64 (the order-preserving int of its
-    fp32 score in the high bits, 2^31 - 1 - j in the low: ties go to the earlier key), so the sort needs no tie
-    rule."""
-    B, G, T = u.shape
-    _check_sk_scores(u, T)
-    nb, P = triton.cdiv(T, BLOCK), min(2 * k, T)
-    none = torch.iinfo(torch.int64).min                                        # no key: ranks last
-    bits = (u.detach().float() + 0.0).view(torch.int32)                        # + 0.0: -0.0 ties with 0.0
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()               # negative floats count down
-    j = torch.arange(T, device=u.device)
-    key = torch.where(j >= sink, bits * 2**32 + (0x7FFFFFFF - j), none)        # [B, G, T]
-    c = [(m + 1) * BLOCK - window for m in range(nb)]                       # start of each local span
-    c_dev = torch.arange(1, nb + 1, device=u.device) * BLOCK - window       # the same, on the device (no copy)
-    L = max(32, triton.cdiv(nb, 16))                                           # blocks per chunk
-    pool = torch.empty(B, G, nb, P, dtype=torch.int64, device=u.device)
-    carry = torch.full((B, G, P), none, dtype=torch.int64, device=u.device)
-    for m0 in range(0, nb, L):
-        m1 = min(m0 + L, nb)
-        lo, hi = min(max(c[m0] - BLOCK, 0), T), min(max(c[m1 - 1], 0), T)  # the keys admitted in the chunk
-        cand = torch.cat([carry, key[:, :, lo:hi]], -1).sort(dim=-1, descending=True).values  # [B, G, P + W]
-        # the carried keys lie before c_{m0 - 1}: every block admits them; "no key" decodes to j = 2^31 - 1
-        admit = (0x7FFFFFFF - (cand & 0xFFFFFFFF))[:, :, None] < c_dev[m0:m1, None]
-        rank = admit.cumsum(-1, dtype=torch.int32) - 1                         # [B, G, L, P + W]
-        at = torch.where(admit & (rank < P), rank, P).long()                   # column P: dropped
-        chunk = torch.full((B, G, m1 - m0, P + 1), none, dtype=torch.int64, device=u.device)
-        pool[:, :, m0:m1] = chunk.scatter_(-1, at, cand[:, :, None].expand_as(at))[..., :P]
-        carry = pool[:, :, m1 - 1]
-    n = (c_dev.clamp(max=T) - sink).clamp(min=0)                              # [nb] candidates per block
-    pos = torch.where(torch.arange(P, device=u.device) < n[:, None], 0x7FFFFFFF - (pool & 0xFFFFFFFF), -1)
-    u_pool = u.float().gather(-1, pos.clamp(min=0).flatten(2)).view(B, G, nb, P)
-    return pos, u_pool, n
+def sk_bias_reference(u, T, *, k, sink, window):
+    """The SK rule as an additive bias [B, G, T, T] on the attention logits (fp32): 0 on the sink and the local
+    span, log p on the selected keys, -inf elsewhere (and above the diagonal). Differentiable in u."""
+    B, G, _ = u.shape
+    nb = triton.cdiv(T, BLOCK)
+    blocks = torch.arange(nb, device=u.device)
+    pos, u_pool, n = sk_pool(u, blocks, k=k, sink=sink, window=window)
+    logp = sk_logp(u_pool, n, k)                                               # [B, G, nb, P]
+    row = torch.full((B, G, nb, T + 1), float("-inf"), device=u.device)        # per block; column T: the pool's -1s
+    row = row.scatter(-1, torch.where(pos < 0, T, pos), logp)[..., :T]
+    i = torch.arange(T, device=u.device)
+    bias = row[:, :, i // BLOCK]                                            # [B, G, T, T], query i's block
+    j = i[None, :]
+    c = span_start(i // BLOCK, window)[:, None]
+    bias = bias.masked_fill((j < sink) | (j >= c), 0.0)
+    return bias.masked_fill(j > i[:, None], float("-inf"))
 
 
-# SK's selection for the fused kernel, in Triton. Sort each (batch, KV head)'s keys once, best first (u
+# -----------------------------------------------------------------------------
+# 4. The selection for the fused prefill kernel (kernel.py), in Triton.
+#
+# Sort each (batch, KV head)'s keys once, best first (u
 # descending, ties: the earlier key, as sk_pool ranks them). Key j is a candidate of block m iff sink <= j < c_m,
 # i.e. from block e_j = (j + window) // 128 on. So block m's pool is the first P entries of the sorted list with
 # e_j <= m, in order: one program per block walks the list a tile at a time, keeps the entries with e_j <= m and
@@ -289,7 +309,7 @@ def _sk_pool_kernel(Usort, Jsort, Esort, TileMin, Idx, Pool, T, sink, window, K,
     m = tl.program_id(0)
     bg = tl.program_id(1).to(tl.int64)
     out = bg * tl.num_programs(0) + m                                   # row of (b, g, m) in Idx and Pool
-    need = tl.minimum(tl.maximum(tl.minimum((m + 1) * _BLOCK - window, T) - sink, 0), P)
+    need = tl.minimum(tl_candidates(m, T, sink, window), P)
     row = bg * NT * TILE
     found = 0
     t = 0
@@ -309,7 +329,7 @@ def _sk_logp_kernel(Idx, Logp, Pool, T, sink, window, k, K, P, PP: tl.constexpr,
                     STEPS: tl.constexpr, ITERS: tl.constexpr, FLOOR: tl.constexpr):
     m = tl.program_id(0)
     out = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + m
-    n = tl.maximum(tl.minimum((m + 1) * _BLOCK - window, T) - sink, 0)  # candidates of block m
+    n = tl_candidates(m, T, sink, window)
     offs = tl.arange(0, PP)
     x = tl.load(Pool + out * P + offs, mask=offs < tl.minimum(n, P), other=float("-inf"))
     # SPARSEK over the pool with budget k (n > k; else every candidate gets p = 1): tau lies in
@@ -351,7 +371,7 @@ def sk_select(u, *, k, sink, window):
     sink, window = min(sink, T), min(window, T + BLOCK)  # beyond, nothing changes; keeps them in int32
     with torch.no_grad():
         usort, jsort = u.detach().float().sort(dim=-1, descending=True, stable=True)   # ties: the earlier key first
-        esort = torch.where(jsort >= sink, (jsort + window) // BLOCK, nb)          # first block that admits it
+        esort = torch.where(jsort >= sink, first_block(jsort, window), nb)         # first block that admits it
         pad = (0, NT * _SK_TILE - T)
         usort, jsort = F.pad(usort, pad), F.pad(jsort.to(torch.int32), pad)
         esort = F.pad(esort.to(torch.int32), pad, value=nb)                           # padding: never a candidate
@@ -371,19 +391,309 @@ def sk_select(u, *, k, sink, window):
     return idx, logp
 
 
-def sk_bias_reference(u, T, *, k, sink, window):
-    """The SK rule as an additive bias [B, G, T, T] on the attention logits (fp32): 0 on the sink and the local
-    span, log p on the selected keys, -inf elsewhere (and above the diagonal). Differentiable in u."""
-    B, G, _ = u.shape
-    nb = triton.cdiv(T, BLOCK)
-    blocks = torch.arange(nb, device=u.device)
-    pos, u_pool, n = sk_pool(u, blocks, k=k, sink=sink, window=window)
-    logp = sk_logp(u_pool, n, k)                                               # [B, G, nb, P]
-    row = torch.full((B, G, nb, T + 1), float("-inf"), device=u.device)        # per block; column T: the pool's -1s
-    row = row.scatter(-1, torch.where(pos < 0, T, pos), logp)[..., :T]
-    i = torch.arange(T, device=u.device)
-    bias = row[:, :, i // BLOCK]                                            # [B, G, T, T], query i's block
-    j = i[None, :]
-    c = ((i // BLOCK + 1) * BLOCK - window)[:, None]
-    bias = bias.masked_fill((j < sink) | (j >= c), 0.0)
-    return bias.masked_fill(j > i[:, None], float("-inf"))
+# -----------------------------------------------------------------------------
+# 5. Training: the pools of every block in PyTorch (differentiable in u), FlexAttention with + log p, and the
+# gradient in log p (attention.branch_attention calls sk_flex_attention for the SK branch of the training mix).
+
+
+def sk_pools(u, *, k, sink, window):
+    """sk_pool of every block (the same pos, u_pool, n as sk_pool(u, arange(nb))), without anything nb x T in
+    size: O(nb k + T) memory, at most ~16 sorts. In PyTorch, for training: u_pool carries u's gradient (the
+    fused kernel's selection, sk_select, has none).
+
+    C_m only grows with m, so the pool of block m is the best P of (the pool of block m - 1) + its 128 new keys.
+    Blocks are taken in chunks of L: the pool carried from before the chunk and the chunk's new keys are sorted
+    once, best first; block m's pool is the first P of them that it admits (the carried ones and j < c_m), found
+    by a running count per block. Ranking is exact: every key gets a unique int64 (the order-preserving int of its
+    fp32 score in the high bits, 2^31 - 1 - j in the low: ties go to the earlier key), so the sort needs no tie
+    rule."""
+    B, G, T = u.shape
+    _check_sk_scores(u, T)
+    nb, P = triton.cdiv(T, BLOCK), min(2 * k, T)
+    none = torch.iinfo(torch.int64).min                                        # no key: ranks last
+    bits = (u.detach().float() + 0.0).view(torch.int32)                        # + 0.0: -0.0 ties with 0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()               # negative floats count down
+    j = torch.arange(T, device=u.device)
+    key = torch.where(j >= sink, bits * 2**32 + (0x7FFFFFFF - j), none)        # [B, G, T]
+    c = [span_start(m, window) for m in range(nb)]                           # start of each local span
+    c_dev = span_start(torch.arange(nb, device=u.device), window)           # the same, on the device (no copy)
+    L = max(32, triton.cdiv(nb, 16))                                           # blocks per chunk
+    pool = torch.empty(B, G, nb, P, dtype=torch.int64, device=u.device)
+    carry = torch.full((B, G, P), none, dtype=torch.int64, device=u.device)
+    for m0 in range(0, nb, L):
+        m1 = min(m0 + L, nb)
+        lo, hi = min(max(c[m0] - BLOCK, 0), T), min(max(c[m1 - 1], 0), T)  # the keys admitted in the chunk
+        cand = torch.cat([carry, key[:, :, lo:hi]], -1).sort(dim=-1, descending=True).values  # [B, G, P + W]
+        # the carried keys lie before c_{m0 - 1}: every block admits them; "no key" decodes to j = 2^31 - 1
+        admit = (0x7FFFFFFF - (cand & 0xFFFFFFFF))[:, :, None] < c_dev[m0:m1, None]
+        rank = admit.cumsum(-1, dtype=torch.int32) - 1                         # [B, G, L, P + W]
+        at = torch.where(admit & (rank < P), rank, P).long()                   # column P: dropped
+        chunk = torch.full((B, G, m1 - m0, P + 1), none, dtype=torch.int64, device=u.device)
+        pool[:, :, m0:m1] = chunk.scatter_(-1, at, cand[:, :, None].expand_as(at))[..., :P]
+        carry = pool[:, :, m1 - 1]
+    n = candidates(torch.arange(nb, device=u.device), T, sink=sink, window=window)  # [nb] per block
+    pos = torch.where(torch.arange(P, device=u.device) < n[:, None], 0x7FFFFFFF - (pool & 0xFFFFFFFF), -1)
+    u_pool = u.float().gather(-1, pos.clamp(min=0).flatten(2)).view(B, G, nb, P)
+    return pos, u_pool, n
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)  # compiled once: uncompiled, Flex materialises the scores
+
+
+def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
+    """SK attention (kernel.reference_attention's rule) for every head, through FlexAttention: differentiable in q,
+    k, v and the scores u [B, G, T] (fp32), with nothing T x T built. The selection runs in PyTorch
+    (sk_pools: the pools of all 128-query blocks, [B, G, T / 128, 2k]); FlexAttention gets a block mask of
+    the sink, the local span and the blocks holding a selected key, a mask_mod that keeps a candidate iff it ranks
+    among the block's k best (u above the k-th best's, or equal and not later), and a score_mod that adds
+    log p = log clip(u_j - tau_m, 0, 1) with the block's threshold tau_m. Flex gives the gradients in q, k, v; the
+    gradient in log p, and through SPARSEK's analytic backward in u, comes from SKLogpGrad on the gathered selected
+    keys (a score_mod gradient in a captured tensor is summed by Flex over every (query, key) pair with atomics:
+    FA-SK training steps took 5x those of FA-SSA). window must be a multiple of 128 (ElasticConfig checks it)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, T, _ = q.shape
+    G = k.shape[1]
+    group = H // G
+    if window % BLOCK:
+        raise ValueError(f"SK through FlexAttention needs a window that is a multiple of {BLOCK}, got {window}")
+    dev = q.device
+    NB = -(-T // BLOCK)
+    blocks = torch.arange(NB, device=dev)
+    u = u.float()
+    pos, u_pool, n = sk_pools(u, k=sk_k, sink=sink, window=window)  # [B, G, NB, P]
+    logp, tau = sk_logp(u_pool, n, sk_k, return_tau=True)         # differentiable in u (SPARSEK)
+    tau = tau.detach()  # Flex adds log p as a constant; SKLogpGrad brings its gradient
+    with torch.no_grad():  # the k-th best candidate of each block (past all when n <= k: every candidate kept)
+        last = (n.clamp(max=sk_k) - 1).clamp(min=0).expand(B, G, NB)[..., None]
+        kth_u = torch.where(n > sk_k, u_pool.gather(-1, last)[..., 0], float("-inf"))
+        kth_j = torch.where(n > sk_k, pos.gather(-1, last)[..., 0], T)
+    c = span_start(blocks, window)  # [NB] start of each query block's local span
+
+    u_sel = u.detach()  # the selection is discrete: no gradient through it (nor through the score_mod)
+
+    def selected(b, h, q_idx, kv_idx):
+        g, m = h // group, q_idx // BLOCK
+        uj, ku = u_sel[b, g, kv_idx], kth_u[b, g, m]
+        cand = (kv_idx >= sink) & (kv_idx < c[m])
+        return cand & ((uj > ku) | ((uj == ku) & (kv_idx <= kth_j[b, g, m])))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        local = (kv_idx < sink) | (kv_idx >= c[q_idx // BLOCK])
+        return (kv_idx <= q_idx) & (local | selected(b, h, q_idx, kv_idx))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        p = (u_sel[b, h // group, kv_idx] - tau[b, h // group, q_idx // BLOCK]).clamp(SK_P_FLOOR, 1.0)
+        return score + torch.where(selected(b, h, q_idx, kv_idx), p.log(), 0.0)
+
+    # blocks: the sink and the local span (whole, except the diagonal and partial ones), the selected keys' blocks
+    m = blocks[:, None]
+    nn_ = blocks[None, :]
+    whole = ((m + 1) * BLOCK <= T) & ((nn_ + 1) * BLOCK <= T)
+    local_any = (nn_ <= m) & ((nn_ * BLOCK < sink) | ((nn_ + 1) * BLOCK > c[:, None]))
+    local_full = (nn_ < m) & whole & (((nn_ + 1) * BLOCK <= sink) | (nn_ * BLOCK >= c[:, None]))
+    with torch.no_grad():
+        sel_blocks = torch.zeros(B, G, NB, NB + 1, dtype=torch.bool, device=dev)
+        rank_ok = torch.arange(pos.shape[-1], device=dev) < sk_k
+        at = torch.where((pos >= 0) & rank_ok, pos // BLOCK, NB)
+        sel_blocks = sel_blocks.scatter(-1, at, True)[..., :NB].repeat_interleave(group, dim=1)  # [B, H, NB, NB]
+    any_ = local_any | sel_blocks
+    full = local_full & ~sel_blocks  # a block with a selected key needs mask_mod (a partial candidate block)
+
+    def as_lists(blocks_):
+        counts = blocks_.sum(-1, dtype=torch.int32)
+        indices = torch.argsort((~blocks_).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts, indices
+
+    mask = BlockMask.from_kv_blocks(*as_lists(any_ & ~full), *as_lists(full.expand(B, H, NB, NB)), BLOCK,
+                                    mask_mod, seq_lengths=(T, T))
+    o, aux = (_flex or _compiled_flex())(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True, **LSE)
+    lse = getattr(aux, "lse", aux)  # AuxOutput, or the lse itself (older torch)
+    if not logp.requires_grad:
+        return o
+    K = min(sk_k, pos.shape[-1])  # the pool's first K: the selected keys (log p -inf for none)
+    return SKLogpGrad.apply(o, logp[..., :K], lse, q.detach(), k.detach(), v.detach(), pos[..., :K],
+                            q.shape[-1] ** -0.5)
+
+
+try:  # how flex_attention returns the log-sum-exp of each row's scores (natural log)
+    from torch.nn.attention.flex_attention import AuxRequest
+    LSE = dict(return_aux=AuxRequest(lse=True))
+except ImportError:
+    LSE = dict(return_lse=True)
+
+
+class SKLogpGrad(torch.autograd.Function):
+    """o unchanged forward; backward passes dL/do on to o (Flex's backward: q, k, v) and returns dL/dlog p of the
+    selected keys, [B, G, NB, K]. log p_mj is added to the logit s_ij of every query i of block m, so with
+    P_ij = exp(s_ij - lse_i) and delta_i = do_i . o_i (the softmax backward, as in flash attention)
+        dL/dlog p_mj = sum over the block's queries i (and the KV head's query heads) of P_ij (do_i . v_j - delta_i).
+    A selected key lies before the block's local span (j < c_m <= 128 m), so every query of the block sees it."""
+
+    @staticmethod
+    def forward(ctx, o, logp, lse, q, k, v, idx, scale):
+        ctx.save_for_backward(o, logp, lse, q, k, v, idx)
+        ctx.scale = scale
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, do):
+        o, logp, lse, q, k, v, idx = ctx.saved_tensors
+        return do, sk_logp_grad(q, k, v, o, lse, do, idx, logp, ctx.scale), None, None, None, None, None, None
+
+
+def sk_logp_grad(q, k, v, o, lse, do, idx, logp, scale, max_bytes=1 << 28):
+    """dL/dlog p [B, G, NB, K] (SKLogpGrad) from q [B, H, T, D], k and v [B, G, T, D], the output o and its gradient
+    do [B, H, T, D], lse [B, H, T] (natural log), the selected keys idx [B, G, NB, K] (-1: none) and their log p
+    [B, G, NB, K]. The selected keys are gathered, [128, K] logits per block and query head, in chunks of blocks of
+    at most max_bytes: O(T k D) work, nothing T x T."""
+    B, H, T, D = q.shape
+    G, (NB, K) = k.shape[1], idx.shape[2:]
+    pad = NB * BLOCK - T
+
+    def blocked(x, value=0.0):  # [B, H, T, ...] -> [B, G, H / G, NB, 128, ...] fp32, padded past T
+        x = F.pad(x.float(), (0, 0, 0, pad) if x.ndim == 4 else (0, pad), value=value)
+        return x.view(B, G, H // G, NB, BLOCK, *x.shape[3:])
+
+    qb, dob = blocked(q), blocked(do)
+    delta = (dob * blocked(o)).sum(-1)                     # [B, G, H/G, NB, 128]
+    lseb = blocked(lse, float("inf"))                      # rows past T: P = 0
+    j = idx.clamp(min=0).long().flatten(2)[..., None].expand(-1, -1, -1, D)
+    ks, vs = (x.float().gather(2, j).view(B, G, NB, K, D) for x in (k, v))
+    out = torch.empty(B, G, NB, K, dtype=torch.float32, device=q.device)
+    step = max(1, max_bytes // (4 * B * H * BLOCK * K))
+    for a in range(0, NB, step):
+        m = slice(a, a + step)
+        s = torch.einsum("bgrmqd,bgmkd->bgrmqk", qb[:, :, :, m], ks[:, :, m]) * scale + logp[:, :, None, m, None]
+        p = torch.exp(s - lseb[:, :, :, m, :, None])      # -inf log p (no key): 0
+        dp = torch.einsum("bgrmqd,bgmkd->bgrmqk", dob[:, :, :, m], vs[:, :, m])
+        out[:, :, m] = (p * (dp - delta[:, :, :, m, :, None])).sum((2, 4))
+    return out.to(logp.dtype)
+
+
+# -----------------------------------------------------------------------------
+# 6. Decode: SK's part of the KV cache.
+
+
+class SKCache:
+    """SK's part of one layer's decode cache (attention.KVCache, whose flat k and v buffers [N, D] it shares). In
+    that cache an SK segment is an SSA ring of sink + window slots (of which a query reads the sinks and its local
+    span: the decode kernel masks the rest) followed by sk_k *selected* slots, whose log p the decode kernel adds to
+    their logits.
+
+    Eviction. A decode step at position p (block m = p // 128) sees the candidates C_m = {sink <= j < c_m}; C_m only
+    grows with m, by the 128 keys [c_m - 128, c_m) at each block's first query, which are still in the ring then.
+    Scores do not depend on the query, so a key's rank among the candidates only drops as they grow: a key outside
+    the best 2k (the SPARSEK pool) or the best k (selected) never returns to them. So an SK segment keeps the k
+    selected keys' K/V and the pool's 2k scores and positions (update() merges each new block into them), and
+    forgets the rest: at most sink + window + k K/V, and decoding equals a full recomputation under
+    kernel.reference_attention's rule (test_elastic.py).
+
+    State: u [N] the score of each ring slot's key; logp [N] each selected slot's log p (-inf: empty); and one row
+    per SK segment: seg (its b * G + g), pos [S, 2k] the pool (positions, best first, -1 empty), pool_u [S, 2k] their
+    scores, block [S] the last block merged."""
+
+    def __init__(self, N, seg, sk_k, sink, window, device):
+        self.sk_k, self.sink, self.window = sk_k, sink, window
+        self.u = torch.zeros(N, dtype=torch.float32, device=device)
+        self.logp = torch.zeros(N, dtype=torch.float32, device=device)
+        self.seg = seg
+        self.pos = torch.full((len(seg), 2 * sk_k), -1, dtype=torch.long, device=device)
+        self.pool_u = torch.zeros(len(seg), 2 * sk_k, dtype=torch.float32, device=device)
+        self.block = seg.new_zeros(len(seg))
+
+    def prefill(self, cache, u, k, v, tokens, ring_at, ring_j):
+        """After the cache has laid out its segments and filled the rings: u [B * G, T] the prompt's scores (fp32),
+        k, v [B * G, T, D] its keys and values, tokens [B * G] (device) each segment's prompt tokens; ring_at,
+        ring_j [S, sink + window] the SK rings' slots and the positions they hold. Keeps the scores of the ring's
+        keys, the pool as of the block of the prompt's last token, and the best k's K/V in the selected slots."""
+        self.block = (tokens[self.seg] - 1) // BLOCK                               # merged up to
+        if not len(self.seg):
+            return
+        self.u[ring_at] = u[self.seg[:, None], ring_j]
+        last_block = self.block.tolist()  # the pools of the segments whose prompt ends in block m, one call each
+        for m in sorted(set(last_block)):
+            rows = [s for s, mb in enumerate(last_block) if mb == m]
+            pos, pool_u, _ = sk_pool(u[self.seg[rows]][None], torch.full((1,), m, device=u.device),
+                                     k=self.sk_k, sink=self.sink, window=self.window)  # [1, S, 1, P]
+            P = pos.shape[-1]
+            self.pos[rows, :P], self.pool_u[rows, :P] = pos[0, :, 0], pool_u[0, :, 0]
+        top = self.pos[:, :self.sk_k].clamp(min=0)                                   # [S, k]
+        slots, seg = self.selected_slots(cache), self.seg[:, None]
+        cache.k[slots], cache.v[slots] = k[seg, top], v[seg, top]
+        self._refresh_logp(cache)
+
+    def selected_slots(self, cache):
+        """[S, k] the flat slots of the SK segments' selected keys (after their rings)."""
+        first = (cache.base.long() + cache.cap.long())[self.seg]
+        return first[:, None] + torch.arange(self.sk_k, device=first.device)
+
+    def _refresh_logp(self, cache):
+        n = (self.pos >= 0).sum(-1)
+        self.logp[self.selected_slots(cache)] = sk_logp(self.pool_u, n, self.sk_k)[:, :self.sk_k]
+
+    def update(self, cache, pos, u_new):
+        """Before a decode step at positions pos (int [B], device) whose new keys score u_new [B, G, 1]: at a block's
+        first query (pos % 128 == 0) the 128 keys [pos - window, pos + 128 - window) past the sink become candidates:
+        merge them (from the ring) into the pool, move the new best k's K/V into the selected slots, refresh their
+        log p; then keep the new keys' scores in their ring slots. Every step runs the same operations (a step off
+        the boundary merges nothing): static shapes, no host sync, state updated in place, so it is captured in the
+        decode step's CUDA graph. A block is merged once (block), so running a step again at the same position
+        (generate's warm-up) changes nothing. What falls out of the pool or the selection is forgotten."""
+        if len(self.seg):
+            self._merge(cache, pos)  # before the new key overwrites the ring slot of position pos - window
+            B, G = u_new.shape[:2]
+            p = pos.to(self.u.device).long().repeat_interleave(G)
+            self.u[cache.slots(p)] = u_new.reshape(B * G).float()
+
+    def _merge(self, cache, pos):
+        S, K = len(self.seg), self.sk_k
+        dev = self.u.device
+        p = pos.to(dev).long()[self.seg // cache.G]                                        # [S]
+        j = p[:, None] - self.window + torch.arange(BLOCK, device=dev)                     # [S, 128]
+        m = p // BLOCK
+        ok = (m > self.block)[:, None] & (j >= self.sink)  # a block's first query, not merged yet
+        ring_at = cache.slots(j.clamp(min=0), self.seg[:, None])
+        sel = self.selected_slots(cache)
+        cand_pos = torch.cat([self.pos, torch.where(ok, j, -1)], 1)                         # [S, 2k + 128]
+        cand_u = torch.cat([self.pool_u, self.u[ring_at]], 1)
+        # where each candidate's K/V is now: the pool's best k in the selected slots (the rest of the pool never
+        # returns to the best k, so it needs none), the new ones in the ring
+        cand_at = torch.cat([sel, sel[:, :1].expand(S, K), ring_at], 1)
+        # order: u descending, ties by the earlier position, empty entries last (two stable sorts)
+        order = torch.argsort(torch.where(cand_pos >= 0, cand_pos, 1 << 62), dim=1, stable=True)
+        key = torch.where(cand_pos >= 0, cand_u, float("-inf")).gather(1, order)
+        order = order.gather(1, torch.argsort(key, dim=1, descending=True, stable=True))[:, :2 * K]
+        self.pos.copy_(cand_pos.gather(1, order))
+        self.pool_u.copy_(cand_u.gather(1, order))
+        self.block.copy_(torch.maximum(self.block, m))
+        src = cand_at.gather(1, order[:, :K])
+        cache.k[sel], cache.v[sel] = cache.k[src], cache.v[src]  # gathered first (a copy), then written
+        self._refresh_logp(cache)
+
+    def mask(self, p, slot, n, cap, at, count):
+        """For the CPU decode path (attention.KVCache.decode): `count` SK segments side by side from flat slot `at`,
+        each `cap` ring slots (n of them filled) and sk_k selected ones; a query at position p whose new key went to
+        ring slot `slot`. -> (the slots it reads, [n + sk_k], and their additive mask [count, n + sk_k]: 0 on the
+        sinks and the local span, -inf on the ring's older keys, log p on the selected slots)."""
+        size = cap + self.sk_k
+        s = torch.arange(n)
+        age = (slot - s) % self.window
+        local = (s < self.sink) | (age <= p - span_start(p // BLOCK, self.window))
+        mask = torch.cat([torch.where(local, 0.0, float("-inf")).expand(count, n),
+                          self.logp[at:at + count * size].view(count, size)[:, cap:]], 1)
+        return torch.cat([s, torch.arange(cap, size)]), mask
+
+    @classmethod
+    def cat(cls, parts, rows, G):
+        """The SK state of several caches' rows, in order, as one (attention.KVCache.cat; rows: the first row of
+        each, G: KV heads per row)."""
+        out = cls.__new__(cls)
+        out.sk_k, out.sink, out.window = parts[0].sk_k, parts[0].sink, parts[0].window
+        for name in ("u", "logp", "pos", "pool_u", "block"):
+            setattr(out, name, torch.cat([getattr(c, name) for c in parts]))
+        out.seg = torch.cat([c.seg + r * G for c, r in zip(parts, rows)])
+        return out

@@ -134,11 +134,11 @@ def assert_batched_prefill_equals_alone(model, prompts, modes=None, new=5):
             assert torch.equal(routings[b].modes, routing1[0].modes)
         for c, c1 in zip(caches, caches1):
             assert c.nbytes(b) == c1.nbytes(0)
-            segs = [(at, len(group) * (cap + extra)) for r, group, at, cap, extra in c.runs if r == b]
-            segs1 = [(at, len(group) * (cap + extra)) for _, group, at, cap, extra in c1.runs]
+            segs = [(at, len(group) * (cap + extra)) for r, group, at, cap, extra in c.groups if r == b]
+            segs1 = [(at, len(group) * (cap + extra)) for _, group, at, cap, extra in c1.groups]
             for (at, n), (at1, n1) in zip(segs, segs1):
                 assert n == n1
-                for x, x1 in ((c.k, c1.k), (c.v, c1.v), (c.u, c1.u), (c.bias, c1.bias)):
+                for x, x1 in ((c.k, c1.k), (c.v, c1.v), (c.sk.u, c1.sk.u), (c.sk.logp, c1.sk.logp)):
                     torch.testing.assert_close(x[at:at + n], x1[at1:at1 + n1], rtol=1e-4, atol=1e-4)
 
 
@@ -431,7 +431,7 @@ def test_sk_training_mix_trains_the_scorer(tiny_dir):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_sk_decode(tiny_weights_dir):
     """On the GPU: SK heads prefill through the fused kernel (its SK mode), decode through the decode kernel with the
-    selected slots and sk_update inside a CUDA graph; the graph's tokens equal eager steps', and the step-by-step
+    selected slots and SKCache.update inside a CUDA graph; the graph's tokens equal eager steps', and the step-by-step
     logits match a full recomputation (loosely: fp32 runs in tf32 on the GPU)."""
     from generate import decode_one_token, prefill
     model = Transformer.from_pretrained(tiny_weights_dir, device="cuda", dtype=torch.float32)

@@ -455,7 +455,7 @@ def test_gpu_sk_select_large(T, sk_k):
 @gpu_only
 def test_gpu_sk_matches_flex_at_16k():
     # at 16K the reference's T x T is too big: the kernel against sk_flex_attention (FlexAttention), all heads SK
-    from attention import sk_flex_attention
+    from sparsek import sk_flex_attention
     T = 16384 + 100
     (q, k, v, u), seed = rand((1, 8, T, 128), (1, 2, T, 128), (1, 2, T, 128), (1, 2, T), dtype=torch.bfloat16)
     u = u.float()
@@ -493,7 +493,7 @@ def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, wi
         g = torch.Generator().manual_seed(seed)
         bias = (-3 * torch.rand(N, generator=g)).to(DEV)
         bias[torch.rand(N, generator=g).to(DEV) < 0.2] = float("-inf")  # empty selected slots
-        sk = dict(extra=torch.tensor(extras, dtype=torch.int32, device=DEV), bias=bias)
+        sk = dict(selected=torch.tensor(extras, dtype=torch.int32, device=DEV), logp=bias)
     kc2, vc2 = kc.clone(), vc.clone()
     ref = decode_attention_reference(q, k_new, v_new, kc, vc, base, caps_t, pos, sink=sink, window=window, **sk)
     out = torch.full_like(q, float("nan"))  # poison

@@ -261,7 +261,7 @@ def test_scorer():
 def test_gpu_sk_flex_matches_reference(T, sink, window, sk_k):
     """sk_flex_attention (FlexAttention: block mask, mask_mod on the k-th best score, score_mod adding log p) against
     the reference, forward and gradients in q, k, v and the scores; GQA 8:2; fp32."""
-    from attention import sk_flex_attention
+    from sparsek import sk_flex_attention
     torch.manual_seed(T)
     B, H, G, D = 2, 8, 2, 64
     q, k, v = (torch.randn(B, n, T, D, device="cuda", requires_grad=True) for n in (H, G, G))
@@ -299,7 +299,7 @@ def test_sk_flex_forward_matches_reference_on_cpu(T, sink, window, sk_k):
     no CPU backward; the GPU test checks gradients): the same output as the reference."""
     import warnings
     from torch.nn.attention.flex_attention import flex_attention
-    from attention import sk_flex_attention
+    from sparsek import sk_flex_attention
     torch.manual_seed(T)
     B, H, G, D = 2, 4, 2, 16
     q, k, v = (torch.randn(B, n, T, D) for n in (H, G, G))
@@ -333,12 +333,12 @@ def test_sk_threshold_carries_sparsek_gradient():
 
 @pytest.mark.parametrize("T,sink,window,sk_k", [(389, 5, 128, 16), (700, 4, 256, 100)])
 def test_sk_logp_grad_matches_autograd(T, sink, window, sk_k):
-    """The training path's gradient in the scores (attention.SKLogpGrad: dL/dlog p on the gathered selected keys,
+    """The training path's gradient in the scores (sparsek.SKLogpGrad: dL/dlog p on the gathered selected keys,
     then SPARSEK's backward through sk_pools' pools) equals autograd through the reference's T x T bias;
     GQA 4:2, odd T, a block with fewer candidates than k (the pools and log p are fp32, as on the GPU; the
     attention fp64). Flex has no CPU backward: o and lse come from the
     reference here, the GPU test runs the whole path."""
-    from attention import SKLogpGrad
+    from sparsek import SKLogpGrad
     torch.manual_seed(T)
     B, H, G, D = 2, 4, 2, 16
     q, k, v = (torch.randn(B, n, T, D, dtype=torch.float64) for n in (H, G, G))
