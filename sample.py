@@ -1,9 +1,9 @@
 """
-Generate text from prompt files, streaming to stdout, with dense or elastic attention.
+Generate text from prompt files, streaming to stdout, with dense or elastic attention (arXiv 2601.17367).
 
+    python sample.py --prompt prompts/long.txt --routers fa-ssa      # Elastic Attention, routers shipped in routers/
     python sample.py --prompt prompts/capital.txt                    # the embedded SmolLM2-135M-Instruct, dense
     python sample.py --prompt a.txt --prompt b.txt                   # several prompts, decoded together
-    python sample.py --prompt long.txt --routers fa-ssa              # Elastic Attention, routers shipped in routers/
     python sample.py --prompt long.txt --routers out-routers         # ... or routers you trained (train.py)
     python sample.py --prompt long.txt --sparse-ratio 0.7            # static hybrid: 30% of KV heads full
     python sample.py --prompt long.txt --modes all-ssa               # every head streaming
@@ -13,21 +13,23 @@ Each prompt goes through the tokenizer's chat template (skip it with --raw) and 
 each layer's router picks every KV head's mode from that prompt's keys (router.py) and the fused kernel runs all
 heads (kernel.py). All prompts then decode together (generate.py); streaming (SSA) heads keep only their sink and
 window in the KV cache. One prompt streams its answer to stdout; several print their answers one after another,
-each under a header line `==> FILE <==` (as `head` does). Timings, the routing and the cache size go to stderr.
+each under a header line `==> FILE <==` (as `head` does). Timings, the routing map and the cache size go to stderr.
 """
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
-from cli import check_device, checkpoint_dir, routers_dir
+from cli import check_device, checkpoint_dir, fail, load_model, load_tokenizer, routers_dir, write_atomic
 from router import MODE_IDS, MODE_PAIRS, ElasticConfig
+
+ELASTIC_FLAGS = ("mode_pair", "sink", "window")  # override the routers' own ElasticConfig
 
 
 def parse_args(argv=None):
+    """The flags, every user error one line before anything heavy loads."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", required=True, action="append",
                         help="text file holding a prompt, or - for stdin; give it several times for several prompts")
@@ -55,40 +57,35 @@ def parse_args(argv=None):
                         help=f"SSA window tokens (default: the routers', else {ElasticConfig.window})")
     parser.add_argument("--stats-json", default=None, help="also write the stats printed on stderr to this file "
                         "(a list, one entry per prompt)")
+    parser.error = lambda message: fail(f"{message} (python sample.py --help lists the flags)")  # one line
     args = parser.parse_args(argv)
-    # every user error ends here, in one line, before anything heavy loads
     if sum(x is not None for x in (args.routers, args.sparse_ratio, args.modes)) > 1:
         parser.error("choose one of --routers, --sparse-ratio and --modes")
-    if args.max_new_tokens < 1:
-        fail(f"--max-new-tokens {args.max_new_tokens}: generate at least 1 token")
-    if not args.temperature >= 0:
-        fail(f"--temperature {args.temperature}: use 0 (greedy) or a positive temperature")
-    if not 0 < args.top_p <= 1:
-        fail(f"--top-p {args.top_p}: the nucleus mass must lie in (0, 1]")
-    if args.sparse_ratio is not None and not 0 <= args.sparse_ratio <= 1:
-        fail(f"--sparse-ratio {args.sparse_ratio}: the share of sparse heads must lie in [0, 1]")
+    for ok, message in ((args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: generate at least 1 "
+                         "token"),
+                        (args.temperature >= 0, f"--temperature {args.temperature}: use 0 (greedy) or a positive "
+                         "temperature"),
+                        (0 < args.top_p <= 1, f"--top-p {args.top_p}: the nucleus mass must lie in (0, 1]"),
+                        (args.sparse_ratio is None or 0 <= args.sparse_ratio <= 1,
+                         f"--sparse-ratio {args.sparse_ratio}: the share of sparse heads must lie in [0, 1]"),
+                        (args.prompt.count("-") <= 1, "--prompt -: stdin can be read once only")):
+        if not ok:
+            fail(message)
     try:
         check_device(args.device)
         if args.model is not None:
             checkpoint_dir(args.model)
-    except ValueError as e:
-        fail(e)
-    if args.routers is not None:
-        try:
+        if args.routers is not None:
             args.routers = routers_dir(args.routers)
-        except ValueError as e:
-            fail(e)
-    if args.prompt.count("-") > 1:
-        fail("--prompt -: stdin can be read once only")
-    try:
-        ElasticConfig(**{k: getattr(args, k) for k in ("mode_pair", "sink", "window") if getattr(args, k) is not None})
+        ElasticConfig(**overrides(args))
     except ValueError as e:
         fail(str(e).replace("sink must", "--sink must").replace("window must", "--window must"))
     return args
 
 
-def fail(message):
-    sys.exit(f"error: {message}")
+def overrides(args):
+    """The ElasticConfig fields given on the command line."""
+    return {k: getattr(args, k) for k in ELASTIC_FLAGS if getattr(args, k) is not None}
 
 
 def read_prompt(name):
@@ -107,46 +104,28 @@ def read_prompt(name):
     return text
 
 
-def main():
-    args = parse_args()
-    texts = [read_prompt(name) for name in args.prompt]
-
-    # -------------------------------------------------------------------------
-    # model and tokenizer (imported here: --help and argument errors need none of it)
-    from transformers import AutoTokenizer
-
-    from generate import generate
-    from model import Transformer
+def elastic_setup(model, tokenizer, args):
+    """How each KV head's mode is picked: routers (model.routers), a static hybrid or one mode for all (fixed modes
+    [1, L, G]), or none (dense). -> the fixed modes, or None."""
     from router import Routers
     from static_hybrid import static_hybrid_modes
-
-    torch.manual_seed(args.seed)
-    try:
-        model_dir, _ = checkpoint_dir(args.model)  # the default model is converted here, once
-    except ValueError as e:
-        fail(e)
-    try:
-        model = Transformer.from_pretrained(model_dir, device=args.device,
-                                            dtype=getattr(torch, args.dtype) if args.dtype else None)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # a corrupt config.json, a truncated model.safetensors (both named), tokenizer files...
-        fail(f"cannot load the model from {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    device = model.output_weight().device
-    overrides = {k: getattr(args, k) for k in ("mode_pair", "sink", "window") if getattr(args, k) is not None}
-    modes = None  # [1, L, G]; None: the routers decide (or every head is dense)
     try:
         if args.routers:
-            model.routers = Routers.load(args.routers, model.config).to(device)
-            model.elastic = ElasticConfig(**{**vars(model.routers.elastic), **overrides})
+            model.routers = Routers.load(args.routers, model.config).to(model.output_weight().device)
+            model.elastic = ElasticConfig(**{**vars(model.routers.elastic), **overrides(args)})
         else:
-            model.elastic = ElasticConfig(**overrides)
+            model.elastic = ElasticConfig(**overrides(args))
         if args.modes:
-            modes = model.fixed_modes(MODE_IDS[args.modes[4:].upper()])
-        elif args.sparse_ratio is not None:  # rank heads on a few retrieval prompts (static_hybrid.py)
-            modes = static_hybrid_modes(model, tokenizer, args.sparse_ratio)
+            return model.fixed_modes(MODE_IDS[args.modes[4:].upper()])
+        if args.sparse_ratio is not None:  # rank heads on a few retrieval prompts (static_hybrid.py)
+            return static_hybrid_modes(model, tokenizer, args.sparse_ratio)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    return None
 
+
+def encode_prompts(tokenizer, texts, args, model_dir, context):
+    """Token ids [T] of each prompt, through the chat template unless --raw; each must leave room for an answer."""
     prompts = []
     for name, text in zip(args.prompt, texts):
         if args.raw:
@@ -156,15 +135,19 @@ def main():
                 fail(f"the tokenizer in {model_dir} has no chat template; use --raw")
             ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                 return_tensors="pt", return_dict=True).input_ids
-        T, context = ids.shape[1], model.config.max_position_embeddings
-        if T + 1 > context:
-            fail(f"the prompt {name!r} has {T} tokens but the model's context is {context} tokens; shorten it")
+        if ids.shape[1] + 1 > context:
+            fail(f"the prompt {name!r} has {ids.shape[1]} tokens but the model's context is {context} tokens; "
+                 "shorten it")
         prompts.append(ids[0])
-    max_new = min(args.max_new_tokens, model.config.max_position_embeddings - max(len(p) for p in prompts))
+    return prompts
 
-    # -------------------------------------------------------------------------
-    # generate: one prompt streams (decode the whole answer each time and print what is new: keeps multi-byte
-    # characters whole); several print one after another once all are done
+
+def run_generation(model, tokenizer, prompts, max_new, modes, args):
+    """Generates; one prompt streams (the whole answer decoded each time and what is new printed: multi-byte
+    characters stay whole), several print one after another at the end. -> (answers as token lists, stats per
+    prompt, prefill seconds, decode seconds)."""
+    from generate import generate
+    device = model.output_weight().device
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -197,17 +180,21 @@ def main():
         for b, (name, answer) in enumerate(zip(args.prompt, answers)):
             print(f"{chr(10) if b else ''}==> {'standard input' if name == '-' else name} <==")
             print(tokenizer.decode(answer, skip_special_tokens=True))
+    return answers, stats, t1 - t0, t2 - t1
 
-    # -------------------------------------------------------------------------
-    # what ran: timings, routing, cache size per prompt (stderr, and --stats-json for machines)
+
+def report(model, args, prompts, answers, stats, prefill_s, decode_s):
+    """What ran, on stderr: timings, and per prompt the routing (Omega and one letter per KV head and layer) and the
+    KV-cache size against a dense cache; with --stats-json the same as a list, one entry per prompt."""
+    stream = len(prompts) == 1
     steps_run = max(len(a) for a in answers) - 1
-    decode_tps = sum(max(len(a) - 1, 0) for a in answers) / max(t2 - t1, 1e-9)
+    decode_tps = sum(max(len(a) - 1, 0) for a in answers) / max(decode_s, 1e-9)
     size = f"prompt tokens: {len(prompts[0])}" if stream else f"{len(prompts)} prompts, {sum(map(len, prompts))} tokens"
-    print(f"{size} | prefill: {(t1 - t0) * 1e3:.1f} ms | decode: {steps_run} {'tokens' if stream else 'steps'}, "
+    print(f"{size} | prefill: {prefill_s * 1e3:.1f} ms | decode: {steps_run} {'tokens' if stream else 'steps'}, "
           f"{decode_tps:.1f} tokens/s", file=sys.stderr)
     records = []
     for name, ids, answer, st in zip(args.prompt, prompts, answers, stats):
-        out = dict(prompt=name, prompt_tokens=len(ids), new_tokens=len(answer), prefill_ms=(t1 - t0) * 1e3,
+        out = dict(prompt=name, prompt_tokens=len(ids), new_tokens=len(answer), prefill_ms=prefill_s * 1e3,
                    decode_tokens_per_s=decode_tps, kv_bytes=st["kv_bytes"], kv_bytes_dense=st["kv_bytes_dense"])
         header = "" if stream else f"{name}: "
         routing = st["routing"]
@@ -227,10 +214,25 @@ def main():
               f"({out['kv_bytes'] / out['kv_bytes_dense']:.1%})", file=sys.stderr)
         records.append(out)
     if args.stats_json:
-        tmp = f"{args.stats_json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=2)
-        os.replace(tmp, args.stats_json)
+        write_atomic(args.stats_json, json.dumps(records, indent=2))
+
+
+def main():
+    args = parse_args()
+    texts = [read_prompt(name) for name in args.prompt]
+    torch.manual_seed(args.seed)
+    try:
+        model_dir, _ = checkpoint_dir(args.model)  # the default model is converted here, once
+    except ValueError as e:
+        fail(e)
+    model = load_model(model_dir, args.device, args.dtype)
+    tokenizer = load_tokenizer(model_dir)
+    modes = elastic_setup(model, tokenizer, args)
+    context = model.config.max_position_embeddings
+    prompts = encode_prompts(tokenizer, texts, args, model_dir, context)
+    max_new = min(args.max_new_tokens, context - max(len(p) for p in prompts))
+    answers, stats, prefill_s, decode_s = run_generation(model, tokenizer, prompts, max_new, modes, args)
+    report(model, args, prompts, answers, stats, prefill_s, decode_s)
 
 
 if __name__ == "__main__":
