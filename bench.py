@@ -215,7 +215,7 @@ class SdpaCache:
         self.k, self.v = k.new_zeros(B, G, T + self.max_new_tokens, D), v.new_zeros(B, G, T + self.max_new_tokens, D)
         self.k[:, :, :T], self.v[:, :, :T] = k, v
 
-    def decode(self, q, k, v, pos):
+    def decode(self, q, k, v, pos, u=None):  # u: the new keys' SK scores; every head here is dense
         B, H, _, D = q.shape
         G = k.shape[1]
         rows = torch.arange(B, device=q.device)
