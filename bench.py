@@ -14,88 +14,146 @@ TFLOP/s count the (query, key) pairs actually computed: 4 * D flops each. Writes
     python bench.py --sweep                          # first try kernel tile configs at 32K, bench the best
     python bench.py --sk                             # SK (and XA) against SSA, no dense -> bench_sk_results.md
 
+With --decode, the decode kernel alone (a few tile configs) against SDPA's flash decode and the memory floor:
+
+    python bench.py --decode --seq-lens 32768 131072                               # -> bench_decode_results.md
+
 With --model, end to end instead: a whole model with random weights from a config.json, its prefill and its
 decode step, dense against elastic at Omega 0.7 (the rest of the KV heads full), and its KV-cache size:
 
     python bench.py --model configs/llama-3.1-8b.json --seq-lens 32768 130944   # -> bench_model_results.md
+
+Read in order: arguments, timing and counting, the prefill cases (one function per family), their report, the
+tile sweep, the decode kernel, the whole model, main. The timings need a CUDA GPU; pytest test_bench.py runs every
+--model setup eagerly on the CPU (bench_model(device="cpu")) and checks that the dense paths decode alike.
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
 import statistics
-import sys
 import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import kernel
-from attention import flex_block_mask, sk_flex_attention
-from cli import command_line
+from attention import KVCache, flex_block_mask, sk_flex_attention
+from cli import command_line, fail, provenance, write_atomic
+from decode_kernel import decode_attention, decode_splits
+from generate import CUDAGraphStep, compiled_decode_one_token, decode_one_token
 from kernel import FA, SK, SSA, XA
+from model import ModelConfig, Transformer, rope_inv_freq
+from router import ElasticConfig, Routers
 from sparsek import sk_select
+from static_hybrid import static_modes
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072], help="sequence lengths T")
-parser.add_argument("--heads", type=int, default=32, help="query heads H")
-parser.add_argument("--kv-heads", type=int, default=8, help="KV heads G")
-parser.add_argument("--head-dim", type=int, default=128, help="head dim D")
-parser.add_argument("--sink", type=int, default=128, help="SSA sink tokens")
-parser.add_argument("--window", type=int, default=2048, help="SSA window tokens")
-parser.add_argument("--xa-threshold", type=float, default=0.9, help="XA threshold")
-parser.add_argument("--xa-stride", type=int, default=16, help="XA antidiagonal stride")
-parser.add_argument("--xa-topics", type=int, default=8, help="structured XA inputs: topics per head (share ~ 1/topics)")
-parser.add_argument("--sk-ks", type=int, nargs="+", default=[1024, 256],
-                    help="SK budgets k; each SK case gets window = SSA window - k (the same keys per query as SSA)")
-parser.add_argument("--flex-sk-max-len", type=int, default=32768, help="time FlexAttention SK up to this T (its "
-                    "selected keys' blocks cover nearly every candidate block with random scores: dense cost)")
-parser.add_argument("--sweep", action="store_true", help="time kernel tile configs first and bench the best")
-parser.add_argument("--sweep-len", type=int, default=32768, help="sequence length of the sweep")
-parser.add_argument("--sweep-configs", type=str, help="JSON list of [BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES]",
-                    default="[[128,128,8,3],[128,128,8,2],[128,64,8,3],[128,64,8,4],[64,64,4,3],[64,64,4,4]]")
-parser.add_argument("--sweep-repeat", type=int, default=1, help="time each sweep config this many times")
-parser.add_argument("--config", type=str, default=None, help="kernel config as JSON (see kernel._default_config)")
-parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take a while)")
-parser.add_argument("--sk", action="store_true", help="the selecting modes against SSA only (SSA-only, SK and "
-                    "XA cases; no dense, no Flex) -> bench_sk_results.md")
-parser.add_argument("--out", type=str, default=None,
-                    help="markdown file to write (default: bench_results.md, with --model bench_model_results.md)")
-parser.add_argument("--model", type=str, default=None, help="config.json of a model: time it end to end instead")
-parser.add_argument("--sparse-ratio", type=float, default=0.7, help="with --model: Omega of the elastic runs")
-parser.add_argument("--decode-tokens", type=int, default=32, help="with --model: tokens decoded per run")
-parser.add_argument("--decode", action="store_true", help="time the decode kernel alone (a few tile configs) "
-                    "against SDPA's flash decode and the memory floor, at the --seq-lens, B = 1 and --batch")
-parser.add_argument("--compile-sdpa", action="store_true", help="with --model: torch.compile the dense SDPA "
-                    "baseline's step too (gpt-fast's way; a minute of compiling per length, little gain)")
-parser.add_argument("--batch", type=int, default=8, help="with --model: also decode this many prompts of the first "
-                    "length together (1: skip)")
-args = parser.parse_args()
-args.out = args.out or ("bench_model_results.md" if args.model else "bench_decode_results.md" if args.decode
-                        else "bench_sk_results.md" if args.sk else "bench_results.md")
-if not torch.cuda.is_available():
-    sys.exit("error: bench.py times kernels on a CUDA GPU and this machine has none (pytest runs the CPU checks)")
-if args.model and not os.path.isfile(args.model):
-    sys.exit(f"error: --model {args.model}: no such config.json (try configs/llama-3.1-8b.json)")
-dev = "cuda"
-dtype = torch.bfloat16
-B, H, G, D = 1, args.heads, args.kv_heads, args.head_dim
-xa_kw = dict(stride=args.xa_stride, threshold=args.xa_threshold)
-torch.backends.cuda.matmul.allow_tf32 = True
+DTYPE = torch.bfloat16
+B = 1  # the prefill cases: one sequence
+
+# -----------------------------------------------------------------------------
+# arguments
 
 
-def timeit(fn, budget_ms=600.0, min_reps=5, max_reps=100):
-    """Median time (ms) of fn() over several runs, with CUDA events; one warm-up call first."""
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072], help="sequence lengths T")
+    parser.add_argument("--heads", type=int, default=32, help="query heads H")
+    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads G")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim D")
+    parser.add_argument("--sink", type=int, default=128, help="SSA sink tokens")
+    parser.add_argument("--window", type=int, default=2048, help="SSA window tokens")
+    parser.add_argument("--xa-threshold", type=float, default=0.9, help="XA threshold")
+    parser.add_argument("--xa-stride", type=int, default=16, help="XA antidiagonal stride")
+    parser.add_argument("--xa-topics", type=int, default=8,
+                        help="structured XA inputs: topics per head (share ~ 1/topics)")
+    parser.add_argument("--sk-ks", type=int, nargs="+", default=[1024, 256],
+                        help="SK budgets k; each SK case gets window = SSA window - k (the same keys per query as SSA)")
+    parser.add_argument("--flex-sk-max-len", type=int, default=32768, help="time FlexAttention SK up to this T (its "
+                        "selected keys' blocks cover nearly every candidate block with random scores: dense cost)")
+    parser.add_argument("--sweep", action="store_true", help="time kernel tile configs first and bench the best")
+    parser.add_argument("--sweep-len", type=int, default=32768, help="sequence length of the sweep")
+    parser.add_argument("--sweep-configs", type=str, help="JSON list of [BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES]",
+                        default="[[128,128,8,3],[128,128,8,2],[128,64,8,3],[128,64,8,4],[64,64,4,3],[64,64,4,4]]")
+    parser.add_argument("--sweep-repeat", type=int, default=1, help="time each sweep config this many times")
+    parser.add_argument("--config", type=str, default=None, help="kernel config as JSON (see kernel._default_config)")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take a while)")
+    parser.add_argument("--sk", action="store_true", help="the selecting modes against SSA only (SSA-only, SK and "
+                        "XA cases; no dense, no Flex) -> bench_sk_results.md")
+    parser.add_argument("--out", type=str, default=None, help="markdown file to write (default: bench_results.md; "
+                        "with --sk, --decode, --model: bench_sk_, bench_decode_, bench_model_results.md)")
+    parser.add_argument("--model", type=str, default=None, help="config.json of a model: time it end to end instead")
+    parser.add_argument("--sparse-ratio", type=float, default=0.7, help="with --model: Omega of the elastic runs")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="with --model: tokens decoded per run")
+    parser.add_argument("--decode", action="store_true", help="time the decode kernel alone (a few tile configs) "
+                        "against SDPA's flash decode and the memory floor, at the --seq-lens, B = 1 and --batch")
+    parser.add_argument("--compile-sdpa", action="store_true", help="with --model: torch.compile the dense SDPA "
+                        "baseline's step too (gpt-fast's way; a minute of compiling per length, little gain)")
+    parser.add_argument("--batch", type=int, default=8, help="with --model: also decode this many prompts of the "
+                        "first length together (1: skip)")
+    args = parser.parse_args(argv)
+    args.out = args.out or ("bench_model_results.md" if args.model else "bench_decode_results.md" if args.decode
+                            else "bench_sk_results.md" if args.sk else "bench_results.md")
+    for name in ("config", "sweep_configs"):
+        try:
+            setattr(args, name, None if getattr(args, name) is None else json.loads(getattr(args, name)))
+        except json.JSONDecodeError as e:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: not JSON ({e})")
+    if args.model:
+        if not os.path.isfile(args.model):
+            fail(f"--model {args.model}: no such config.json (try configs/llama-3.1-8b.json)")
+        try:
+            ModelConfig.from_json(args.model)
+        except ValueError as e:  # it names the file
+            fail(e)
+        except (KeyError, TypeError) as e:  # a field missing or of the wrong type
+            fail(f"{args.model} is not a model config this code reads: {e!r}")
+        if args.decode_tokens < 2:
+            fail(f"--decode-tokens {args.decode_tokens}: a run times the steps after the first, so decode >= 2")
+    return args
+
+
+def cuda_device():
+    if not torch.cuda.is_available():
+        fail("bench.py times kernels on a CUDA GPU and this machine has none (pytest runs the CPU checks)")
+    return "cuda"
+
+
+# -----------------------------------------------------------------------------
+# timing and counting
+
+
+def log(line):
+    print(line, flush=True)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, budget_ms=600.0, min_reps=5, max_reps=100, device="cuda"):
+    """Median time (ms) of fn() over several runs, with CUDA events; one warm-up call first. On the CPU (the tests)
+    the host clock instead."""
     fn()
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync(device)
     est = (time.perf_counter() - t0) * 1e3
     reps = int(max(min_reps, min(max_reps, budget_ms / max(est, 1e-3))))
+    if torch.device(device).type != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         start.record()
@@ -105,405 +163,264 @@ def timeit(fn, budget_ms=600.0, min_reps=5, max_reps=100):
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def pairs_per_head(mode, T, xa_blocks=None):
+def pairs_per_head(mode, T, sink, window, xa_blocks=None):
     """Number of (query, key) pairs a head computes: [H] int64 for modes [H] (xa_blocks [H, nb, nb])."""
+    dev = mode.device
     i = torch.arange(T, device=dev, dtype=torch.int64)
     fa = T * (T + 1) // 2
-    ssa = (torch.minimum(i + 1, torch.tensor(args.window, device=dev))
-           + (torch.minimum(i - args.window + 1, torch.tensor(args.sink, device=dev))).clamp(min=0)).sum().item()
+    ssa = (torch.minimum(i + 1, torch.tensor(window, device=dev))
+           + (torch.minimum(i - window + 1, torch.tensor(sink, device=dev))).clamp(min=0)).sum().item()
     out = torch.where(mode == FA, fa, ssa).to(torch.int64)
     if xa_blocks is not None:
         nb = xa_blocks.shape[-1]
         rows = torch.full((nb,), 128, device=dev, dtype=torch.int64)
         rows[-1] = T - 128 * (nb - 1)
         m, n = torch.arange(nb, device=dev)[:, None], torch.arange(nb, device=dev)[None, :]
-        per_block = torch.where(n < m, rows[:, None] * rows[None, :], torch.where(n == m, rows[:, None] * (rows[:, None] + 1) // 2, 0))
+        per_block = torch.where(n < m, rows[:, None] * rows[None, :],
+                                torch.where(n == m, rows[:, None] * (rows[:, None] + 1) // 2, 0))
         xa = (xa_blocks.to(torch.int64) * per_block).sum((-1, -2))
         out = torch.where(mode == XA, xa, out)
     return out
 
 
-def sk_pairs(T, window, k):
+def sk_pairs(T, sink, window, k, device):
     """(query, key) pairs an SK head computes: per query its sink, its local span and min(k, n) selected keys."""
-    i = torch.arange(T, device=dev, dtype=torch.int64)
+    i = torch.arange(T, device=device, dtype=torch.int64)
     c = (i // 128 + 1) * 128 - window
     lo = c.clamp(min=0)
-    n = (c.clamp(max=T) - args.sink).clamp(min=0)
-    return ((i - lo + 1).clamp(min=0) + lo.clamp(max=args.sink) + n.clamp(max=k)).sum().item()
+    n = (c.clamp(max=T) - sink).clamp(min=0)
+    return ((i - lo + 1).clamp(min=0) + lo.clamp(max=sink) + n.clamp(max=k)).sum().item()
 
 
-def structured_qk(T, topics):
+def head_modes(modes, H):
+    """Modes [1, G] -> [H]: each query head in its KV head's mode."""
+    return modes.repeat_interleave(H // modes.shape[1], 1)[0]
+
+
+def random_qkv(args, T, device="cuda"):
+    """q [B, H, T, D], k and v [B, G, T, D] of random bf16."""
+    q = torch.randn(B, args.heads, T, args.head_dim, device=device, dtype=DTYPE)
+    k, v = (torch.randn(B, args.kv_heads, T, args.head_dim, device=device, dtype=DTYPE) for _ in range(2))
+    return q, k, v
+
+
+def structured_qk(T, topics, H, G, D, device="cuda"):
     """q, k with planted structure: each 128-token block has a topic (a random direction per KV head);
     queries and keys of a block point along it, so attention mass sits on the blocks of one's own topic."""
     nb = math.ceil(T / 128)
-    dirs = F.normalize(torch.randn(G, topics, D, device=dev), dim=-1)
-    topic = torch.randint(0, topics, (G, nb), device=dev)
-    base = dirs[torch.arange(G, device=dev)[:, None], topic]                   # [G, nb, D]
+    dirs = F.normalize(torch.randn(G, topics, D, device=device), dim=-1)
+    topic = torch.randint(0, topics, (G, nb), device=device)
+    base = dirs[torch.arange(G, device=device)[:, None], topic]                # [G, nb, D]
     base = base.repeat_interleave(128, dim=1)[:, :T]                           # [G, T, D]
     amp = 3.0 * D ** 0.25  # same-topic scores ~ amp^2 / sqrt(D) = 9 above the rest
-    k = (amp * base + torch.randn(G, T, D, device=dev))[None]
-    q = (amp * base.repeat_interleave(H // G, dim=0) + torch.randn(H, T, D, device=dev))[None]
-    return q.to(dtype), k.to(dtype)
+    k = (amp * base + torch.randn(G, T, D, device=device))[None]
+    q = (amp * base.repeat_interleave(H // G, dim=0) + torch.randn(H, T, D, device=device))[None]
+    return q.to(DTYPE), k.to(DTYPE)
+
+
+@dataclass
+class Results:
+    """The prefill rows in order, (T, case, method, ms, TFLOP/s, note), a failed call's included (nan ms, the
+    error in its note), and the ms of each call timed by (T, case, method)."""
+    head_dim: int
+    rows: list = field(default_factory=list)
+    ms: dict = field(default_factory=dict)
+
+    def record(self, T, case, method, fn, pairs, note=""):
+        """Times fn as one row; pairs: the (query, key) pairs it computes, for TFLOP/s."""
+        try:
+            ms = timeit(fn)
+        except Exception as e:  # out of memory, a tile config that does not fit: the row says so, the others run
+            log(f"T={T} {case} {method}: failed: {str(e).splitlines()[0][:160]}")
+            self.rows.append((T, case, method, float("nan"), float("nan"), "failed: " + str(e).splitlines()[0][:80]))
+            return float("nan")
+        tflops = 4 * self.head_dim * pairs / (ms * 1e-3) / 1e12
+        self.rows.append((T, case, method, ms, tflops, note))
+        self.ms[(T, case, method)] = ms
+        log(f"T={T:>6} {case:<24} {method:<34} {ms:9.3f} ms {tflops:7.1f} TFLOP/s {note}")
+        return ms
 
 
 # -----------------------------------------------------------------------------
-# competitors
-
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
-flex = None
-if not (args.no_flex or args.sk):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    flex = torch.compile(flex_attention, dynamic=False)
+# the prefill cases of one length: each family against its competitors
 
 
-def sdpa(backend, q, k_rep, v_rep):
+def sdpa(backend, q, k_rep, v_rep, is_causal=True):
     with sdpa_kernel(backend):
-        return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)
+        return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=is_causal)
 
 
-def split_and_merge(q, k, v, modes, fa_with_cudnn):
+def fused(q, k, v, modes, args, config):
+    """The call timed as 'elastic_attention': every head in its mode, one launch."""
+    return lambda: kernel.elastic_attention(q, k, v, modes, sink=args.sink, window=args.window,
+                                            xa_threshold=args.xa_threshold, xa_stride=args.xa_stride, _config=config)
+
+
+def xa_kw(args):
+    return dict(stride=args.xa_stride, threshold=args.xa_threshold)
+
+
+def split_and_merge(q, k, v, modes, fa_with_cudnn, args, config):
     """Gather the heads of each mode, one call per mode, scatter back (B = 1)."""
+    H, G = q.shape[1], k.shape[1]
     o = torch.empty_like(q)
     for mode in (FA, SSA):
         groups = (modes[0] == mode).nonzero().flatten()
         if groups.numel() == 0:
             continue
-        heads = (groups[:, None] * (H // G) + torch.arange(H // G, device=dev)).flatten()
+        heads = (groups[:, None] * (H // G) + torch.arange(H // G, device=q.device)).flatten()
         qs, ks, vs = q[:, heads], k[:, groups], v[:, groups]
         if mode == FA and fa_with_cudnn:
             out = sdpa(SDPBackend.CUDNN_ATTENTION, qs, ks.repeat_interleave(H // G, 1), vs.repeat_interleave(H // G, 1))
         else:
-            out = kernel.elastic_attention(qs, ks, vs, torch.full((1, groups.numel()), mode, device=dev),
-                                           sink=args.sink, window=args.window, _config=CONFIG)
+            out = kernel.elastic_attention(qs, ks, vs, torch.full((1, groups.numel()), mode, device=q.device),
+                                           sink=args.sink, window=args.window, _config=config)
         o[:, heads] = out
     return o
 
 
-# -----------------------------------------------------------------------------
-# optional sweep of kernel tile configs
-
-CONFIG = json.loads(args.config) if args.config else None
-sweep_lines = []
-
-
-def log(line):
-    print(line, flush=True)
-
-
-def slog(line):  # a sweep line: printed and kept for the report
-    log(line)
-    sweep_lines.append(line)
-
-
-# -----------------------------------------------------------------------------
-# end to end (--model): prefill, decode and KV cache of a whole model, dense against elastic
+def bench_dense(res, args, T, q, k, v, config, flex):
+    """FA-only: SDPA (cuDNN, flash), FlexAttention causal, and ours with and without its mode check."""
+    H, G = q.shape[1], k.shape[1]
+    k_rep, v_rep = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)  # for SDPA, outside the timing
+    all_fa = torch.full((B, G), FA, device=q.device, dtype=torch.int32)
+    pairs = H * T * (T + 1) // 2
+    case = "FA-only (dense causal)"
+    for name, backend in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        res.record(T, case, f"SDPA {name} (K/V pre-expanded)", lambda: sdpa(backend, q, k_rep, v_rep), pairs)
+    if flex:
+        causal_bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, T, T, device=q.device, _compile=True)
+        res.record(T, case, "FlexAttention causal", lambda: flex(q, k, v, block_mask=causal_bm, enable_gqa=True), pairs)
+    res.record(T, case, "elastic_attention", fused(q, k, v, all_fa, args, config), pairs)
+    res.record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
+        q, k, v, all_fa, check_modes=False, _config=config), pairs, "no host sync")
 
 
-class SdpaCache:
-    """The dense baseline's KV cache: one contiguous [B, G, T + new, D] buffer per layer and SDPA over it (what a
-    HuggingFace-style model does). graphed=False slices the cache to its length each step (flash backend; a host
-    read of the length: eager); graphed=True reads the whole buffer with a mask of the filled positions, so that a
-    step has static shapes and can be captured in a CUDA graph (gpt-fast's way). Same interface as
-    attention.KVCache."""
-
-    def __init__(self, max_new_tokens, graphed):
-        self.max_new_tokens, self.graphed = max_new_tokens, graphed
-
-    def prefill(self, k, v, modes, sk_scores=None, lengths=None):  # rows of one length, every head dense
-        B, G, T, D = k.shape
-        self.k, self.v = k.new_zeros(B, G, T + self.max_new_tokens, D), v.new_zeros(B, G, T + self.max_new_tokens, D)
-        self.k[:, :, :T], self.v[:, :, :T] = k, v
-
-    def decode(self, q, k, v, pos):
-        B, H, _, D = q.shape
-        G = k.shape[1]
-        rows = torch.arange(B, device=q.device)
-        self.k[rows, :, pos], self.v[rows, :, pos] = k[:, :, 0], v[:, :, 0]
-        q = q.reshape(B, G, H // G, D)  # a group's query heads on the query axis: GQA without copies
-        if self.graphed:
-            mask = torch.arange(self.k.shape[2], device=q.device) <= pos[:, None, None, None]  # [B, 1, 1, T + new]
-            y = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)
-        else:
-            n = int(pos.max()) + 1
-            mask = None if B == 1 else torch.arange(n, device=q.device) <= pos[:, None, None, None]
-            y = F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask)
-        return y.reshape(B, H, 1, D)
-
-    def nbytes(self, row=None):
-        return 2 * self.k[0].numel() * self.k.element_size() * (self.k.shape[0] if row is None else 1)
+def bench_mixes(res, args, T, q, k, v, config, flex):
+    """SSA-only and the FA/SSA mixes (25%, 50%, 75% FA heads): ours, FlexAttention on the same mask, and the
+    split-and-merge way."""
+    H, G = q.shape[1], k.shape[1]
+    perm = torch.tensor([3, 6, 0, 5, 1, 7, 2, 4][:G] if G == 8 else torch.randperm(G).tolist(), device=q.device)
+    for n_fa in [0, G // 4, G // 2, 3 * G // 4]:
+        modes = torch.full((B, G), SSA, device=q.device, dtype=torch.int32)
+        modes[0, perm[:n_fa]] = FA
+        case = "SSA-only" if n_fa == 0 else f"{100 * n_fa // G}% FA + SSA"
+        pairs = pairs_per_head(head_modes(modes, H), T, args.sink, args.window).sum().item()
+        res.record(T, case, "elastic_attention", fused(q, k, v, modes, args, config), pairs)
+        if n_fa == 0:
+            res.record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
+                q, k, v, modes, sink=args.sink, window=args.window, check_modes=False, _config=config), pairs,
+                "no host sync")
+        if flex:
+            bm = flex_block_mask(modes, H, T, sink=args.sink, window=args.window)
+            res.record(T, case, "FlexAttention (same mask, mode table)",
+                       lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), pairs, "attention.flex_block_mask")
+            if n_fa == 0:  # FlexAttention at its best on this mask: one mask_mod and block mask for all heads
+                ssa_mod = lambda b, h, qi, ki: (ki <= qi) & ((ki < args.sink) | (qi - ki < args.window))  # noqa: E731
+                ssa_bm = create_block_mask(ssa_mod, None, None, T, T, device=q.device, _compile=True)
+                res.record(T, case, "FlexAttention (same mask, SSA mask_mod)",
+                           lambda: flex(q, k, v, block_mask=ssa_bm, enable_gqa=True), pairs, "one mask for all heads")
+        if n_fa > 0:
+            res.record(T, case, "split: cuDNN FA + ours SSA",
+                       lambda: split_and_merge(q, k, v, modes, True, args, config), pairs)
+            res.record(T, case, "split: ours per mode", lambda: split_and_merge(q, k, v, modes, False, args, config),
+                       pairs)
 
 
-def copy_bandwidth():
-    """Device-to-device copy bandwidth in bytes/s (read + write), the ceiling a decode step works against."""
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    ms = timeit(lambda: y.copy_(x), budget_ms=300)
-    return 2 * x.numel() / (ms * 1e-3)
-
-
-def bench_model():
-    from attention import KVCache
-    from generate import CUDAGraphStep, compiled_decode_one_token, decode_one_token
-    from model import ModelConfig, Transformer, rope_inv_freq
-    from router import ElasticConfig, Routers
-    from static_hybrid import static_modes
-
-    cfg = ModelConfig.from_json(args.model)
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)  # random weights straight on the GPU in bf16: timings need no checkpoint
-    with torch.device(dev):
-        model = Transformer(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.inv_freq = rope_inv_freq(cfg).to(dev)  # in fp32, as from_pretrained makes it
-    model.eval().requires_grad_(False)
-    L, n_kv, Dh = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-                       if "embed_tokens" not in name or cfg.tie_word_embeddings)  # a step reads B embedding rows
-    bandwidth = copy_bandwidth()
-    log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights read per step {weight_bytes / 1e9:.2f} GB")
-    scores = torch.rand(L, n_kv, device=dev)  # which heads stay full does not change the time
-    fixed = lambda mode: torch.full((1, L, n_kv), mode, dtype=torch.int32, device=dev)  # noqa: E731
-    # (name, mode pair, fixed modes, cache, torch.compile): every run but the first replays a CUDA graph per step
-    setups = [("dense SDPA, eager", "FA-SSA", None, "sdpa", False),
-              ("dense SDPA, CUDA graph", "FA-SSA", None, "sdpa-graph", args.compile_sdpa),
-              ("dense, ours (all FA)", "FA-SSA", fixed(FA), "ours", True)]
-    for pair in ("FA-SSA", "XA-SSA"):
-        ec = ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window)
-        setups.append((f"{pair}, Omega {args.sparse_ratio}", pair, static_modes(scores, args.sparse_ratio, ec), "ours",
-                       True))
-    setups.append((setups[-2][0] + ", not compiled", *setups[-2][1:4], False))
-    runs = [(1, T) for T in args.seq_lens] + ([(args.batch, args.seq_lens[0])] if args.batch > 1 else [])
-    rows = []
-    new = args.decode_tokens
-    for Bm, T in runs:
-        idx = torch.randint(0, cfg.vocab_size, (Bm, T), device=dev)
-        for name, pair, modes, path, compiled in setups:
-            model.elastic = ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window)
-            if path == "ours":
-                caches = [KVCache(new, args.sink, args.window) for _ in range(L)]
-            else:
-                caches = [SdpaCache(new, graphed=path == "sdpa-graph") for _ in range(L)]
-            try:
-                model(idx[:, :1024], modes=modes)  # warm-up: kernels compile once
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                logits = model(idx, modes=modes, caches=caches, last_only=True)[:, -1]  # B prompts of T tokens
-                torch.cuda.synchronize()
-                ttft = (time.perf_counter() - t0) * 1e3
-                token, pos = logits.argmax(-1), torch.full((Bm,), T, dtype=torch.int32, device=dev)
-                if path == "sdpa":  # eager: the host launches every kernel of every step
-                    step = lambda t, p: decode_one_token(model, t, p, caches)  # noqa: E731
-                else:
-                    t0 = time.perf_counter()
-                    step = CUDAGraphStep(model, token, pos, caches,
-                                         compiled_decode_one_token() if compiled else decode_one_token)
-                    log(f"  CUDA graph{' and torch.compile' if compiled else ''}: {time.perf_counter() - t0:.1f} s")
-                for _ in range(3):
-                    step(token, pos)  # rewrites position T: the same keys each time
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for i in range(new - 1):
-                    token = step(token, pos + i).argmax(-1)
-                torch.cuda.synchronize()
-                ms = (time.perf_counter() - t0) * 1e3 / (new - 1)
-                kv = sum(c.nbytes() for c in caches)
-                # a step reads the weights once and every filled cache slot once (SSA rings: sink + window)
-                read = weight_bytes + kv * (T + new // 2) / (T + new) if path != "ours" else weight_bytes + sum(
-                    2 * int(torch.minimum(c.cap, torch.tensor(T + new // 2, device=dev)).sum()) * Dh * c.k.element_size()
-                    for c in caches)
-                floor = read / bandwidth * 1e3
-                rows.append((Bm, T, name, ttft, ms, floor, kv))
-                log(f"B={Bm} T={T} {name}: first token {ttft:.0f} ms, decode {ms:.2f} ms/step "
-                    f"({Bm * 1e3 / ms:.0f} tokens/s), floor {floor:.2f} ms ({ms / floor:.2f}x), KV {kv / 2**30:.2f} GiB")
-            except Exception as e:  # out of memory, or a compile that fails: the row says so, the others run
-                log(f"B={Bm} T={T} {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-            del caches
-            torch.cuda.empty_cache()
-    # the routers' latency per prefill: every layer's router on its keys, eager (boundary pooling + both MLPs)
-    routers = Routers(L, Dh).to(dev)
-    router_ms = {}
-    for T in args.seq_lens:
-        k_pre = torch.randn(1, T, n_kv, Dh, device=dev, dtype=dtype)
-        router_ms[T] = timeit(lambda: [r(k_pre) for r in routers], budget_ms=300)
-        log(f"routers at T={T}: {router_ms[T]:.2f} ms per prefill, {router_ms[T] / L:.3f} ms per layer")
-
-    gpu = torch.cuda.get_device_name()
-    lines = [f"# End to end: {args.model}, random weights", "",
-             f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · {datetime.date.today()} · "
-             f"`{command_line('bench.py')}`", "",
-             f"bf16; SSA sink {args.sink}, window {args.window}; Omega {args.sparse_ratio}: that share of KV heads "
-             f"sparse (SSA), the rest full (FA) or XA. First token: the prefill of B prompts of T tokens (a single "
-             f"run after a warm-up). Decode: mean ms per step over {new - 1} greedy steps, B tokens per step. "
-             f"Floor: the bytes a step must read (the weights once, {weight_bytes / 1e9:.2f} GB, and every filled "
-             f"cache slot once) over the copy bandwidth measured in the same run, {bandwidth / 1e12:.2f} TB/s. "
-             f"KV cache: bytes held for prompt + new tokens. Dense SDPA: a contiguous cache; eager (sliced to its "
-             f"length, flash) or in a CUDA graph (the whole buffer with a mask). Ours: the per-head cache of "
-             f"attention.py, the decode kernel of decode_kernel.py, one CUDA graph per step; compiled: the step's small "
-             f"operations fused by torch.compile around the GEMVs and the attention kernel (generate.py, compile=True).", "",
-             "| B | prompt | setup | first token ms | decode ms/step | tokens/s | floor ms | x floor | vs SDPA eager "
-             "| vs SDPA graph | vs ours dense | KV GiB |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for Bm, T, name, ttft, ms, floor, kv in rows:
-        base = {r[2]: r[4] for r in rows if r[:2] == (Bm, T)}
-        vs = [base.get(n, float("nan")) / ms for n in ("dense SDPA, eager", "dense SDPA, CUDA graph",
-                                                       "dense, ours (all FA)")]
-        lines.append(f"| {Bm} | {T} | {name} | {ttft:.0f} | {ms:.2f} | {Bm * 1e3 / ms:.1f} | {floor:.2f} | "
-                     f"{ms / floor:.2f} | {vs[0]:.2f}x | {vs[1]:.2f}x | {vs[2]:.2f}x | {kv / 2**30:.2f} |")
-    lines += ["", "Router latency per prefill (all layers, eager, random routers): " + ", ".join(
-        f"T={T}: {ms:.2f} ms ({ms / L:.3f} ms per layer)" for T, ms in router_ms.items()) + "."]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    log("\n".join(lines))
-
-
-def bench_decode():
-    """The decode kernel alone: B rows of T cached tokens, the Llama-3.1-8B attention shape, every head FA or 70%
-    of them SSA rings (sink + window); time per layer against the bytes it must read."""
-    from decode_kernel import decode_attention, decode_splits
-    bandwidth = copy_bandwidth()
-    lines = [f"# The decode kernel alone (`{command_line('bench.py')}`)", "",
-             f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "
-             f"{datetime.date.today()} · copy bandwidth {bandwidth / 1e12:.2f} TB/s. Each call replayed from a CUDA "
-             f"graph (as in a decode step); one layer of {H} query / {G} KV heads, D {D}, bf16; floor: the filled "
-             f"cache bytes over the copy bandwidth. SSA share 0.7: 70% of KV heads are rings of sink {args.sink} + "
-             f"window {args.window}.", ""]
-    for Bm, T in [(1, T) for T in args.seq_lens] + [(args.batch, args.seq_lens[0])]:
-        q = torch.randn(Bm, H, D, device=dev, dtype=dtype)
-        k_new, v_new = (torch.randn(Bm, G, D, device=dev, dtype=dtype) for _ in range(2))
-        pos = torch.full((Bm,), T, dtype=torch.int32, device=dev)
-        ring = args.sink + args.window
-        for share in (0.0, 0.7):
-            n_ssa = round(share * G)
-            caps = torch.tensor(([T + 64] * (G - n_ssa) + [ring] * n_ssa) * Bm, dtype=torch.int32, device=dev)
-            base = torch.cat([caps.new_zeros(1), caps.cumsum(0)[:-1].int()])
-            kc, vc = (torch.randn(int(caps.sum()), D, device=dev, dtype=dtype) for _ in range(2))
-            floor = 2 * int(torch.minimum(caps, pos.repeat_interleave(G) + 1).sum()) * D * 2 / bandwidth * 1e3
-            for split, bn, warps, stages in [(512, 64, 4, 2), (256, 64, 4, 2), (1024, 64, 4, 3)]:
-                n_splits = decode_splits(int(caps.max()), split)
-                fn = lambda: decode_attention(q, k_new, v_new, kc, vc, base, caps, pos, sink=args.sink,  # noqa: E731
-                                              window=args.window, n_splits=n_splits,
-                                              split=split, _config=dict(BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages))
-                fn()
-                graph = torch.cuda.CUDAGraph()  # replayed, as in a decode step: no Python launch overhead
-                with torch.cuda.graph(graph):
-                    fn()
-                ms = timeit(graph.replay, budget_ms=200)
-                lines.append(f"- B={Bm} T={T} SSA share {share}: split {split} BLOCK_N {bn} warps {warps} stages "
-                             f"{stages}: {ms * 1e3:.1f} us, floor {floor * 1e3:.1f} us ({floor / ms:.0%} of bandwidth)")
-                log(lines[-1])
-            if share == 0.0:  # SDPA flash decode over the same dense cache, the group's query heads as query rows
-                kd = kc.view(Bm, G, T + 64, D)[:, :, :T + 1]
-                vd = vc.view(Bm, G, T + 64, D)[:, :, :T + 1]
-                qd = q.view(Bm, G, H // G, D)
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    F.scaled_dot_product_attention(qd, kd, vd)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        F.scaled_dot_product_attention(qd, kd, vd)
-                ms = timeit(graph.replay, budget_ms=200)
-                lines.append(f"- B={Bm} T={T} dense: SDPA flash {ms * 1e3:.1f} us ({floor / ms:.0%} of bandwidth)")
-                log(lines[-1])
-            del kc, vc
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-if args.model:
-    bench_model()
-    sys.exit()
-if args.decode:
-    bench_decode()
-    sys.exit()
-
-
-if args.sweep:
-    T = args.sweep_len
-    q = torch.randn(B, H, T, D, device=dev, dtype=dtype)
-    k, v = (torch.randn(B, G, T, D, device=dev, dtype=dtype) for _ in range(2))
-    ref = sdpa(SDPBackend.CUDNN_ATTENTION, q, k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1))
-    base = kernel._default_config(q)
-    slog(f"sweep at T={T}: attention tile configs (FA-only, SSA-only), then XA estimate configs")
-    best, best_t = None, float("inf")
-    mix = torch.full((B, G), SSA, device=dev)
-    mix[0, :G // 4] = FA
-    for bm, bn, warps, stages in json.loads(args.sweep_configs) * args.sweep_repeat:
-        cfg = dict(base, BLOCK_M=bm, BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages)
-        name = f"BLOCK_M={bm} BLOCK_N={bn} warps={warps} stages={stages}"
-        try:
-            t0 = time.perf_counter()
-            o = kernel.elastic_attention(q, k, v, torch.full((B, G), FA, device=dev), _config=cfg)
-            torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-            t_fa, t_ssa, t_mix = (timeit(lambda: kernel.elastic_attention(q, k, v, modes, _config=cfg))
-                                  for modes in (torch.full((B, G), FA, device=dev), torch.full((B, G), SSA, device=dev), mix))
-            slog(f"  {name}: FA {t_fa:.2f} ms, SSA {t_ssa:.3f} ms, 25% FA mix {t_mix:.3f} ms, "
-                 f"rel err vs cuDNN {err:.1e}, first call {compile_s:.1f} s")
-            score = t_fa + 3 * t_ssa + 4 * t_mix  # terms of similar size at 32K
-            if err < 1e-2 and score < best_t:
-                best, best_t = cfg, score
-        except Exception as e:  # a config that does not fit (shared memory) is skipped
-            slog(f"  {name}: failed: {str(e).splitlines()[0][:120]}")
-    ref_mask = kernel.xattn_block_mask(q, k, _config=base, **xa_kw)
-    xbest, xbest_t = None, float("inf")
-    for bi, bj, warps, stages in [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 8, 3)]:
-        cfg = dict(best or base, XA_BLOCK_I=bi, XA_BLOCK_J=bj, XA_WARPS=warps, XA_STAGES=stages)
-        try:
-            mask = kernel.xattn_block_mask(q, k, _config=cfg, **xa_kw)
-            t = timeit(lambda: kernel.xattn_block_mask(q, k, _config=cfg, **xa_kw))
-            same = (mask == ref_mask).float().mean().item()
-            slog(f"  XA_BLOCK_I={bi} XA_BLOCK_J={bj} warps={warps} stages={stages}: estimate {t:.3f} ms, "
-                f"mask agreement {same:.6f}")
-            if same > 0.999 and t < xbest_t:
-                xbest, xbest_t = cfg, t
+def bench_sk(res, args, T, q, k, v, config, flex):
+    """SK-only at SSA's KV budget per query (sink + window + k = sink + SSA window): the selection alone, ours with
+    and without it, FlexAttention SK (its selection and block mask included) up to --flex-sk-max-len."""
+    H, G = q.shape[1], k.shape[1]
+    u = torch.randn(B, G, T, device=q.device)
+    u_rising = u + 8 * torch.arange(T, device=q.device) / T
+    all_sk = torch.full((B, G), SK, device=q.device, dtype=torch.int32)
+    for sk_k in args.sk_ks:
+        win = args.window - sk_k
+        case = f"SK-only, window {win} + k {sk_k}"
+        pairs = H * sk_pairs(T, args.sink, win, sk_k, q.device)
+        sel_kw = dict(k=sk_k, sink=args.sink, window=win)
+        res.record(T, case, "sk_select alone", lambda: sk_select(u, **sel_kw), 0)
+        res.record(T, case, "sk_select alone, scores rising with position", lambda: sk_select(u_rising, **sel_kw),
+                   0, "u + 8 j / T: later keys rank first, so each block walks past keys it cannot see yet")
+        res.record(T, case, "elastic_attention (selection + attention)", lambda: kernel.elastic_attention(
+            q, k, v, all_sk, sink=args.sink, window=win, sk_scores=u, sk_k=sk_k, _config=config), pairs)
+        try:  # out of memory: a line of the log, not a crash (as in Results.record)
+            sel = sk_select(u, **sel_kw)
         except Exception as e:
-            slog(f"  XA_BLOCK_I={bi} XA_BLOCK_J={bj} warps={warps} stages={stages}: failed: {str(e).splitlines()[0][:120]}")
-    CONFIG = dict(xbest or best or base)
-    slog(f"best config: {json.dumps(CONFIG)}")
-    del q, k, v, ref
+            sel = None
+            log(f"T={T} {case} sk_select: failed: {str(e).splitlines()[0][:160]}")
+        if sel is not None:
+            res.record(T, case, "elastic_attention, selection given", lambda: kernel.elastic_attention(
+                q, k, v, all_sk, sink=args.sink, window=win, sk_selection=sel, _config=config), pairs)
+        sel = None  # freed before FlexAttention's own selection
+        if flex and T <= args.flex_sk_max_len:
+            res.record(T, case, "FlexAttention SK (sk_flex_attention)", lambda: sk_flex_attention(
+                q, k, v, u, sk_k=sk_k, sink=args.sink, window=win), pairs, "selection and block mask included")
+        elif flex:
+            res.rows.append((T, case, "FlexAttention SK (sk_flex_attention)", float("nan"), float("nan"),
+                             f"skipped: T > {args.flex_sk_max_len}, about dense cost (random scores)"))
+
+
+def bench_xa(res, args, T, q, k, v, config, flex):
+    """XA: the estimate alone, and XA-only on random and on structured inputs (ours with its estimate,
+    FlexAttention on the blocks the estimate kept)."""
+    H, G, D = q.shape[1], k.shape[1], q.shape[3]
+    all_xa = torch.full((B, G), XA, device=q.device, dtype=torch.int32)
+    kw = xa_kw(args)
+    for label, (qx, kx) in [("random", (q, k)), ("structured", structured_qk(T, args.xa_topics, H, G, D, q.device))]:
+        xa_blocks = kernel.xattn_block_mask(qx, kx, _config=config, **kw)
+        nb = xa_blocks.shape[-1]
+        share = xa_blocks.float().sum().item() / (B * H * nb * (nb + 1) / 2)
+        pairs = pairs_per_head(head_modes(all_xa, H), T, args.sink, args.window, xa_blocks[0]).sum().item()
+        case = f"XA-only, {label} q/k"
+        note = f"{100 * share:.1f}% of causal blocks kept"
+        res.record(T, case, "XA estimate alone (xattn_block_mask)",
+                   lambda: kernel.xattn_block_mask(qx, kx, _config=config, **kw), 0, note)
+        res.record(T, case, "elastic_attention (estimate + attention)", fused(qx, kx, v, all_xa, args, config), pairs,
+                   note)
+        if flex:
+            bm = flex_block_mask(all_xa, H, T, xa_blocks=xa_blocks)
+            res.record(T, case, "FlexAttention (same blocks, no estimate)",
+                       lambda: flex(qx, kx, v, block_mask=bm, enable_gqa=True), pairs, note)
+        del xa_blocks
+
+
+def bench_length(res, args, T, config, flex):
+    """Every prefill case at one length (--sk: SSA-only, SK and XA)."""
+    torch.manual_seed(T)
+    torch._dynamo.reset()  # FlexAttention compiles a few variants per length; stay under dynamo's recompile limit
+    q, k, v = random_qkv(args, T)
+    if args.sk:
+        modes = torch.full((B, args.kv_heads), SSA, device=q.device, dtype=torch.int32)
+        pairs = pairs_per_head(head_modes(modes, args.heads), T, args.sink, args.window).sum().item()
+        res.record(T, "SSA-only", "elastic_attention", fused(q, k, v, modes, args, config), pairs)
+    else:
+        bench_dense(res, args, T, q, k, v, config, flex)
+        bench_mixes(res, args, T, q, k, v, config, flex)
+    bench_sk(res, args, T, q, k, v, config, flex)
     torch.cuda.empty_cache()
+    bench_xa(res, args, T, q, k, v, config, flex)
 
 
 # -----------------------------------------------------------------------------
-# the benchmark
-
-rows = []        # (T, case, method, ms, tflops, note)
-summary = {}     # (T, key) -> ms
+# the prefill report: the table and the targets
 
 
-def record(T, case, method, fn, pairs, note=""):
-    try:
-        ms = timeit(fn)
-    except Exception as e:
-        log(f"T={T} {case} {method}: failed: {str(e).splitlines()[0][:160]}")
-        rows.append((T, case, method, float("nan"), float("nan"), "failed: " + str(e).splitlines()[0][:80]))
-        return float("nan")
-    tflops = 4 * D * pairs / (ms * 1e-3) / 1e12
-    rows.append((T, case, method, ms, tflops, note))
-    summary[(T, case, method)] = ms
-    log(f"T={T:>6} {case:<24} {method:<34} {ms:9.3f} ms {tflops:7.1f} TFLOP/s {note}")
-    return ms
-
-
-# -----------------------------------------------------------------------------
-# the table and the targets
-
-def write_report():
+def prefill_targets(res, args):
+    """-> [(T, target, measured, met)] of every length timed (issue 3: H100, T = 32K; the XA estimate at 128K)."""
     def get(T, case, method):
-        return summary.get((T, case, method), float("nan"))
+        return res.ms.get((T, case, method), float("nan"))
 
-    done = sorted({row[0] for row in rows})
     # anchors measured earlier on an H100 / H200 (README: The fused kernel): Flex causal, Flex SSA, Flex 25% FA mix (ms)
     anchors = {8192: (1.36, 0.68, 0.85), 32768: (19.9, 2.93, 7.19)}
-    targets = []  # (T, target, measured, met)
-    for T in done:
+    targets = []
+    for T in sorted({row[0] for row in res.rows}):
         fa = get(T, "FA-only (dense causal)", "elastic_attention")
         flex_fa = get(T, "FA-only (dense causal)", "FlexAttention causal")
         cudnn = get(T, "FA-only (dense causal)", "SDPA cuDNN (K/V pre-expanded)")
         ssa = get(T, "SSA-only", "elastic_attention")
-        flex_ssa = min((ms for (t, c, meth), ms in summary.items() if t == T and c == "SSA-only" and meth.startswith("FlexAttention")),
-                       default=float("nan"))
+        flex_ssa = min((ms for (t, c, meth), ms in res.ms.items()
+                        if t == T and c == "SSA-only" and meth.startswith("FlexAttention")), default=float("nan"))
         mix = get(T, "25% FA + SSA", "elastic_attention")
         flex_mix = get(T, "25% FA + SSA", "FlexAttention (same mask, mode table)")
         pred = 0.25 * fa + 0.75 * ssa
@@ -529,20 +446,21 @@ def write_report():
             targets.append((T, f"{case}: within 1.3x of SSA-only (same keys per query), selection included",
                             f"{sk:.3f} ms vs SSA {ssa:.3f} ms ({sk / ssa:.2f}x); selection {sel:.3f} ms, "
                             f"attention {sk_kernel:.3f} ms ({sk_kernel / ssa:.2f}x)", sk <= 1.3 * ssa))
-    log("targets:")
-    for T, name, value, met in targets:
-        log(f"  T={T}: {name}: {value} -> {'met' if met else 'MISSED'}")
+    return targets
 
+
+def prefill_report(res, targets, args, config, sweep_lines, device="cuda"):
+    """The markdown of bench_results.md (or bench_sk_results.md): one table per length, the targets, the sweep."""
+    H, G, D = args.heads, args.kv_heads, args.head_dim
     lines = [
         "# Elastic attention prefill benchmark (bench.py)",
         "",
-        f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "
-        f"{datetime.date.today().isoformat()}",
+        provenance(device),
         "",
-        f"Llama-3.1-8B attention shape: B={B}, {H} query / {G} KV heads, D={D}, {str(dtype)[6:]}, causal. SSA sink {args.sink}, "
-        f"window {args.window}; XA threshold {args.xa_threshold}, stride {args.xa_stride}; SK sink {args.sink}, "
-        f"window + k = {args.window} (random scores). Kernel config: "
-        f"`{json.dumps(CONFIG or kernel._default_config(torch.empty(0, device=dev)))}`.",
+        f"Llama-3.1-8B attention shape: B={B}, {H} query / {G} KV heads, D={D}, {str(DTYPE)[6:]}, causal. "
+        f"SSA sink {args.sink}, window {args.window}; XA threshold {args.xa_threshold}, stride {args.xa_stride}; "
+        f"SK sink {args.sink}, window + k = {args.window} (random scores). Kernel config: "
+        f"`{json.dumps(config or kernel._default_config(torch.empty(0, device=device)))}`.",
         "",
         "Times are medians of CUDA-event timings of the whole call: elastic_attention includes its mode check, "
         "its XA estimate and its work list. TFLOP/s count 4·D flops per (query, key) pair actually computed "
@@ -555,12 +473,12 @@ def write_report():
         "candidate blocks, so it costs about as much as dense attention.",
         "",
     ]
-    for T in done:
-        dense = min((ms for (t, case, _), ms in summary.items() if t == T and case.startswith("FA-only")),
+    for T in sorted({row[0] for row in res.rows}):
+        dense = min((ms for (t, case, _), ms in res.ms.items() if t == T and case.startswith("FA-only")),
                     default=float("nan"))
         lines += [f"## T = {T}", "", "| case | method | ms | TFLOP/s | vs fastest dense | note |",
                   "|---|---|---:|---:|---:|---|"]
-        for t, case, method, ms, tflops, note in rows:
+        for t, case, method, ms, tflops, note in res.rows:
             if t == T:
                 tf = f"{tflops:.0f}" if tflops > 0 else "-"
                 vs = f"{dense / ms:.2f}x" if dense == dense else "-"  # no dense timed (--sk): nan
@@ -570,118 +488,421 @@ def write_report():
               "| T | target | measured | met |", "|---|---|---|---|"]
     lines += [f"| {T} | {name} | {value} | {'yes' if met else 'no'} |" for T, name, value, met in targets]
     lines.append("")
-    if args.sweep:
+    if sweep_lines:
         lines += ["## Tile-config sweep", "", "```"] + sweep_lines + ["```", ""]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print(f"wrote {args.out}", flush=True)
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
-# the benchmark, one length at a time (the report is rewritten after each)
+# optional sweep of kernel tile configs (--sweep): the best goes to the prefill cases
 
-shares = {}
-for T in args.seq_lens:
-    torch.manual_seed(T)
-    torch._dynamo.reset()  # FlexAttention compiles a few variants per length; stay under dynamo's recompile limit
-    q = torch.randn(B, H, T, D, device=dev, dtype=dtype)
-    k, v = (torch.randn(B, G, T, D, device=dev, dtype=dtype) for _ in range(2))
-    k_rep, v_rep = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)  # for SDPA, outside the timing
-    run = lambda q_, k_, v_, modes: (lambda: kernel.elastic_attention(  # noqa: E731
-        q_, k_, v_, modes, sink=args.sink, window=args.window, xa_threshold=args.xa_threshold,
-        xa_stride=args.xa_stride, _config=CONFIG))
-    all_fa = torch.full((B, G), FA, device=dev, dtype=torch.int32)
-    mode_h = lambda modes: modes.repeat_interleave(H // G, 1)[0]  # noqa: E731
-    dense_pairs = H * T * (T + 1) // 2
 
-    if args.sk:  # SSA-only; the SK and XA cases follow below
-        modes = torch.full((B, G), SSA, device=dev, dtype=torch.int32)
-        record(T, "SSA-only", "elastic_attention", run(q, k, v, modes), pairs_per_head(mode_h(modes), T).sum().item())
-    else:  # every other case
-        # dense
-        case = "FA-only (dense causal)"
-        record(T, case, "SDPA cuDNN (K/V pre-expanded)", lambda: sdpa(SDPBackend.CUDNN_ATTENTION, q, k_rep, v_rep), dense_pairs)
-        record(T, case, "SDPA flash (K/V pre-expanded)", lambda: sdpa(SDPBackend.FLASH_ATTENTION, q, k_rep, v_rep), dense_pairs)
-        if flex:
-            causal_bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, T, T, device=dev, _compile=True)
-            record(T, case, "FlexAttention causal", lambda: flex(q, k, v, block_mask=causal_bm, enable_gqa=True), dense_pairs)
-        record(T, case, "elastic_attention", run(q, k, v, all_fa), dense_pairs)
-        record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
-            q, k, v, all_fa, check_modes=False, _config=CONFIG), dense_pairs, "no host sync")
+def slog(lines, line):  # a sweep line: printed and kept for the report
+    log(line)
+    lines.append(line)
 
-        # SSA-only and FA/SSA mixes
-        perm = torch.tensor([3, 6, 0, 5, 1, 7, 2, 4][:G] if G == 8 else torch.randperm(G).tolist(), device=dev)
-        for n_fa in [0, G // 4, G // 2, 3 * G // 4]:
-            modes = torch.full((B, G), SSA, device=dev, dtype=torch.int32)
-            modes[0, perm[:n_fa]] = FA
-            case = "SSA-only" if n_fa == 0 else f"{100 * n_fa // G}% FA + SSA"
-            pairs = pairs_per_head(mode_h(modes), T).sum().item()
-            record(T, case, "elastic_attention", run(q, k, v, modes), pairs)
-            if n_fa == 0:
-                record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
-                    q, k, v, modes, sink=args.sink, window=args.window, check_modes=False, _config=CONFIG), pairs,
-                    "no host sync")
-            if flex:
-                bm = flex_block_mask(modes, H, T, sink=args.sink, window=args.window)
-                record(T, case, "FlexAttention (same mask, mode table)", lambda: flex(q, k, v, block_mask=bm, enable_gqa=True),
-                       pairs, "attention.flex_block_mask")
-                if n_fa == 0:  # FlexAttention at its best on this mask: one mask_mod and block mask for all heads
-                    ssa_mod = lambda b, h, qi, ki: (ki <= qi) & ((ki < args.sink) | (qi - ki < args.window))  # noqa: E731
-                    ssa_bm = create_block_mask(ssa_mod, None, None, T, T, device=dev, _compile=True)
-                    record(T, case, "FlexAttention (same mask, SSA mask_mod)", lambda: flex(q, k, v, block_mask=ssa_bm,
-                           enable_gqa=True), pairs, "one mask for all heads")
-            if n_fa > 0:
-                record(T, case, "split: cuDNN FA + ours SSA", lambda: split_and_merge(q, k, v, modes, True), pairs)
-                record(T, case, "split: ours per mode", lambda: split_and_merge(q, k, v, modes, False), pairs)
 
-    # SK-only at SSA's KV budget per query: sink + window + k = sink + SSA window
-    u = torch.randn(B, G, T, device=dev)
-    u_rising = u + 8 * torch.arange(T, device=dev) / T
-    all_sk = torch.full((B, G), SK, device=dev, dtype=torch.int32)
-    for sk_k in args.sk_ks:
-        win = args.window - sk_k
-        case = f"SK-only, window {win} + k {sk_k}"
-        pairs = H * sk_pairs(T, win, sk_k)
-        sel_kw = dict(k=sk_k, sink=args.sink, window=win)
-        record(T, case, "sk_select alone", lambda: sk_select(u, **sel_kw), 0)
-        record(T, case, "sk_select alone, scores rising with position", lambda: sk_select(u_rising, **sel_kw),
-               0, "u + 8 j / T: later keys rank first, so each block walks past keys it cannot see yet")
-        record(T, case, "elastic_attention (selection + attention)", lambda: kernel.elastic_attention(
-            q, k, v, all_sk, sink=args.sink, window=win, sk_scores=u, sk_k=sk_k, _config=CONFIG), pairs)
-        try:  # out of memory: a line of the log, not a crash (as in record)
-            sel = sk_select(u, **sel_kw)
+def sweep_tiles(args, q, k, v, ref, base, lines):
+    """The attention tile configs of --sweep-configs on FA-only, SSA-only and a 25% FA mix -> the best (or None)."""
+    G = k.shape[1]
+    best, best_t = None, float("inf")
+    mix = torch.full((B, G), SSA, device=q.device)
+    mix[0, :G // 4] = FA
+    for bm, bn, warps, stages in args.sweep_configs * args.sweep_repeat:
+        cfg = dict(base, BLOCK_M=bm, BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages)
+        name = f"BLOCK_M={bm} BLOCK_N={bn} warps={warps} stages={stages}"
+        try:
+            t0 = time.perf_counter()
+            o = kernel.elastic_attention(q, k, v, torch.full((B, G), FA, device=q.device), _config=cfg)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+            t_fa, t_ssa, t_mix = (timeit(lambda: kernel.elastic_attention(q, k, v, modes, _config=cfg))
+                                  for modes in (torch.full((B, G), FA, device=q.device),
+                                                torch.full((B, G), SSA, device=q.device), mix))
+            slog(lines, f"  {name}: FA {t_fa:.2f} ms, SSA {t_ssa:.3f} ms, 25% FA mix {t_mix:.3f} ms, "
+                        f"rel err vs cuDNN {err:.1e}, first call {compile_s:.1f} s")
+            score = t_fa + 3 * t_ssa + 4 * t_mix  # terms of similar size at 32K
+            if err < 1e-2 and score < best_t:
+                best, best_t = cfg, score
+        except Exception as e:  # a config that does not fit (shared memory) is skipped
+            slog(lines, f"  {name}: failed: {str(e).splitlines()[0][:120]}")
+    return best
+
+
+def sweep_xa(args, q, k, best, base, lines):
+    """XA estimate tile configs on top of the best attention config -> the config to bench with."""
+    kw = xa_kw(args)
+    ref_mask = kernel.xattn_block_mask(q, k, _config=base, **kw)
+    xbest, xbest_t = None, float("inf")
+    for bi, bj, warps, stages in [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 8, 3)]:
+        cfg = dict(best or base, XA_BLOCK_I=bi, XA_BLOCK_J=bj, XA_WARPS=warps, XA_STAGES=stages)
+        name = f"XA_BLOCK_I={bi} XA_BLOCK_J={bj} warps={warps} stages={stages}"
+        try:
+            mask = kernel.xattn_block_mask(q, k, _config=cfg, **kw)
+            t = timeit(lambda: kernel.xattn_block_mask(q, k, _config=cfg, **kw))
+            same = (mask == ref_mask).float().mean().item()
+            slog(lines, f"  {name}: estimate {t:.3f} ms, mask agreement {same:.6f}")
+            if same > 0.999 and t < xbest_t:
+                xbest, xbest_t = cfg, t
         except Exception as e:
-            sel = None
-            log(f"T={T} {case} sk_select: failed: {str(e).splitlines()[0][:160]}")
-        if sel is not None:
-            record(T, case, "elastic_attention, selection given", lambda: kernel.elastic_attention(
-                q, k, v, all_sk, sink=args.sink, window=win, sk_selection=sel, _config=CONFIG), pairs)
-        del sel
-        if flex and T <= args.flex_sk_max_len:
-            record(T, case, "FlexAttention SK (sk_flex_attention)", lambda: sk_flex_attention(
-                q, k, v, u, sk_k=sk_k, sink=args.sink, window=win), pairs, "selection and block mask included")
-        elif flex:
-            rows.append((T, case, "FlexAttention SK (sk_flex_attention)", float("nan"), float("nan"),
-                         f"skipped: T > {args.flex_sk_max_len}, about dense cost (random scores)"))
-    del u, u_rising
-    torch.cuda.empty_cache()
+            slog(lines, f"  {name}: failed: {str(e).splitlines()[0][:120]}")
+    return dict(xbest or best or base)
 
-    # XA: the estimate alone, XA-only on random and on structured inputs
-    all_xa = torch.full((B, G), XA, device=dev, dtype=torch.int32)
-    for label, (qx, kx) in [("random", (q, k)), ("structured", structured_qk(T, args.xa_topics))]:
-        xa_blocks = kernel.xattn_block_mask(qx, kx, _config=CONFIG, **xa_kw)
-        nb = xa_blocks.shape[-1]
-        share = xa_blocks.float().sum().item() / (B * H * nb * (nb + 1) / 2)
-        shares[(T, label)] = share
-        pairs = pairs_per_head(mode_h(all_xa), T, xa_blocks[0]).sum().item()
-        case = f"XA-only, {label} q/k"
-        note = f"{100 * share:.1f}% of causal blocks kept"
-        record(T, case, "XA estimate alone (xattn_block_mask)", lambda: kernel.xattn_block_mask(qx, kx, _config=CONFIG, **xa_kw), 0, note)
-        record(T, case, "elastic_attention (estimate + attention)", run(qx, kx, v, all_xa), pairs, note)
-        if flex:
-            bm = flex_block_mask(all_xa, H, T, xa_blocks=xa_blocks)
-            record(T, case, "FlexAttention (same blocks, no estimate)", lambda: flex(qx, kx, v, block_mask=bm, enable_gqa=True), pairs, note)
-        del xa_blocks
-    del q, k, v, k_rep, v_rep
+
+def sweep(args):
+    """-> (the kernel config to bench with, the sweep's lines for the report)."""
+    T, H, G = args.sweep_len, args.heads, args.kv_heads
+    q, k, v = random_qkv(args, T)
+    ref = sdpa(SDPBackend.CUDNN_ATTENTION, q, k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1))
+    base = kernel._default_config(q)
+    lines = []
+    slog(lines, f"sweep at T={T}: attention tile configs (FA-only, SSA-only), then XA estimate configs")
+    best = sweep_tiles(args, q, k, v, ref, base, lines)
+    config = sweep_xa(args, q, k, best, base, lines)
+    slog(lines, f"best config: {json.dumps(config)}")
+    return config, lines
+
+
+# -----------------------------------------------------------------------------
+# the decode kernel alone (--decode)
+
+
+def copy_bandwidth(device="cuda"):
+    """Device-to-device copy bandwidth in bytes/s (read + write), the ceiling a decode step works against. On the
+    CPU (the tests) a smaller buffer: the number only scales the reported floor."""
+    x = torch.empty(2 * 2**30 if torch.device(device).type == "cuda" else 2**26, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = timeit(lambda: y.copy_(x), budget_ms=300, device=device)
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def graphed_ms(fn):
+    """Time of fn replayed from a CUDA graph (as in a decode step): no Python launch overhead."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timeit(graph.replay, budget_ms=200)
+
+
+def decode_rows(args, q, k_new, v_new, pos, T, share, bandwidth):
+    """One layer's decode at B rows of T cached tokens, a share of its KV heads SSA rings: the kernel at a few
+    tile configs (and SDPA flash on the same dense cache when no head is SSA) -> the report's lines."""
+    Bm, H, D = q.shape
+    G = k_new.shape[1]
+    n_ssa = round(share * G)
+    caps = torch.tensor(([T + 64] * (G - n_ssa) + [args.sink + args.window] * n_ssa) * Bm, dtype=torch.int32,
+                        device=q.device)
+    base = torch.cat([caps.new_zeros(1), caps.cumsum(0)[:-1].int()])
+    kc, vc = (torch.randn(int(caps.sum()), D, device=q.device, dtype=DTYPE) for _ in range(2))
+    floor = 2 * int(torch.minimum(caps, pos.repeat_interleave(G) + 1).sum()) * D * 2 / bandwidth * 1e3
+    lines = []
+    for split, bn, warps, stages in [(512, 64, 4, 2), (256, 64, 4, 2), (1024, 64, 4, 3)]:
+        n_splits = decode_splits(int(caps.max()), split)
+        ms = graphed_ms(lambda: decode_attention(q, k_new, v_new, kc, vc, base, caps, pos, sink=args.sink,
+                                                 window=args.window, n_splits=n_splits, split=split,
+                                                 _config=dict(BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages)))
+        lines.append(f"- B={Bm} T={T} SSA share {share}: split {split} BLOCK_N {bn} warps {warps} stages "
+                     f"{stages}: {ms * 1e3:.1f} us, floor {floor * 1e3:.1f} us ({floor / ms:.0%} of bandwidth)")
+        log(lines[-1])
+    if share == 0.0:  # SDPA flash decode over the same dense cache, the group's query heads as query rows
+        kd = kc.view(Bm, G, T + 64, D)[:, :, :T + 1]
+        vd = vc.view(Bm, G, T + 64, D)[:, :, :T + 1]
+        qd = q.view(Bm, G, H // G, D)
+        ms = graphed_ms(lambda: sdpa(SDPBackend.FLASH_ATTENTION, qd, kd, vd, is_causal=False))
+        lines.append(f"- B={Bm} T={T} dense: SDPA flash {ms * 1e3:.1f} us ({floor / ms:.0%} of bandwidth)")
+        log(lines[-1])
+    return lines
+
+
+def bench_decode(args):
+    """The decode kernel alone: B rows of T cached tokens, the Llama-3.1-8B attention shape, every head FA or 70%
+    of them SSA rings (sink + window); time per layer against the bytes it must read. -> the report's markdown."""
+    H, G, D = args.heads, args.kv_heads, args.head_dim
+    bandwidth = copy_bandwidth()
+    lines = [f"# The decode kernel alone (`{command_line('bench.py')}`)", "",
+             f"{provenance('cuda')} · copy bandwidth {bandwidth / 1e12:.2f} TB/s. Each call replayed from a CUDA "
+             f"graph (as in a decode step); one layer of {H} query / {G} KV heads, D {D}, bf16; floor: the filled "
+             f"cache bytes over the copy bandwidth. SSA share 0.7: 70% of KV heads are rings of sink {args.sink} + "
+             f"window {args.window}.", ""]
+    for Bm, T in [(1, T) for T in args.seq_lens] + [(args.batch, args.seq_lens[0])]:
+        q = torch.randn(Bm, H, D, device="cuda", dtype=DTYPE)
+        k_new, v_new = (torch.randn(Bm, G, D, device="cuda", dtype=DTYPE) for _ in range(2))
+        pos = torch.full((Bm,), T, dtype=torch.int32, device="cuda")
+        for share in (0.0, 0.7):
+            lines += decode_rows(args, q, k_new, v_new, pos, T, share, bandwidth)
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# end to end (--model): prefill, decode and KV cache of a whole model, dense against elastic
+
+
+class SdpaCache:
+    """The dense baseline's KV cache: one contiguous [B, G, T + new, D] buffer per layer and SDPA over it (what a
+    HuggingFace-style model does). graphed=False slices the cache to its length each step (flash backend; a host
+    read of the length: eager); graphed=True reads the whole buffer with a mask of the filled positions, so that a
+    step has static shapes and can be captured in a CUDA graph (gpt-fast's way). Same interface as
+    attention.KVCache."""
+
+    def __init__(self, max_new_tokens, graphed):
+        self.max_new_tokens, self.graphed = max_new_tokens, graphed
+
+    def prefill(self, k, v, modes, sk_scores=None, lengths=None):  # rows of one length, every head dense
+        B, G, T, D = k.shape
+        self.k, self.v = k.new_zeros(B, G, T + self.max_new_tokens, D), v.new_zeros(B, G, T + self.max_new_tokens, D)
+        self.k[:, :, :T], self.v[:, :, :T] = k, v
+
+    def decode(self, q, k, v, pos, u=None):  # u: the new keys' SK scores; every head here is dense
+        B, H, _, D = q.shape
+        G = k.shape[1]
+        rows = torch.arange(B, device=q.device)
+        self.k[rows, :, pos], self.v[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+        q = q.reshape(B, G, H // G, D)  # a group's query heads on the query axis: GQA without copies
+        if self.graphed:
+            mask = torch.arange(self.k.shape[2], device=q.device) <= pos[:, None, None, None]  # [B, 1, 1, T + new]
+            y = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)
+        else:
+            n = int(pos.max()) + 1
+            mask = None if B == 1 else torch.arange(n, device=q.device) <= pos[:, None, None, None]
+            y = F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask)
+        return y.reshape(B, H, 1, D)
+
+    def nbytes(self, row=None):
+        return 2 * self.k[0].numel() * self.k.element_size() * (self.k.shape[0] if row is None else 1)
+
+
+class Setup(NamedTuple):
+    """One way of running the model: a row of the table at each (B, T)."""
+    name: str
+    pair: str                    # the mode pair (router.ElasticConfig) its sparse heads run
+    modes: torch.Tensor | None   # fixed modes [1, L, G]; None: every head dense, through SDPA
+    cache: str                   # "sdpa" (eager), "sdpa-graph" (static shapes, a CUDA graph) or "ours" (KVCache)
+    compiled: bool               # torch.compile the decode step before capturing it
+
+
+@dataclass
+class ModelRow:
+    """A setup's run at B prompts of T tokens; error says why it failed (the other fields then stay empty)."""
+    B: int
+    T: int
+    setup: str
+    ttft: float = float("nan")   # first token: ms of the prefill
+    ms: float = float("nan")     # ms per decode step
+    floor: float = float("nan")  # ms a step needs at the copy bandwidth
+    kv: int = 0                  # KV-cache bytes
+    tokens: list | None = None   # the greedy tokens, [B][decode_tokens]: the first from the prefill
+    error: str | None = None
+
+
+@dataclass
+class ModelResults:
+    rows: list          # ModelRow of every (B, T, setup), failed ones included
+    router_ms: dict     # T -> ms of every layer's router on one prompt's keys
+    layers: int
+    weight_bytes: int   # what a decode step reads of the weights
+    bandwidth: float    # copy bandwidth, bytes/s
+
+
+def random_model(path, device):
+    """The model of a config.json with random weights, straight on the device (bf16 on the GPU: timings need no
+    checkpoint; fp32 on the CPU, where the tests compare the setups' tokens)."""
+    cfg = ModelConfig.from_json(path)
+    torch.manual_seed(0)
+    torch.set_default_dtype(DTYPE if torch.device(device).type == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = Transformer(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # in fp32, as from_pretrained makes it
+    return model.eval().requires_grad_(False)
+
+
+def model_setups(model, args):
+    """Dense SDPA (eager; static shapes in a CUDA graph), ours all FA, and ours at Omega = --sparse-ratio in FA-SSA
+    and XA-SSA (compiled, and FA-SSA not compiled). On the GPU every setup but the first replays a CUDA graph per
+    step."""
+    L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
+    scores = torch.rand(L, G, device=model.output_weight().device)  # which heads stay full does not change the time
+    setups = [Setup("dense SDPA, eager", "FA-SSA", None, "sdpa", False),
+              Setup("dense SDPA, CUDA graph", "FA-SSA", None, "sdpa-graph", args.compile_sdpa),
+              Setup("dense, ours (all FA)", "FA-SSA", model.fixed_modes(FA), "ours", True)]
+    for pair in ("FA-SSA", "XA-SSA"):
+        ec = ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window)
+        setups.append(Setup(f"{pair}, Omega {args.sparse_ratio}", pair, static_modes(scores, args.sparse_ratio, ec),
+                            "ours", True))
+    setups.append(setups[-2]._replace(name=setups[-2].name + ", not compiled", compiled=False))
+    return setups
+
+
+def decode_step(model, setup, token, pos, caches, device):
+    """step(token, pos) -> logits: replayed from a CUDA graph (torch.compile first if the setup says so), or eager
+    for dense SDPA eager (the host launches every kernel of every step) and on the CPU."""
+    if setup.cache == "sdpa" or torch.device(device).type != "cuda":
+        return lambda t, p: decode_one_token(model, t, p, caches)
+    t0 = time.perf_counter()
+    step = CUDAGraphStep(model, token, pos, caches, compiled_decode_one_token() if setup.compiled else decode_one_token)
+    log(f"  CUDA graph{' and torch.compile' if setup.compiled else ''}: {time.perf_counter() - t0:.1f} s")
+    return step
+
+
+def step_bytes(setup, caches, T, new, weight_bytes, head_dim):
+    """What a decode step must read, on average over the run: the weights once and every filled cache slot once
+    (SSA rings: sink + window)."""
+    if setup.cache != "ours":
+        return weight_bytes + sum(c.nbytes() for c in caches) * (T + new // 2) / (T + new)
+    return weight_bytes + sum(
+        2 * int(torch.minimum(c.cap, torch.tensor(T + new // 2, device=c.cap.device)).sum()) * head_dim
+        * c.k.element_size() for c in caches)
+
+
+def time_setup(model, setup, idx, args, weight_bytes, bandwidth, device):
+    """One setup on the prompts idx [B, T]: the prefill (first token), then decode_tokens - 1 greedy steps timed
+    -> ModelRow. A failure (out of memory, a compile that fails) is a row with its error: the other setups run."""
+    Bm, T = idx.shape
+    new, L = args.decode_tokens, model.config.num_hidden_layers
+    model.elastic = ElasticConfig(mode_pair=setup.pair, sink=args.sink, window=args.window)
+    if setup.cache == "ours":
+        caches = [KVCache(new, args.sink, args.window) for _ in range(L)]
+    else:
+        caches = [SdpaCache(new, graphed=setup.cache == "sdpa-graph") for _ in range(L)]
+    try:
+        model(idx[:, :1024], modes=setup.modes)  # warm-up: kernels compile once
+        sync(device)
+        t0 = time.perf_counter()
+        logits = model(idx, modes=setup.modes, caches=caches, last_only=True)[:, -1]  # B prompts of T tokens
+        sync(device)
+        ttft = (time.perf_counter() - t0) * 1e3
+        token, pos = logits.argmax(-1), torch.full((Bm,), T, dtype=torch.int32, device=device)
+        step = decode_step(model, setup, token, pos, caches, device)
+        for _ in range(3):
+            step(token, pos)  # rewrites position T: the same keys each time
+        sync(device)
+        tokens = [token]
+        t0 = time.perf_counter()
+        for i in range(new - 1):
+            token = step(token, pos + i).argmax(-1)
+            tokens.append(token)
+        sync(device)
+        ms = (time.perf_counter() - t0) * 1e3 / (new - 1)
+        kv = sum(c.nbytes() for c in caches)
+        floor = step_bytes(setup, caches, T, new, weight_bytes, model.config.head_dim) / bandwidth * 1e3
+    except Exception as e:  # out of memory, or a compile that fails: the row says so, the others run
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        log(f"B={Bm} T={T} {setup.name}: failed: {error}")
+        return ModelRow(Bm, T, setup.name, error=error)
+    log(f"B={Bm} T={T} {setup.name}: first token {ttft:.0f} ms, decode {ms:.2f} ms/step "
+        f"({Bm * 1e3 / ms:.0f} tokens/s), floor {floor:.2f} ms ({ms / floor:.2f}x), KV {kv / 2**30:.2f} GiB")
+    return ModelRow(Bm, T, setup.name, ttft, ms, floor, kv, torch.stack(tokens, 1).tolist())
+
+
+def router_latency(model, seq_lens, device):
+    """The routers' latency per prefill: every layer's router on its keys, eager (boundary pooling + both MLPs)
+    -> {T: ms}."""
+    cfg = model.config
+    routers = Routers(cfg.num_hidden_layers, cfg.head_dim).to(device)
+    router_ms = {}
+    for T in seq_lens:
+        k_pre = torch.randn(1, T, cfg.num_key_value_heads, cfg.head_dim, device=device,
+                            dtype=model.output_weight().dtype)
+        router_ms[T] = timeit(lambda: [r(k_pre) for r in routers], budget_ms=300, device=device)
+        log(f"routers at T={T}: {router_ms[T]:.2f} ms per prefill, {router_ms[T] / cfg.num_hidden_layers:.3f} ms "
+            "per layer")
+    return router_ms
+
+
+def bench_model(args, device="cuda"):
+    """A model of random weights from --model, every setup at B = 1 and each of --seq-lens, and at B = --batch and
+    the first length -> ModelResults. device "cpu": every setup runs eagerly (the tests)."""
+    model = random_model(args.model, device)
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                       if "embed_tokens" not in name or cfg.tie_word_embeddings)  # a step reads B embedding rows
+    bandwidth = copy_bandwidth(device)
+    log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights read per step {weight_bytes / 1e9:.2f} GB")
+    setups = model_setups(model, args)
+    runs = [(1, T) for T in args.seq_lens] + ([(args.batch, args.seq_lens[0])] if args.batch > 1 else [])
+    rows = []
+    for Bm, T in runs:
+        idx = torch.randint(0, cfg.vocab_size, (Bm, T), device=device)
+        for setup in setups:
+            rows.append(time_setup(model, setup, idx, args, weight_bytes, bandwidth, device))
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    router_ms = router_latency(model, args.seq_lens, device)
+    return ModelResults(rows, router_ms, cfg.num_hidden_layers, weight_bytes, bandwidth)
+
+
+def model_report(args, res, device="cuda"):
+    """The markdown of bench_model_results.md: one row per setup and (B, T), speed-ups against the dense
+    baselines, the router latency; setups that failed are listed under the table."""
+    L, new, wb, bw = res.layers, args.decode_tokens, res.weight_bytes, res.bandwidth
+    lines = [f"# End to end: {args.model}, random weights", "",
+             f"{provenance(device)} · `{command_line('bench.py')}`", "",
+             f"{'bf16' if torch.device(device).type == 'cuda' else 'fp32'}; SSA sink {args.sink}, window "
+             f"{args.window}; Omega {args.sparse_ratio}: that share of KV heads "
+             f"sparse (SSA), the rest full (FA) or XA. First token: the prefill of B prompts of T tokens (a single "
+             f"run after a warm-up). Decode: mean ms per step over {new - 1} greedy steps, B tokens per step. "
+             f"Floor: the bytes a step must read (the weights once, {wb / 1e9:.2f} GB, and every filled "
+             f"cache slot once) over the copy bandwidth measured in the same run, {bw / 1e12:.2f} TB/s. "
+             f"KV cache: bytes held for prompt + new tokens. Dense SDPA: a contiguous cache; eager (sliced to its "
+             f"length, flash) or in a CUDA graph (the whole buffer with a mask). Ours: the per-head cache of "
+             f"attention.py, the decode kernel of decode_kernel.py, one CUDA graph per step; compiled: the step's "
+             f"small operations fused by torch.compile around the GEMVs and the attention kernel (generate.py, "
+             f"compile=True).", "",
+             "| B | prompt | setup | first token ms | decode ms/step | tokens/s | floor ms | x floor | vs SDPA eager "
+             "| vs SDPA graph | vs ours dense | KV GiB |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    done = [r for r in res.rows if r.error is None]
+    for r in done:
+        base = {o.setup: o.ms for o in done if (o.B, o.T) == (r.B, r.T)}
+        vs = [base.get(n, float("nan")) / r.ms for n in ("dense SDPA, eager", "dense SDPA, CUDA graph",
+                                                         "dense, ours (all FA)")]
+        lines.append(f"| {r.B} | {r.T} | {r.setup} | {r.ttft:.0f} | {r.ms:.2f} | {r.B * 1e3 / r.ms:.1f} | "
+                     f"{r.floor:.2f} | {r.ms / r.floor:.2f} | {vs[0]:.2f}x | {vs[1]:.2f}x | {vs[2]:.2f}x | "
+                     f"{r.kv / 2**30:.2f} |")
+    failed = [r for r in res.rows if r.error is not None]
+    if failed:
+        lines += ["", "Failed (no row above):"] + [f"- B={r.B} T={r.T} {r.setup}: {r.error}" for r in failed]
+    lines += ["", "Router latency per prefill (all layers, eager, random routers): " + ", ".join(
+        f"T={T}: {ms:.2f} ms ({ms / L:.3f} ms per layer)" for T, ms in res.router_ms.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = cuda_device()
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    if args.model:  # a whole model end to end
+        report = model_report(args, bench_model(args, device), device)
+        write_atomic(args.out, report)
+        log(report)
+        return
+    if args.decode:  # the decode kernel alone
+        write_atomic(args.out, bench_decode(args))
+        return
+
+    # the prefill cases, after an optional tile sweep; the report is rewritten after each length
+    config, sweep_lines = sweep(args) if args.sweep else (args.config, [])
     torch.cuda.empty_cache()
-    write_report()
+    flex = None if (args.no_flex or args.sk) else torch.compile(flex_attention, dynamic=False)
+    res = Results(args.head_dim)
+    for T in args.seq_lens:
+        bench_length(res, args, T, config, flex)
+        torch.cuda.empty_cache()
+        targets = prefill_targets(res, args)
+        log("targets:")
+        for t, name, value, met in targets:
+            log(f"  T={t}: {name}: {value} -> {'met' if met else 'MISSED'}")
+        write_atomic(args.out, prefill_report(res, targets, args, config, sweep_lines))
+        log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""
+bench.py on the CPU, where nothing is timed for real: every `bench.py --model` setup runs (eagerly: no CUDA graph,
+no torch.compile) on a tiny random model for a few decode steps, none fails, and the dense SDPA setups decode the
+same greedy tokens as ours all-FA on the same weights (and the dense baseline's cache decodes as attention.KVCache,
+step by step); a setup that raises is a row with its error; the prefill's (query, key) pair counts against the masks
+they count; the report renders; without a GPU the script stops in one line.
+
+    pytest test_bench.py
+"""
+import json
+
+import pytest
+import torch
+
+import bench
+from attention import KVCache
+from kernel import FA, SSA, XA
+
+TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5)
+# T = 160 past the window (rings wrap) and over two XA blocks; B = 1 and B = 2 (the masked SDPA path)
+ARGS = ["--seq-lens", "160", "--batch", "2", "--decode-tokens", "4", "--sink", "8", "--window", "32"]
+SETUPS = ["dense SDPA, eager", "dense SDPA, CUDA graph", "dense, ours (all FA)", "FA-SSA, Omega 0.7",
+          "XA-SSA, Omega 0.7", "FA-SSA, Omega 0.7, not compiled"]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "config.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_run(tiny_config):
+    args = bench.parse_args(["--model", str(tiny_config), *ARGS])
+    return args, bench.bench_model(args, device="cpu")
+
+
+def test_every_model_setup_runs(model_run):
+    args, res = model_run
+    assert [(r.B, r.T, r.setup) for r in res.rows] == [(B, 160, name) for B in (1, 2) for name in SETUPS]
+    failed = [f"B={r.B} {r.setup}: {r.error}" for r in res.rows if r.error is not None]
+    assert not failed, failed
+    for r in res.rows:
+        assert r.ttft > 0 and r.ms > 0 and r.floor > 0 and r.kv > 0, r
+        assert len(r.tokens) == r.B and all(len(row) == args.decode_tokens for row in r.tokens), r
+    report = bench.model_report(args, res, device="cpu")
+    for name in SETUPS:
+        assert report.count(f"| {name} |") == 2, name
+    assert "Failed" not in report and "nan" not in report
+
+
+def test_dense_paths_decode_alike(model_run):
+    _, res = model_run
+    tokens = {(r.B, r.setup): r.tokens for r in res.rows}
+    for B in (1, 2):
+        ours = tokens[(B, "dense, ours (all FA)")]
+        assert tokens[(B, "dense SDPA, eager")] == ours, B
+        assert tokens[(B, "dense SDPA, CUDA graph")] == ours, B
+        # on the CPU nothing is compiled: the compiled setup and the other are one path
+        assert tokens[(B, "FA-SSA, Omega 0.7")] == tokens[(B, "FA-SSA, Omega 0.7, not compiled")], B
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_sdpa_cache_decodes_as_ours(graphed):
+    """The dense baseline's cache against attention.KVCache with every head FA, step by step on the same keys: a
+    wrong mask or a key in the wrong slot shows here, where a tiny random model's greedy tokens may not notice (its
+    residual stream is mostly the token's own embedding)."""
+    torch.manual_seed(0)
+    B, H, G, T, D, new = 2, 4, 2, 40, 16, 5
+    k, v = torch.randn(B, G, T, D), torch.randn(B, G, T, D)
+    ours, dense = KVCache(new, sink=8, window=32), bench.SdpaCache(new, graphed)
+    ours.prefill(k, v, None)
+    dense.prefill(k, v, None)
+    assert dense.nbytes() == ours.nbytes()
+    for i in range(new):
+        q, k_new, v_new = torch.randn(B, H, 1, D), torch.randn(B, G, 1, D), torch.randn(B, G, 1, D)
+        pos = torch.full((B,), T + i, dtype=torch.int32)
+        torch.testing.assert_close(dense.decode(q, k_new, v_new, pos, None), ours.decode(q, k_new, v_new, pos, None))
+
+
+def test_a_failing_setup_is_a_row_with_its_error(tiny_config, monkeypatch):
+    args = bench.parse_args(["--model", str(tiny_config), *ARGS])
+    model = bench.random_model(args.model, "cpu")
+    setup = bench.model_setups(model, args)[0]
+    monkeypatch.setattr(bench.SdpaCache, "decode", lambda self, q, k, v, pos: None)  # the signature before SparseK
+    idx = torch.randint(0, TINY["vocab_size"], (1, 160))
+    row = bench.time_setup(model, setup, idx, args, weight_bytes=1, bandwidth=1.0, device="cpu")
+    assert row.error is not None and row.error.startswith("TypeError"), row
+    res = bench.ModelResults([row], {160: 1.0}, TINY["num_hidden_layers"], 1, 1.0)
+    assert f"- B=1 T=160 {setup.name}: TypeError" in bench.model_report(args, res, device="cpu")
+
+
+def test_pairs_per_head_counts_the_mask():
+    T, sink, window, nb = 300, 8, 64, 3
+    torch.manual_seed(0)
+    mode = torch.tensor([FA, SSA, XA, XA])
+    xa_blocks = torch.rand(4, nb, nb) < 0.5
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    causal = j <= i
+    masks = {FA: causal, SSA: causal & ((j < sink) | (i - j < window))}
+    expected = [int((masks[m] if m != XA else causal & xa_blocks[h][i // 128, j // 128]).sum())
+                for h, m in enumerate(mode.tolist())]
+    assert bench.pairs_per_head(mode, T, sink, window, xa_blocks).tolist() == expected
+
+
+def test_prefill_report_renders():
+    args = bench.parse_args(["--seq-lens", "8192", "--sk-ks", "256"])
+    res = bench.Results(args.head_dim)
+    for case, method, ms in [("FA-only (dense causal)", "elastic_attention", 2.0),
+                             ("SSA-only", "elastic_attention", 0.5),
+                             ("SSA-only", "FlexAttention (same mask, mode table)", 1.0)]:
+        res.rows.append((8192, case, method, ms, 100.0, ""))
+        res.ms[(8192, case, method)] = ms
+    res.rows.append((8192, "25% FA + SSA", "elastic_attention", float("nan"), float("nan"), "failed: out of memory"))
+    targets = bench.prefill_targets(res, args)
+    assert len(targets) == 6 and targets[1][3]  # SSA 2x faster than Flex: met
+    report = bench.prefill_report(res, targets, args, None, [], device="cpu")
+    assert "| SSA-only | FlexAttention (same mask, mode table) | 1.000 | 100 | 2.00x |  |" in report
+    assert "failed: out of memory" in report
+
+
+def test_no_gpu_is_one_line(tiny_config):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for argv in ([], ["--model", str(tiny_config.parent / "missing.json")]):
+        with pytest.raises(SystemExit) as exit:
+            bench.main(argv)
+        message = exit.value.code
+        assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
