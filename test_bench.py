@@ -1,9 +1,9 @@
 """
-bench.py on the CPU, where nothing is timed for real: every `bench.py --model` setup runs (eagerly: no CUDA graph,
-no torch.compile) on a tiny random model for a few decode steps, none fails, and the dense SDPA setups decode the
-same greedy tokens as ours all-FA on the same weights (and the dense baseline's cache decodes as attention.KVCache,
-step by step); a setup that raises is a row with its error; the prefill's (query, key) pair counts against the masks
-they count; the report renders; without a GPU the script stops in one line.
+bench.py and bench_model.py on the CPU, where nothing is timed for real: every bench_model.py setup runs (eagerly:
+no CUDA graph, no torch.compile) on a tiny random model for a few decode steps, none fails, and the dense SDPA
+setups decode the same greedy tokens as ours all-FA on the same weights (and the dense baseline's cache decodes as
+attention.KVCache, step by step); a setup that raises is a row with its error; the prefill's (query, key) pair
+counts against the masks they count; the report renders; without a GPU the scripts stop in one line.
 
     pytest test_bench.py
 """
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import bench
+import bench_model
 from attention import KVCache
 from kernel import FA, SSA, XA
 
@@ -33,8 +34,8 @@ def tiny_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_run(tiny_config):
-    args = bench.parse_args(["--model", str(tiny_config), *ARGS])
-    return args, bench.bench_model(args, device="cpu")
+    args = bench_model.parse_args(["--model", str(tiny_config), *ARGS])
+    return args, bench_model.bench_model(args, device="cpu")
 
 
 def test_every_model_setup_runs(model_run):
@@ -45,7 +46,7 @@ def test_every_model_setup_runs(model_run):
     for r in res.rows:
         assert r.ttft > 0 and r.ms > 0 and r.floor > 0 and r.kv > 0, r
         assert len(r.tokens) == r.B and all(len(row) == args.decode_tokens for row in r.tokens), r
-    report = bench.model_report(args, res, device="cpu")
+    report = bench_model.model_report(args, res, device="cpu")
     for name in SETUPS:
         assert report.count(f"| {name} |") == 2, name
     assert "Failed" not in report and "nan" not in report
@@ -70,7 +71,7 @@ def test_sdpa_cache_decodes_as_ours(graphed):
     torch.manual_seed(0)
     B, H, G, T, D, new = 2, 4, 2, 40, 16, 5
     k, v = torch.randn(B, G, T, D), torch.randn(B, G, T, D)
-    ours, dense = KVCache(new, sink=8, window=32), bench.SdpaCache(new, graphed)
+    ours, dense = KVCache(new, sink=8, window=32), bench_model.SdpaCache(new, graphed)
     ours.prefill(k, v, None)
     dense.prefill(k, v, None)
     assert dense.nbytes() == ours.nbytes()
@@ -81,15 +82,16 @@ def test_sdpa_cache_decodes_as_ours(graphed):
 
 
 def test_a_failing_setup_is_a_row_with_its_error(tiny_config, monkeypatch):
-    args = bench.parse_args(["--model", str(tiny_config), *ARGS])
-    model = bench.random_model(args.model, "cpu")
-    setup = bench.model_setups(model, args)[0]
-    monkeypatch.setattr(bench.SdpaCache, "decode", lambda self, q, k, v, pos: None)  # the signature before SparseK
+    args = bench_model.parse_args(["--model", str(tiny_config), *ARGS])
+    model = bench_model.random_model(args.model, "cpu")
+    setup = bench_model.model_setups(model, args)[0]
+    old = lambda self, q, k, v, pos: None  # noqa: E731  the signature before SparseK
+    monkeypatch.setattr(bench_model.SdpaCache, "decode", old)
     idx = torch.randint(0, TINY["vocab_size"], (1, 160))
-    row = bench.time_setup(model, setup, idx, args, weight_bytes=1, bandwidth=1.0, device="cpu")
+    row = bench_model.time_setup(model, setup, idx, args, weight_bytes=1, bandwidth=1.0, device="cpu")
     assert row.error is not None and row.error.startswith("TypeError"), row
-    res = bench.ModelResults([row], {160: 1.0}, TINY["num_hidden_layers"], 1, 1.0)
-    assert f"- B=1 T=160 {setup.name}: TypeError" in bench.model_report(args, res, device="cpu")
+    res = bench_model.ModelResults([row], {160: 1.0}, TINY["num_hidden_layers"], 1, 1.0)
+    assert f"- B=1 T=160 {setup.name}: TypeError" in bench_model.model_report(args, res, device="cpu")
 
 
 def test_pairs_per_head_counts_the_mask():
@@ -124,8 +126,9 @@ def test_prefill_report_renders():
 def test_no_gpu_is_one_line(tiny_config):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    for argv in ([], ["--model", str(tiny_config.parent / "missing.json")]):
+    for main, argv in ((bench.main, []), (bench_model.main, ["--model", str(tiny_config.parent / "missing.json")]),
+                       (bench_model.main, ["--model", str(tiny_config)])):
         with pytest.raises(SystemExit) as exit:
-            bench.main(argv)
+            main(argv)
         message = exit.value.code
         assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message

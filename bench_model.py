@@ -1,0 +1,314 @@
+"""
+A whole model end to end on the GPU: a model of a config.json with random weights (timings need no checkpoint), its
+first token (the prefill), its decode step and its KV cache, dense against Elastic Attention (arXiv 2601.17367) at
+Omega 0.7 (that share of KV heads sparse, the rest full), against the bytes a decode step must read.
+
+    python bench_model.py --model configs/llama-3.1-8b.json --seq-lens 32768 130944   # -> bench_model_results.md
+
+Setups: dense SDPA over a contiguous cache (eager; and with static shapes in a CUDA graph, gpt-fast's way), ours all
+FA, and ours FA-SSA and XA-SSA at --sparse-ratio (the KV cache of attention.py, the decode kernel of
+decode_kernel.py, one CUDA graph per step, torch.compile around it). The floor: the weights once and every filled
+cache slot once over the copy bandwidth measured in the same run. pytest test_bench.py runs every setup eagerly on
+the CPU on a tiny model (bench_model(device="cpu")) and checks that the dense paths decode alike.
+"""
+import argparse
+import os
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from attention import KVCache
+from bench import DTYPE, copy_bandwidth, cuda_device, log, sync, timeit
+from cli import command_line, fail, provenance, write_atomic
+from generate import CUDAGraphStep, compiled_decode_one_token, decode_one_token
+from kernel import FA
+from model import ModelConfig, Transformer, rope_inv_freq
+from router import ElasticConfig, Routers
+from static_hybrid import static_modes
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="config.json of the model (e.g. configs/llama-3.1-8b.json)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 130944], help="prompt lengths T")
+    parser.add_argument("--sink", type=int, default=128, help="SSA sink tokens")
+    parser.add_argument("--window", type=int, default=2048, help="SSA window tokens")
+    parser.add_argument("--sparse-ratio", type=float, default=0.7, help="Omega of the elastic runs")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per run")
+    parser.add_argument("--compile-sdpa", action="store_true", help="torch.compile the dense SDPA baseline's step "
+                        "too (gpt-fast's way; a minute of compiling per length, little gain)")
+    parser.add_argument("--batch", type=int, default=8, help="also decode this many prompts of the first length "
+                        "together (1: skip)")
+    parser.add_argument("--out", default="bench_model_results.md", help="markdown file to write")
+    parser.error = lambda message: fail(f"{message} (python bench_model.py --help lists the flags)")  # one line
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.model):
+        fail(f"--model {args.model}: no such config.json (try configs/llama-3.1-8b.json)")
+    try:
+        ModelConfig.from_json(args.model)
+    except ValueError as e:  # it names the file
+        fail(e)
+    except (KeyError, TypeError) as e:  # a field missing or of the wrong type
+        fail(f"{args.model} is not a model config this code reads: {e!r}")
+    if args.decode_tokens < 2:
+        fail(f"--decode-tokens {args.decode_tokens}: a run times the steps after the first, so decode >= 2")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the dense baseline's cache, the setups, one run of a setup
+
+
+class SdpaCache:
+    """The dense baseline's KV cache: one contiguous [B, G, T + new, D] buffer per layer and SDPA over it (what a
+    HuggingFace-style model does). graphed=False slices the cache to its length each step (flash backend; a host
+    read of the length: eager); graphed=True reads the whole buffer with a mask of the filled positions, so that a
+    step has static shapes and can be captured in a CUDA graph (gpt-fast's way). Same interface as
+    attention.KVCache."""
+
+    def __init__(self, max_new_tokens, graphed):
+        self.max_new_tokens, self.graphed = max_new_tokens, graphed
+
+    def prefill(self, k, v, modes, sk_scores=None, lengths=None):  # rows of one length, every head dense
+        B, G, T, D = k.shape
+        self.k, self.v = k.new_zeros(B, G, T + self.max_new_tokens, D), v.new_zeros(B, G, T + self.max_new_tokens, D)
+        self.k[:, :, :T], self.v[:, :, :T] = k, v
+
+    def decode(self, q, k, v, pos, u=None):  # u: the new keys' SK scores; every head here is dense
+        B, H, _, D = q.shape
+        G = k.shape[1]
+        rows = torch.arange(B, device=q.device)
+        self.k[rows, :, pos], self.v[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+        q = q.reshape(B, G, H // G, D)  # a group's query heads on the query axis: GQA without copies
+        if self.graphed:
+            mask = torch.arange(self.k.shape[2], device=q.device) <= pos[:, None, None, None]  # [B, 1, 1, T + new]
+            y = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)
+        else:
+            n = int(pos.max()) + 1
+            mask = None if B == 1 else torch.arange(n, device=q.device) <= pos[:, None, None, None]
+            y = F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask)
+        return y.reshape(B, H, 1, D)
+
+    def nbytes(self, row=None):
+        return 2 * self.k[0].numel() * self.k.element_size() * (self.k.shape[0] if row is None else 1)
+
+
+class Setup(NamedTuple):
+    """One way of running the model: a row of the table at each (B, T)."""
+    name: str
+    pair: str                    # the mode pair (router.ElasticConfig) its sparse heads run
+    modes: torch.Tensor | None   # fixed modes [1, L, G]; None: every head dense, through SDPA
+    cache: str                   # "sdpa" (eager), "sdpa-graph" (static shapes, a CUDA graph) or "ours" (KVCache)
+    compiled: bool               # torch.compile the decode step before capturing it
+
+
+@dataclass
+class ModelRow:
+    """A setup's run at B prompts of T tokens; error says why it failed (the other fields then stay empty)."""
+    B: int
+    T: int
+    setup: str
+    ttft: float = float("nan")   # first token: ms of the prefill
+    ms: float = float("nan")     # ms per decode step
+    floor: float = float("nan")  # ms a step needs at the copy bandwidth
+    kv: int = 0                  # KV-cache bytes
+    tokens: list | None = None   # the greedy tokens, [B][decode_tokens]: the first from the prefill
+    error: str | None = None
+
+
+@dataclass
+class ModelResults:
+    rows: list          # ModelRow of every (B, T, setup), failed ones included
+    router_ms: dict     # T -> ms of every layer's router on one prompt's keys
+    layers: int
+    weight_bytes: int   # what a decode step reads of the weights
+    bandwidth: float    # copy bandwidth, bytes/s
+
+
+def random_model(path, device):
+    """The model of a config.json with random weights, straight on the device (bf16 on the GPU: timings need no
+    checkpoint; fp32 on the CPU, where the tests compare the setups' tokens)."""
+    cfg = ModelConfig.from_json(path)
+    torch.manual_seed(0)
+    torch.set_default_dtype(DTYPE if torch.device(device).type == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = Transformer(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # in fp32, as from_pretrained makes it
+    return model.eval().requires_grad_(False)
+
+
+def model_setups(model, args):
+    """Dense SDPA (eager; static shapes in a CUDA graph), ours all FA, and ours at Omega = --sparse-ratio in FA-SSA
+    and XA-SSA (compiled, and FA-SSA not compiled). On the GPU every setup but the first replays a CUDA graph per
+    step."""
+    L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
+    scores = torch.rand(L, G, device=model.output_weight().device)  # which heads stay full does not change the time
+    setups = [Setup("dense SDPA, eager", "FA-SSA", None, "sdpa", False),
+              Setup("dense SDPA, CUDA graph", "FA-SSA", None, "sdpa-graph", args.compile_sdpa),
+              Setup("dense, ours (all FA)", "FA-SSA", model.fixed_modes(FA), "ours", True)]
+    for pair in ("FA-SSA", "XA-SSA"):
+        ec = ElasticConfig(mode_pair=pair, sink=args.sink, window=args.window)
+        setups.append(Setup(f"{pair}, Omega {args.sparse_ratio}", pair, static_modes(scores, args.sparse_ratio, ec),
+                            "ours", True))
+    setups.append(setups[-2]._replace(name=setups[-2].name + ", not compiled", compiled=False))
+    return setups
+
+
+def decode_step(model, setup, token, pos, caches, device):
+    """step(token, pos) -> logits: replayed from a CUDA graph (torch.compile first if the setup says so), or eager
+    for dense SDPA eager (the host launches every kernel of every step) and on the CPU."""
+    if setup.cache == "sdpa" or torch.device(device).type != "cuda":
+        return lambda t, p: decode_one_token(model, t, p, caches)
+    t0 = time.perf_counter()
+    step = CUDAGraphStep(model, token, pos, caches, compiled_decode_one_token() if setup.compiled else decode_one_token)
+    log(f"  CUDA graph{' and torch.compile' if setup.compiled else ''}: {time.perf_counter() - t0:.1f} s")
+    return step
+
+
+def step_bytes(setup, caches, T, new, weight_bytes, head_dim):
+    """What a decode step must read, on average over the run: the weights once and every filled cache slot once
+    (SSA rings: sink + window)."""
+    if setup.cache != "ours":
+        return weight_bytes + sum(c.nbytes() for c in caches) * (T + new // 2) / (T + new)
+    return weight_bytes + sum(
+        2 * int(torch.minimum(c.cap, torch.tensor(T + new // 2, device=c.cap.device)).sum()) * head_dim
+        * c.k.element_size() for c in caches)
+
+
+def time_setup(model, setup, idx, args, weight_bytes, bandwidth, device):
+    """One setup on the prompts idx [B, T]: the prefill (first token), then decode_tokens - 1 greedy steps timed
+    -> ModelRow. A failure (out of memory, a compile that fails) is a row with its error: the other setups run."""
+    Bm, T = idx.shape
+    new, L = args.decode_tokens, model.config.num_hidden_layers
+    model.elastic = ElasticConfig(mode_pair=setup.pair, sink=args.sink, window=args.window)
+    if setup.cache == "ours":
+        caches = [KVCache(new, args.sink, args.window) for _ in range(L)]
+    else:
+        caches = [SdpaCache(new, graphed=setup.cache == "sdpa-graph") for _ in range(L)]
+    try:
+        model(idx[:, :1024], modes=setup.modes)  # warm-up: kernels compile once
+        sync(device)
+        t0 = time.perf_counter()
+        logits = model(idx, modes=setup.modes, caches=caches, last_only=True)[:, -1]  # B prompts of T tokens
+        sync(device)
+        ttft = (time.perf_counter() - t0) * 1e3
+        token, pos = logits.argmax(-1), torch.full((Bm,), T, dtype=torch.int32, device=device)
+        step = decode_step(model, setup, token, pos, caches, device)
+        for _ in range(3):
+            step(token, pos)  # rewrites position T: the same keys each time
+        sync(device)
+        tokens = [token]
+        t0 = time.perf_counter()
+        for i in range(new - 1):
+            token = step(token, pos + i).argmax(-1)
+            tokens.append(token)
+        sync(device)
+        ms = (time.perf_counter() - t0) * 1e3 / (new - 1)
+        kv = sum(c.nbytes() for c in caches)
+        floor = step_bytes(setup, caches, T, new, weight_bytes, model.config.head_dim) / bandwidth * 1e3
+    except Exception as e:  # out of memory, or a compile that fails: the row says so, the others run
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        log(f"B={Bm} T={T} {setup.name}: failed: {error}")
+        return ModelRow(Bm, T, setup.name, error=error)
+    log(f"B={Bm} T={T} {setup.name}: first token {ttft:.0f} ms, decode {ms:.2f} ms/step "
+        f"({Bm * 1e3 / ms:.0f} tokens/s), floor {floor:.2f} ms ({ms / floor:.2f}x), KV {kv / 2**30:.2f} GiB")
+    return ModelRow(Bm, T, setup.name, ttft, ms, floor, kv, torch.stack(tokens, 1).tolist())
+
+
+# -----------------------------------------------------------------------------
+# the benchmark and its report
+
+
+def router_latency(model, seq_lens, device):
+    """The routers' latency per prefill: every layer's router on its keys, eager (boundary pooling + both MLPs)
+    -> {T: ms}."""
+    cfg = model.config
+    routers = Routers(cfg.num_hidden_layers, cfg.head_dim).to(device)
+    router_ms = {}
+    for T in seq_lens:
+        k_pre = torch.randn(1, T, cfg.num_key_value_heads, cfg.head_dim, device=device,
+                            dtype=model.output_weight().dtype)
+        router_ms[T] = timeit(lambda: [r(k_pre) for r in routers], budget_ms=300, device=device)
+        log(f"routers at T={T}: {router_ms[T]:.2f} ms per prefill, {router_ms[T] / cfg.num_hidden_layers:.3f} ms "
+            "per layer")
+    return router_ms
+
+
+def bench_model(args, device="cuda"):
+    """A model of random weights from --model, every setup at B = 1 and each of --seq-lens, and at B = --batch and
+    the first length -> ModelResults. device "cpu": every setup runs eagerly (the tests)."""
+    model = random_model(args.model, device)
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                       if "embed_tokens" not in name or cfg.tie_word_embeddings)  # a step reads B embedding rows
+    bandwidth = copy_bandwidth(device)
+    log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights read per step {weight_bytes / 1e9:.2f} GB")
+    setups = model_setups(model, args)
+    runs = [(1, T) for T in args.seq_lens] + ([(args.batch, args.seq_lens[0])] if args.batch > 1 else [])
+    rows = []
+    for Bm, T in runs:
+        idx = torch.randint(0, cfg.vocab_size, (Bm, T), device=device)
+        for setup in setups:
+            rows.append(time_setup(model, setup, idx, args, weight_bytes, bandwidth, device))
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    router_ms = router_latency(model, args.seq_lens, device)
+    return ModelResults(rows, router_ms, cfg.num_hidden_layers, weight_bytes, bandwidth)
+
+
+def model_report(args, res, device="cuda"):
+    """The markdown of bench_model_results.md: one row per setup and (B, T), speed-ups against the dense
+    baselines, the router latency; setups that failed are listed under the table."""
+    L, new, wb, bw = res.layers, args.decode_tokens, res.weight_bytes, res.bandwidth
+    lines = [f"# End to end: {args.model}, random weights", "",
+             f"{provenance(device)} · `{command_line('bench_model.py')}`", "",
+             f"{'bf16' if torch.device(device).type == 'cuda' else 'fp32'}; SSA sink {args.sink}, window "
+             f"{args.window}; Omega {args.sparse_ratio}: that share of KV heads "
+             f"sparse (SSA), the rest full (FA) or XA. First token: the prefill of B prompts of T tokens (a single "
+             f"run after a warm-up). Decode: mean ms per step over {new - 1} greedy steps, B tokens per step. "
+             f"Floor: the bytes a step must read (the weights once, {wb / 1e9:.2f} GB, and every filled "
+             f"cache slot once) over the copy bandwidth measured in the same run, {bw / 1e12:.2f} TB/s. "
+             f"KV cache: bytes held for prompt + new tokens. Dense SDPA: a contiguous cache; eager (sliced to its "
+             f"length, flash) or in a CUDA graph (the whole buffer with a mask). Ours: the per-head cache of "
+             f"attention.py, the decode kernel of decode_kernel.py, one CUDA graph per step; compiled: the step's "
+             f"small operations fused by torch.compile around the GEMVs and the attention kernel (generate.py, "
+             f"compile=True).", "",
+             "| B | prompt | setup | first token ms | decode ms/step | tokens/s | floor ms | x floor | vs SDPA eager "
+             "| vs SDPA graph | vs ours dense | KV GiB |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    done = [r for r in res.rows if r.error is None]
+    for r in done:
+        base = {o.setup: o.ms for o in done if (o.B, o.T) == (r.B, r.T)}
+        vs = [base.get(n, float("nan")) / r.ms for n in ("dense SDPA, eager", "dense SDPA, CUDA graph",
+                                                         "dense, ours (all FA)")]
+        lines.append(f"| {r.B} | {r.T} | {r.setup} | {r.ttft:.0f} | {r.ms:.2f} | {r.B * 1e3 / r.ms:.1f} | "
+                     f"{r.floor:.2f} | {r.ms / r.floor:.2f} | {vs[0]:.2f}x | {vs[1]:.2f}x | {vs[2]:.2f}x | "
+                     f"{r.kv / 2**30:.2f} |")
+    failed = [r for r in res.rows if r.error is not None]
+    if failed:
+        lines += ["", "Failed (no row above):"] + [f"- B={r.B} T={r.T} {r.setup}: {r.error}" for r in failed]
+    lines += ["", "Router latency per prefill (all layers, eager, random routers): " + ", ".join(
+        f"T={T}: {ms:.2f} ms ({ms / L:.3f} ms per layer)" for T, ms in res.router_ms.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = cuda_device()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    report = model_report(args, bench_model(args, device), device)
+    write_atomic(args.out, report)
+    log(report)
+
+
+if __name__ == "__main__":
+    main()
