@@ -68,11 +68,12 @@ def broken_dir(tmp_path, tiny_dir):
 
 def test_importing_the_scripts_runs_nothing():
     env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
-    r = run("-c", "import train, eval, sample", "--steps", "0", env=env)  # arguments that main() would refuse
+    r = run("-c", "import train, eval, sample, bench, bench_model", "--steps", "0", env=env)  # main() would refuse
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stdout + r.stderr
 
 
-MODULES = "model, attention, router, kernel, decode_kernel, generate, static_hybrid, default_model, data, train, sample"
+MODULES = ("model, attention, router, kernel, decode_kernel, sparsek, generate, static_hybrid, default_model, cli, data, "
+           "tasks, train, sample, bench, bench_model")
 
 
 @pytest.mark.parametrize("order", [f"transformers, triton, {MODULES}", f"{MODULES}, triton, transformers"])
