@@ -151,7 +151,8 @@ def routed_attention(q, k, v, modes, ec, sk_scores=None, lengths=None):
     On the CPU the PyTorch reference runs instead: the same function (test_kernel.py), without the Triton
     interpreter's slowness. SK heads need sk_scores [B, G, T] (the layer's scorer); when given, the kernel's SK
     selection runs for every KV head of the layer (sk_select), then SK heads run in the same launch.
-    lengths int32 [B]: the tokens of right-padded rows (Forward.lengths_device). The modes come from the routers or were checked once
+    lengths int32 [B]: the tokens of right-padded rows (Forward.lengths_device). The modes come from the routers or
+    were checked once
     per forward (check_modes): the kernel's own check, a host sync per layer, is off."""
     if not q.is_cuda:
         return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,

@@ -387,7 +387,8 @@ def prefill_targets(res, args):
     def get(T, case, method):
         return res.ms.get((T, case, method), float("nan"))
 
-    # anchors measured earlier on an H100 / H200 (README: The fused kernel): Flex causal, Flex SSA, Flex 25% FA mix (ms)
+    # anchors measured earlier on an H100 / H200 (RESULTS.md: The prefill kernel): Flex causal, Flex SSA,
+    # Flex 25% FA mix (ms)
     anchors = {8192: (1.36, 0.68, 0.85), 32768: (19.9, 2.93, 7.19)}
     targets = []
     for T in sorted({row[0] for row in res.rows}):

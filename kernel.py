@@ -1,7 +1,8 @@
 """
 Elastic Attention's fused prefill kernel (arXiv 2601.17367: one kernel runs retrieval and sparse heads in
 one launch, each thread block reading its head's mode): full (FA), streaming (SSA), XAttention (XA) and
-SparseK (SK) heads, in Triton, with its PyTorch reference. The modes and their numbers are written down in README.md (Method: the attention modes).
+SparseK (SK) heads, in Triton, with its PyTorch reference. The modes and their numbers are written down in
+docs/design.md (Attention modes).
 
 Each KV head of each batch element has a mode (FA = 0, SSA = 1, XA = 2, SK = 3), shared by its query heads:
 - FA:  query i sees every key j <= i.
@@ -314,7 +315,8 @@ def _elastic_attn_fwd(
         for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
             start_n = blk * _KV_BLOCK + sub * BLOCK_N
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
-                                       T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=False)
+                                       T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False,
+                                       BIASED=False)
     # 3. (SK) the selected keys of the tile's 128-query block, BLOCK_N at a time: gathered K/V rows, the logits
     # + log p. A selected key lies before the local span, j < c_m = 128 (m + 1) - window: with window >= 128 before
     # every query of the block, so whole tiles need no mask; the last, partial one (and all, for window < 128:
@@ -386,7 +388,8 @@ def _check_qk(q, k):
 
 
 def _check_modes(modes, B, G, device):
-    if not isinstance(modes, torch.Tensor) or modes.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+    if not isinstance(modes, torch.Tensor) or modes.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8,
+                                                                  torch.uint8):
         raise TypeError(f"modes must be an integer tensor [B, G] of FA=0, SSA=1, XA=2, SK=3; got "
                         f"{modes.dtype if isinstance(modes, torch.Tensor) else type(modes)}")
     if tuple(modes.shape) != (B, G):
@@ -468,7 +471,8 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, last dim contiguous")
     cfg = _config or _default_config(q)
-    if not (cfg["BLOCK_N"] <= cfg["BLOCK_M"] <= KV_BLOCK and KV_BLOCK % cfg["BLOCK_M"] == 0 == cfg["BLOCK_M"] % cfg["BLOCK_N"]):
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if not (bn <= bm <= KV_BLOCK and KV_BLOCK % bm == 0 == bm % bn):
         raise ValueError(f"config needs BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}; got {cfg}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
 

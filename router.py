@@ -6,7 +6,7 @@ the prompt (and, ours, over its last few tokens: ElasticConfig.tail), and sends 
 either to a retrieval mode (full attention, class 0) or to a sparse mode (streaming sink+window or
 XAttention, class 1). The routers are the only thing that trains, together with two Lagrange multipliers
 per task class that hold the model sparsity ratio Omega (the fraction of sparse heads) near a per-task
-target (paper Eq. 8). README.md, "The method", writes the whole method down with its numbers.
+target (paper Eq. 8). docs/design.md writes the whole method down with its numbers.
 
 This file holds, in the order a reader needs them:
     ElasticConfig         how routed heads run (mode pair, SSA sink/window, XA threshold/stride, pooling)
@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from kernel import FA, KV_BLOCK, SK, SSA, XA
 from sparsek import Scorer, candidates
 
-# Attention modes as kernel.py numbers them in its per-(batch, KV head) mode table (README: the attention modes).
+# Attention modes as kernel.py numbers them in its per-(batch, KV head) mode table (docs/design.md: Attention modes).
 MODE_IDS = {"FA": FA, "SSA": SSA, "XA": XA, "SK": SK}
 # "{retrieval mode}-{sparse mode}": what class 0 and class 1 of the router mean (the paper's FA-SSA, FA-XA, XA-SSA;
 # FA-SK is ours: SparseK, arXiv 2406.16747, as the sparse mode).
@@ -64,7 +64,7 @@ class ElasticConfig:
     boundary:     tokens pooled at each end of the prompt by the router.
     tail:         tokens at the very end of the prompt pooled as a second router input beside the boundary mean
                   (ours; 0: the paper's input alone; elastic.json files without it were saved before it existed
-                  and read 0). README: The method, the router's input.
+                  and read 0). docs/design.md: The router.
     sk_k:         SK's budget: the selected keys per query beyond the sink and the local span (FA-SK only; an SK
                   head keeps at most sink + window + sk_k keys). FA-SK needs a window that is a multiple of 128.
     """
@@ -226,7 +226,7 @@ class AttentionRouter(nn.Module):
         # calibrate_routers and saved with the router. The pooled keys of every prompt share a large
         # common part (norm ~15 in SmolLM2) beside which the task's imprint is small (~0.5); per dimension the
         # imprint is up to one standard deviation. Standardised, the router reads it early, before its
-        # per-head decisions saturate (README: Training). Identity until calibrated.
+        # per-head decisions saturate (docs/training.md). Identity until calibrated.
         self.register_buffer("in_mean", torch.zeros(d_in))
         self.register_buffer("in_std", torch.ones(d_in))
         self.task_mlp = nn.Sequential(nn.Linear(d_in, h), nn.SiLU(), nn.Linear(h, d))
@@ -297,7 +297,8 @@ class Routers(nn.ModuleList):
         try:
             meta = json.loads((path / "routers.json").read_text())["model"]
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path / 'routers.json'} is missing or unreadable ({e}); save the routers again") from None
+            raise ValueError(f"{path / 'routers.json'} is missing or unreadable ({e}); save the routers "
+                             "again") from None
         diff = {k: (meta.get(k), v) for k, v in cls.fits(config).items() if meta.get(k) != v}
         if diff:
             raise ValueError(f"routers in {path} were trained for another model: "

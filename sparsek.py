@@ -215,7 +215,8 @@ def tl_candidates(block, T, sink, window):
 
 def _check_sk_scores(u, T):
     if not isinstance(u, torch.Tensor) or u.dim() != 3 or u.shape[-1] != T:
-        raise ValueError(f"sk_scores must be [B, G, T={T}], got {tuple(u.shape) if isinstance(u, torch.Tensor) else type(u)}")
+        got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u)
+        raise ValueError(f"sk_scores must be [B, G, T={T}], got {got}")
     if u.device.type == "cpu" and bool(torch.isnan(u).any()):  # on the GPU the check would be a sync per layer
         raise ValueError(f"SK scores contain NaN ({int(torch.isnan(u).sum())} of {u.numel()}): the scorer's "
                          "weight or the key states are not finite; check the scorer (routers) and the input")

@@ -1,5 +1,5 @@
 """
-Tests of kernel.py against its PyTorch reference (README: The method, the attention modes and the fused kernel).
+Tests of kernel.py against its PyTorch reference (docs/design.md: attention modes, the fused kernels).
 
 On a CPU machine the Triton kernels run in Triton's interpreter (small shapes, fp32); with CUDA they
 run on the GPU (bf16 and fp16, plus larger shapes). Every run draws fresh random inputs (the seed is
@@ -370,7 +370,7 @@ def test_reference_is_differentiable():
 
 
 def test_reference_modes_by_definition():
-    # the reference's SSA mask, checked pair by pair against the rule's sentence in README.md
+    # the reference's SSA mask, checked pair by pair against the rule's sentence in docs/design.md
     T, sink, window = 40, 3, 7
     mask = kernel.attention_mask_reference(torch.tensor([[SSA]]), 1, T, sink=sink, window=window)[0, 0]
     for i in range(T):

@@ -1,4 +1,4 @@
-"""Tests of router.py (arXiv 2601.17367; README: The method) on the CPU: `pytest test_router.py`."""
+"""Tests of router.py (arXiv 2601.17367; docs/design.md) on the CPU: `pytest test_router.py`."""
 
 import math
 

@@ -1,5 +1,5 @@
 """
-The shipped routers (routers/, trained on SmolLM2-135M-Instruct; README: Results) on a fresh machine: every set
+The shipped routers (routers/, trained on SmolLM2-135M-Instruct; RESULTS.md) on a fresh machine: every set
 loads into the default model by name, and the paper's claim is guarded for the FA-SSA set: robust prompts of
 held-out kinds route to more sparse heads than sensitive ones (argmax routing, CPU, fp32).
 
@@ -36,7 +36,7 @@ def test_fa_ssa_routes_by_the_task_on_held_out_kinds(smol):
     wordings and documents; 1024 tokens; argmax routing, fp32 on the CPU, so deterministic). The robust ones get a
     higher mean Omega than the sensitive ones by a clear margin. Measured 2026-12-03 with the tail-input fa-ssa:
     0.730 sensitive against 0.915 robust; the routers before it, on the paper's input, gave 0.830 against 0.904 and
-    fail this test (README: Results, "Does routing follow the task?")."""
+    fail this test (RESULTS.md, "Does routing follow the task?")."""
     model, tok = smol
     routers = Routers.load(routers_dir("fa-ssa"), model.config)
     model.routers, model.elastic = routers, routers.elastic

@@ -1,5 +1,5 @@
 """
-Train the Attention Routers of a frozen model (Elastic Attention, arXiv 2601.17367, Sec. 3; README: The method).
+Train the Attention Routers of a frozen model (Elastic Attention, arXiv 2601.17367, Sec. 3; docs/design.md).
 
     python train.py                                        # SmolLM2-135M + the built-in synthetic mix
     python train.py --model path/to/Llama-3.1-8B-Instruct --data train.jsonl --max-len 32768
@@ -67,7 +67,7 @@ class TrainConfig:
     # where
     model: str = arg(None, "HuggingFace checkpoint dir (default: SmolLM2-135M-Instruct)")
     data: str = arg("synthetic", "'synthetic' (built-in mix) or a JSONL file of {context, question, answer, task} "
-                    "records (README: Data)")
+                    "records (docs/training.md: Data)")
     out_dir: str = arg("out-routers", "where routers, lambdas and the resume state go")
     overwrite: bool = arg(False, "start afresh in an --out-dir that already holds a run (without it, such a dir is "
                           "refused: resume it or pick another)")
@@ -83,14 +83,14 @@ class TrainConfig:
     sk_k: int = arg(ElasticConfig.sk_k, "SK (SparseK): keys each query selects beyond sink and window (FA-SK; its "
                     "--window must be a multiple of 128)")
     tail: int = arg(ElasticConfig.tail, "ours: the routers also read the mean key of the prompt's last TAIL tokens, "
-                    "beside the paper's boundary mean; 0: the paper's input alone (README: the router)")
+                    "beside the paper's boundary mean; 0: the paper's input alone (docs/design.md: The router)")
     # data
     min_len: int = arg(1024, "synthetic mix: shortest sample, in tokens")
     max_len: int = arg(4096, "longest sample in tokens (JSONL: contexts are cut)")
     sensitive_frac: float = arg(0.5, "synthetic mix: share of retrieval samples", "in [0, 1]", lambda v: 0 <= v <= 1)
     answer_only: bool = arg(False, "the loss on the answer only (paper: the whole sequence)")
     loss: str = arg("ce", "ce: cross-entropy of the targets (paper); kl: KL from the frozen dense model's next-token "
-                    "distribution on the same positions (distillation; README: Training)", choices=["ce", "kl"])
+                    "distribution on the same positions (distillation; docs/training.md)", choices=["ce", "kl"])
     workers: int = arg(2, "processes that build batches ahead of the step", ">= 0", lambda v: v >= 0)
     pad_multiple: int = arg(1024, "pad each batch to a multiple of this many tokens: few distinct lengths, so few "
                             "FlexAttention compiles (padding changes no result)", ">= 1", lambda v: v >= 1)
@@ -113,11 +113,11 @@ class TrainConfig:
                                 "keeps decisions within reach of the Gumbel noise, so the routers keep learning from "
                                 "the prompt instead of freezing into per-head switches", ">= 0", lambda v: v >= 0)
     warm_start: int = arg(0, "ours: before step 0, teach the routers the task class of this many training prompts "
-                          "from the dense model's pooled keys (0: off; README)", ">= 0 (0: no warm start)",
+                          "from the dense model's pooled keys (0: off; docs/training.md)", ">= 0 (0: no warm start)",
                           lambda v: v >= 0)
     warm_steps: int = arg(200, "full-batch steps of the warm start", ">= 1", lambda v: v >= 1)
     calib_samples: int = arg(64, "samples whose dense pooled keys set the routers' input standardisation before "
-                             "step 0 (ours; README: Training)", ">= 0 (0: no input standardisation)", lambda v: v >= 0)
+                             "step 0 (ours; docs/training.md)", ">= 0 (0: no input standardisation)", lambda v: v >= 0)
     fsdp: bool = arg(False, "under torchrun: shard the frozen backbone over the processes (FSDP2) instead of a whole "
                      "copy on each, for backbones that do not fit one GPU")
     grad_checkpointing: bool = arg(True, "recompute each block in backward to save memory",
@@ -345,7 +345,7 @@ def load_data(cfg, tokenizer):
                                    sensitive_frac=cfg.sensitive_frac, split="heldout")  # texts never trained
             return dataset, heldout
         if not Path(cfg.data).is_file():
-            fail(f"--data {cfg.data}: no such file; pass a JSONL file of records (README: Data) or 'synthetic'")
+            fail(f"--data {cfg.data}: no such file; pass a JSONL file of records (docs/training.md: Data) or 'synthetic'")
         # a JSONL file has no held-out split here; pass one as --data to sample.py/eval.py instead
         return JsonlDataset(cfg.data, tokenizer, cfg.max_len), None  # checks every line: names the bad one
     except (OSError, ValueError) as e:
@@ -447,7 +447,7 @@ def first_samples(cfg, dataset, pad_id, count, proc, desc):
 
 def prepare_routers(cfg, model, routers, dataset, pad_id, proc):
     """Before step 0 (a resumed run has it in its saved routers): the routers' input standardisation from the dense
-    model's pooled keys, and with --warm-start the task class taught first (both ours; README: Training)."""
+    model's pooled keys, and with --warm-start the task class taught first (both ours; docs/training.md)."""
     if cfg.calib_samples > 0:
         n = calibrate_routers(model, ((b.input_ids, b.prompt_lens) for b in first_samples(
             cfg, dataset, pad_id, cfg.calib_samples, proc, "calibrating router inputs")),
