@@ -17,7 +17,7 @@ import functools
 import torch
 
 from attention import KVCache
-from sparsek import BLOCK, candidates
+from sparsek import selected_slots
 
 
 def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -58,9 +58,8 @@ def prefill(model, prompts, max_new_tokens, modes=None):
     the B rows, routings: one attention.Routing per prompt, or None)."""
     ec, L = model.elastic, model.config.num_hidden_layers
     # an SK head keeps sk_k selected slots, but never more than the keys that can be candidates by the last step
-    # (those before the local span, past the sink): then every candidate is selected with p = 1 either way
     last = max(len(p) for p in prompts) + max_new_tokens - 1
-    sk_k = min(ec.sk_k, max(1, candidates(last // BLOCK, last + 1, sink=ec.sink, window=ec.window)))
+    sk_k = selected_slots(ec.sk_k, last, sink=ec.sink, window=ec.window)
     logits, rows, routings = [], [], []
     for a, b in batches([len(p) for p in prompts]):
         ids = torch.nn.utils.rnn.pad_sequence(prompts[a:b], batch_first=True)  # [b - a, longest], zeros after each

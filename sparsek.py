@@ -12,7 +12,7 @@ so a reader who skips it reads the paper's method (FA, SSA, XA) without meeting 
 
 The files of the paper's method call a few names of it: kernel.py sk_bias_reference (its reference), sk_select and
 tl_span_start (its SK tiles); decode_kernel.py span_start and tl_span_start; attention.py sk_flex_attention (the
-training branch) and SKCache (the cache); router.py Scorer and candidates; generate.py candidates.
+training branch) and SKCache (the cache); router.py Scorer and candidates; generate.py selected_slots.
 
 SPARSEK(u, k) = argmin_p ||p - u||^2   s.t.   0 <= p_i <= 1,   sum_i p_i = k
 
@@ -206,6 +206,12 @@ def candidates(block, T, *, sink, window):
     if torch.is_tensor(c):
         return (c.clamp(max=T) - sink).clamp(min=0)
     return max(min(c, T) - sink, 0)
+
+
+def selected_slots(sk_k, last, *, sink, window):
+    """The selected-key slots an SK head's decode cache needs up to position `last`: sk_k, or fewer when fewer keys
+    can be candidates by then (every candidate is then selected with p = 1 either way); at least 1."""
+    return min(sk_k, max(1, candidates(last // BLOCK, last + 1, sink=sink, window=window)))
 
 
 @triton.jit
