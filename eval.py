@@ -7,6 +7,7 @@ class on task kinds the routers never saw (Elastic Attention, arXiv 2601.17367; 
     python eval.py --routers fa-ssa fa-xa xa-ssa --lengths 1024 2048 4096   # several routers dirs or names
     python eval.py --routers out-routers --limit 2 --lengths 512 1024       # a quick run, also on the CPU
     python eval.py --routers fa-ssa --probe                                 # + the linear probe's ceiling
+    python eval.py --routers fa-ssa --frontier 0.5 0.6 0.7 0.8 0.9 0.95     # + the static hybrids' frontier
     python eval.py --routers fa-ssa fa-xa xa-ssa fa-sk --lengths 1024 2048 4096 --probe --out eval_results.md
                                                                             # regenerate the committed results
 
@@ -19,8 +20,11 @@ next-token agreement with the reference answer (the share of answer tokens that 
 Methods: dense FA; the static hybrid (DuoAttention / PruLong style: the top 30% of KV heads by retrieval score
 full, Omega 0.7); XAttention on every head; Elastic Attention with each routers dir (its mode pair from its
 elastic.json; the first must be FA-SSA: its sink and window serve every other SSA method), each followed by the
-static hybrid of its mode pair at its own mean Omega (the fair comparison). Prompts of one (task, length) cell run
-in batches of --batch-size through generate.generate, each routed from its own keys.
+static hybrid of its mode pair at its own mean Omega (the fair comparison); with --frontier, static FA-SSA hybrids
+at those sparse ratios: the accuracy-sparsity curve that elastic routing should lie above at every Omega (the
+paper's claim), a table, a figure panel, and a claim per FA-SSA routers set at its mean Omega (the curve
+interpolated linearly there). Prompts of one (task, length) cell run in batches of --batch-size through
+generate.generate, each routed from its own keys.
 Statistics: every mean with a percentile-bootstrap 95% interval (1000 resamples, fixed seed); paired differences
 (elastic minus dense, elastic minus its matched static hybrid) resample the samples; the AUC of Omega as a score
 of the task class (robust positive) on the held-out kinds. --probe fits a logistic regression on the dense model's
@@ -226,6 +230,9 @@ def parse_args():
     parser.add_argument("--probe-samples", type=int, default=256, help="train-split samples the probe fits on, at "
                         "the shortest length")
     parser.add_argument("--static-ratio", type=float, default=0.7, help="Omega of the static hybrid (paper: 0.7)")
+    parser.add_argument("--frontier", type=float, nargs="+", default=[], metavar="R", help="also the static FA-SSA "
+                        "hybrids at these sparse ratios (e.g. 0.5 0.6 0.7 0.8 0.9 0.95, named to 2 decimals): the "
+                        "accuracy-sparsity curve that elastic routing is compared with")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the task sets")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -248,7 +255,9 @@ def check_args(args):
                                   ("--probe-samples", args.probe_samples, args.probe_samples >= 2, ">= 2"),
                                   ("--lengths", " ".join(map(str, args.lengths)), min(args.lengths) >= ROOM,
                                    f">= {ROOM} each"),
-                                  ("--static-ratio", args.static_ratio, 0 <= args.static_ratio <= 1, "in [0, 1]")):
+                                  ("--static-ratio", args.static_ratio, 0 <= args.static_ratio <= 1, "in [0, 1]"),
+                                  ("--frontier", " ".join(map(str, args.frontier)),
+                                   all(0 <= r <= 1 for r in args.frontier), "in [0, 1] each")):
         if not ok:
             fail(f"{flag} {value} is out of range: it must be {want}")
     try:
@@ -308,11 +317,16 @@ def build_cells(tokenizer, args):
     return cells, {(where, task): data.KIND_CLASS[task] for where, task, _ in plan}, train_probe
 
 
-def build_methods(model, tokenizer, loaded, static_ratio):
+def frontier_methods(ratios):
+    """--frontier's static FA-SSA hybrids, name -> sparse ratio, by ratio."""
+    return {f"static FA-SSA {r:.2f}": r for r in sorted(ratios)}
+
+
+def build_methods(model, tokenizer, loaded, static_ratio, frontier):
     """The methods, name -> (routers or None, fixed modes [1, L, G] or None, ElasticConfig): dense FA, the static
-    FA-SSA hybrid at static_ratio, XAttention on every head, and Elastic Attention with each routers set (the
-    first's sink and window serve every SSA method). -> (methods, {elastic name: its label}, the retrieval scores
-    [L, G] that rank heads for every static hybrid)"""
+    FA-SSA hybrid at static_ratio, XAttention on every head, Elastic Attention with each routers set (the first's
+    sink and window serve every SSA method), then the frontier's static hybrids ({name: ratio}). -> (methods,
+    {elastic name: its label}, the retrieval scores [L, G] that rank heads for every static hybrid)"""
     ssa = loaded[0][1].elastic
     model.elastic = ssa
     scores = retrieval_scores(model, probe_samples(tokenizer, model.config.max_position_embeddings))
@@ -323,6 +337,8 @@ def build_methods(model, tokenizer, loaded, static_ratio):
     for label, routers in loaded:
         name = f"elastic {routers.elastic.mode_pair}" + (f" ({label})" if len(loaded) > 1 else "")
         methods[name], elastic[name] = (routers, None, routers.elastic), label
+    for name, ratio in frontier.items():  # one at --static-ratio is that method already
+        methods.setdefault(name, (None, static_modes(scores, ratio, ssa), ssa))
     return methods, elastic, scores
 
 # -----------------------------------------------------------------------------
@@ -335,6 +351,8 @@ class Results:
     classes: dict        # (where, task) -> task class (data.SENSITIVE or data.ROBUST)
     ssa: ElasticConfig   # the first routers' config: every SSA method's sink and window, the probe's pooling
     elastic: dict        # elastic method -> its routers' label (dir name)
+    pair: dict           # elastic method -> its mode pair (FA-SSA, ...)
+    frontier: dict       # the frontier's static FA-SSA hybrids, name -> sparse ratio
     rows: dict = field(default_factory=dict)       # method -> {(where, task, T, i): (score, omega, modes [L, G])}
     prefill: dict = field(default_factory=dict)    # method -> mean prefill ms at the longest length
     matched: dict = field(default_factory=dict)    # elastic method -> its matched static hybrid
@@ -353,12 +371,20 @@ class Results:
         rb = self.rows[b]
         return [s - rb[k][0] for k, s, _ in self.pick(a, where, cls)]
 
-    def ci(self, values, stat=mean, scale=1.0, digits=3):
-        """'mean [low, high]' of bootstrap_ci(values, stat), scaled."""
+    def omegas(self, name):
+        """The method's Omega of every sample."""
+        return [r[1] for r in self.rows[name].values()]
+
+    def interval(self, values, stat=mean):
+        """bootstrap_ci(values, stat), computed once."""
         key = (tuple(values), stat)
         if key not in self.intervals:
             self.intervals[key] = bootstrap_ci(values, stat)
-        est, lo, hi = self.intervals[key]
+        return self.intervals[key]
+
+    def ci(self, values, stat=mean, scale=1.0, digits=3):
+        """'mean [low, high]' of bootstrap_ci(values, stat), scaled."""
+        est, lo, hi = self.interval(values, stat)
         return f"{scale * est:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
     def wheres(self):
@@ -416,7 +442,7 @@ def run_methods(model, tokenizer, methods, scores, cells, res, args, out):
                                                      args.batch_size, longest)
         write_report(res, args, device, out)
         if name in res.elastic:  # its static hybrid at its own mean Omega
-            omega = mean(r[1] for r in res.rows[name].values())
+            omega = mean(res.omegas(name))
             static = res.matched[name] = f"static {config.mode_pair} {omega:.2f} (matched to {res.elastic[name]})"
             # an SK head needs its layer's scorer: the static FA-SK hybrid keeps the routers' scorers, fixed modes
             method = (routers if "SK" in config.mode_pair else None, static_modes(scores, omega, config), config)
@@ -500,6 +526,24 @@ def heldout_table(res):
     return lines
 
 
+def frontier_table(res):
+    """The accuracy-sparsity frontier: the static FA-SSA hybrids of --frontier (the curve), then each elastic
+    routers set (a point), with mean Omega and accuracy per split and task class."""
+    names = [name for name in res.frontier if name in res.rows] + [name for name in res.rows if name in res.elastic]
+    if not res.frontier or not names:
+        return []
+    groups = res.groups()
+    lines = ["", "The accuracy-sparsity frontier: the static FA-SSA hybrids at the --frontier ratios (the curve) and "
+             "each elastic routers set (a point; the claims compare the FA-SSA ones with the curve at their mean "
+             "Omega). Omega: mean over every sample.", "",
+             "| method | Omega mean | " + " | ".join(f"{w} {CLASS_NAME[c]} (%)" for w, c in groups) + " |",
+             "|---|" + "---|" * (len(groups) + 1)]
+    for name in names:
+        accs = [res.ci([s for _, s, _ in res.pick(name, w, c)], scale=100, digits=1) for w, c in groups]
+        lines.append(f"| {name} | {res.ci(res.omegas(name))} | " + " | ".join(accs) + " |")
+    return lines
+
+
 def probe_line(res, args):
     if res.probe is None:
         return []
@@ -523,6 +567,41 @@ def points(est):
     return f"{100 * est[0]:+.1f} points [{100 * est[1]:+.1f}, {100 * est[2]:+.1f}]"
 
 
+def interpolate(xy, x):
+    """y at x on the line through the points xy [(x, y)], sorted by x; None where x lies outside them."""
+    if not xy or not xy[0][0] <= x <= xy[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:] or xy):
+        if x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * ((x - x0) / (x1 - x0))
+
+
+def frontier_claims(res, name):
+    """Does this elastic method lie above the static curve at its own mean Omega, on sensitive tasks? The curve (of
+    FA-SSA hybrids: FA-SSA routers only) is interpolated linearly between its hybrids, point estimates; the paired
+    interval is against the static hybrid at exactly that Omega (the matched one)."""
+    curve = [n for n in res.frontier if n in res.rows]
+    if not curve or res.pair[name] != "FA-SSA":
+        return []
+    omega, static, lines = mean(res.omegas(name)), res.matched[name], []
+    for where in [w for w, c in res.groups() if c == data.SENSITIVE]:
+        acc = mean(s for _, s, _ in res.pick(name, where, data.SENSITIVE))
+        xy = sorted((mean(res.omegas(n)), mean(s for _, s, _ in res.pick(n, where, data.SENSITIVE))) for n in curve)
+        on_curve = interpolate(xy, omega)
+        if on_curve is None:
+            lines.append(f"- {name}, {where} sensitive accuracy against the static frontier: its mean Omega "
+                         f"{omega:.2f} lies outside the curve's {xy[0][0]:.2f} to {xy[-1][0]:.2f}, no comparison "
+                         "(add a --frontier ratio beyond it)")
+            continue
+        side = "above" if acc > on_curve else "below" if acc < on_curve else "on"
+        est = bootstrap_ci(res.paired(name, static, where, data.SENSITIVE))
+        lines.append(f"- {name}, {where} sensitive accuracy against the static frontier at its mean Omega "
+                     f"{omega:.2f}: {100 * acc:.1f}% against {100 * on_curve:.1f}% on the curve -> {side} the curve "
+                     f"(point estimates); paired against the static hybrid at exactly this Omega ({static}): "
+                     f"{points(est)} -> {verdict(est[1], est[2], True)}")
+    return lines
+
+
 def claims(res):
     """The paper's claims on this run, each with its 95% interval and what the interval says."""
     lines = ["", "The claims on this run (95% intervals):", ""]
@@ -543,6 +622,7 @@ def claims(res):
                          f"{gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}], AUC {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] -> "
                          f"{verdict(gap[1], gap[2], True)}; the bar (>= 0.15 with the interval above 0, AUC >= 0.80) "
                          f"{'is met' if meets else 'is not met'}")
+        lines += frontier_claims(res, name)
     return lines
 
 
@@ -550,7 +630,7 @@ def write_report(res, args, device, out, final=False, figure=None):
     """Writes the tables to out (whole or not at all); final: with the claims and the figure's link (figure: the
     path of a figure that was written), printed too."""
     lines = header(res, args, device) + main_table(res) + task_table(res, args.lengths) + omega_table(res) + \
-        heldout_table(res) + probe_line(res, args)
+        heldout_table(res) + frontier_table(res) + probe_line(res, args)
     if final and res.done():
         lines += claims(res)
         if figure is not None:
@@ -573,9 +653,13 @@ def draw_figure(res, figure):
     except ImportError:
         print(f"matplotlib is not installed: no {figure} (pip install matplotlib)")
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw=dict(width_ratios=[1.4, 1, 1], wspace=0.3))
+    frontier = any(name in res.rows for name in res.frontier)  # a panel of its own
+    fig, axes = plt.subplots(1, 3 + frontier, figsize=(17 + 7 * frontier, 4.5),
+                             gridspec_kw=dict(width_ratios=[1.4] * (1 + frontier) + [1, 1], wspace=0.3))
     score_panel(axes[0], res)
-    routing_panels(fig, axes[1:], res, first=next(iter(res.elastic)))
+    if frontier:
+        frontier_panel(axes[1], res)
+    routing_panels(fig, axes[-2:], res, first=next(iter(res.elastic)))
     tmp = figure.with_name(f".{figure.name}.tmp")  # written whole, then renamed
     fig.savefig(tmp, format=figure.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     os.replace(tmp, figure)
@@ -595,6 +679,31 @@ def score_panel(ax, res):
     ax.set(xlabel="Omega (share of sparse KV heads)", ylabel="score (%)")
     ax.set_title("score against sparsity (circles: sensitive tasks, squares: robust)", fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
+
+
+def error_bars(intervals, scale=1.0):
+    """Intervals [(estimate, low, high)] as errorbar's [[below...], [above...]], scaled (never negative)."""
+    return [[scale * max(0.0, est - lo) for est, lo, _ in intervals],
+            [scale * max(0.0, hi - est) for est, _, hi in intervals]]
+
+
+def frontier_panel(ax, res):
+    """Sensitive accuracy against mean Omega, held-out and seen: the static curve as a line, each elastic routers
+    set as a point, with 95% intervals (both axes for a point)."""
+    curve = [name for name in res.frontier if name in res.rows]
+    routed = [name for name in res.rows if name in res.elastic]
+    for j, where in enumerate(w for w, c in res.groups() if c == data.SENSITIVE):
+        accs = {name: res.interval([s for _, s, _ in res.pick(name, where, data.SENSITIVE)]) for name in curve + routed}
+        ax.errorbar([mean(res.omegas(name)) for name in curve], [100 * accs[name][0] for name in curve],
+                    yerr=error_bars([accs[name] for name in curve], 100), fmt="-o", color=f"C{j}", capsize=3,
+                    label=f"static FA-SSA, {where} sensitive")
+        for name, marker in zip(routed, "*D^vPX"):
+            omega = res.interval(res.omegas(name))
+            ax.errorbar(omega[0], 100 * accs[name][0], xerr=error_bars([omega]), yerr=error_bars([accs[name]], 100),
+                        fmt=marker, color=f"C{j}", markersize=10, capsize=3, label=f"{name}, {where} sensitive")
+    ax.set(xlabel="mean Omega (share of sparse KV heads)", ylabel="sensitive accuracy (%)")
+    ax.set_title("the frontier: static hybrids (line) and elastic routing (points), 95% intervals", fontsize=10)
+    ax.legend(fontsize=7)
 
 
 def routing_panels(fig, axes, res, first):
@@ -618,8 +727,10 @@ def main():
     tokenizer = load_tokenizer(model_dir)
     cells, classes, train_probe = build_cells(tokenizer, args)  # (split, task, length) -> samples
     model = load_model(model_dir, args.device, args.dtype)
-    methods, elastic, scores = build_methods(model, tokenizer, loaded, args.static_ratio)
-    res = Results(classes, ssa=loaded[0][1].elastic, elastic=elastic)
+    frontier = frontier_methods(args.frontier)  # the static curve: name -> sparse ratio
+    methods, elastic, scores = build_methods(model, tokenizer, loaded, args.static_ratio, frontier)
+    res = Results(classes, ssa=loaded[0][1].elastic, elastic=elastic, frontier=frontier,
+                  pair={name: methods[name][2].mode_pair for name in elastic})
     try:
         run_methods(model, tokenizer, methods, scores, cells, res, args, out)
         if args.probe:  # fitted on the trained kinds, scored on the held-out samples
