@@ -1,55 +1,50 @@
 """
 The paper's central claim, measured with error bars on SmolLM2: accuracy against sparsity by task class, elastic
 routing against dense and against static hybrids at the same sparsity, and whether Omega still follows the task
-class on task kinds the routers never saw (Elastic Attention, arXiv 2601.17367; README: Results).
+class on task kinds the routers never saw (Elastic Attention, arXiv 2601.17367; RESULTS.md).
 
     python eval.py --routers fa-ssa                                         # shipped routers (routers/<name>)
     python eval.py --routers fa-ssa fa-xa xa-ssa --lengths 1024 2048 4096   # several routers dirs or names
     python eval.py --routers out-routers --limit 2 --lengths 512 1024       # a quick run, also on the CPU
     python eval.py --routers fa-ssa --probe                                 # + the linear probe's ceiling
+    python eval.py --routers fa-ssa --frontier 0.5 0.6 0.7 0.8 0.9 0.95     # + the static hybrids' frontier
     python eval.py --routers fa-ssa fa-xa xa-ssa fa-sk --lengths 1024 2048 4096 --probe --out eval_results.md
-                                                                            # regenerate the committed results
 
-Tasks (data.SyntheticMix, built from Python's own docs, docstrings and source):
-  seen:     passkey, multi_key, multi_value (sensitive) and continuation (robust), kinds the routers trained on,
-            drawn from the train split with another seed;
-  held-out: every kind of data.HELDOUT_KINDS, in held-out wordings over held-out texts (split="heldout").
-Scores: sensitive, the share of the sample's keys found (case-insensitive) in a greedy answer; robust, teacher-forced
-next-token agreement with the reference answer (the share of answer tokens that are the model's top-1).
-Methods: dense FA; the static hybrid (DuoAttention / PruLong style: the top 30% of KV heads by retrieval score
-full, Omega 0.7); XAttention on every head; Elastic Attention with each routers dir (its mode pair from its
-elastic.json; the first must be FA-SSA: its sink and window serve every other SSA method), each followed by the
-static hybrid of its mode pair at its own mean Omega (the fair comparison). Prompts of one (task, length) cell run
-in batches of --batch-size through generate.generate, each routed from its own keys.
+Tasks (data.SyntheticMix over Python's own docs, docstrings and source): seen, passkey, multi_key, multi_value
+(sensitive) and continuation (robust), trained kinds drawn from the train split with another seed; held-out, every
+kind of data.HELDOUT_KINDS in held-out wordings over held-out texts (split="heldout"). Scores: sensitive, the share
+of the sample's keys found (case-insensitive) in a greedy answer; robust, teacher-forced top-1 agreement with the
+reference answer. Methods: dense FA; the static hybrid (DuoAttention / PruLong style: the top 30% of KV heads by
+retrieval score full, Omega 0.7); XAttention on every head; Elastic Attention with each routers dir (its mode pair
+from its elastic.json; the first must be FA-SSA: its sink and window serve every other SSA method), each followed by
+the static hybrid of its mode pair at its own mean Omega (the fair comparison); with --frontier, static FA-SSA
+hybrids at those sparse ratios: the accuracy-sparsity curve that elastic routing should lie above at every Omega
+(the paper's claim), with a claim per FA-SSA routers set at its mean Omega (the curve interpolated linearly there).
+Prompts of one (task, length) cell run in batches of --batch-size through generate.generate, each routed alone.
 Statistics: every mean with a percentile-bootstrap 95% interval (1000 resamples, fixed seed); paired differences
-(elastic minus dense, elastic minus its matched static hybrid) resample the samples; the AUC of Omega as a score
-of the task class (robust positive) on the held-out kinds. --probe fits a logistic regression on the dense model's
-pooled pre-RoPE keys (the input of the first routers: boundary mean, and tail mean if they read one) over
-train-split samples and reports its held-out AUC next to the routers': a probe far above the routers says the
-routers fail, one near them says the data does.
+resample the samples; the AUC of Omega as a score of the task class (robust positive) on the held-out kinds.
+--probe fits a logistic regression on the dense model's pooled pre-RoPE keys (the first routers' input) over
+train-split samples: a probe far above the routers' AUC says the routers fail, one near it says the data does.
 Writes out-eval/eval_results.md (rewritten after every method) and, with matplotlib, the figure beside it;
-`--out eval_results.md` writes the committed files instead. Every flag is checked before the model loads; a bad
-one is one line on stderr.
+`--out eval_results.md` writes the committed files instead. Every flag is checked before the model loads.
 """
 import argparse
-import datetime
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 import data
-from cli import check_device, checkpoint_dir, command_line, routers_dir
+from cli import (check_device, checkpoint_dir, command_line, fail, load_model, load_tokenizer, provenance,
+                 routers_dir, write_atomic)
 from generate import generate
 from kernel import FA, XA
-from model import Transformer
-from router import Routers, dense_pooled_keys
+from router import ElasticConfig, Routers, dense_pooled_keys
 from static_hybrid import probe_samples, retrieval_scores, static_modes
 
 SEEN = ("passkey", "multi_key", "multi_value", "continuation")  # kinds of the first mix, still trained on
@@ -59,10 +54,6 @@ TOKENS_PER_PASS = 1 << 15  # teacher-forced rows per forward hold at most this m
 TIMED = 4           # prompts per task timed for the prefill column, at the longest length
 CLASS_NAME = {data.SENSITIVE: "sensitive", data.ROBUST: "robust"}
 
-
-def fail(message):
-    """A user error: one line on stderr, exit status 1, no traceback."""
-    sys.exit("error: " + " ".join(str(message).split()))
 
 # -----------------------------------------------------------------------------
 # statistics: plain torch, at module level so that tests call them
@@ -211,8 +202,11 @@ def score_batch(model, tokenizer, samples, modes):
     return rows
 
 
-def main():
-    # -------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
+# flags and files: every one checked before the model loads (a bad one is one line now, not a traceback minutes later)
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HuggingFace checkpoint dir (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--routers", required=True, nargs="+", help="dirs of routers from train.py, or names of "
@@ -229,6 +223,9 @@ def main():
     parser.add_argument("--probe-samples", type=int, default=256, help="train-split samples the probe fits on, at "
                         "the shortest length")
     parser.add_argument("--static-ratio", type=float, default=0.7, help="Omega of the static hybrid (paper: 0.7)")
+    parser.add_argument("--frontier", type=float, nargs="+", default=[], metavar="R", help="also the static FA-SSA "
+                        "hybrids at these sparse ratios (e.g. 0.5 0.6 0.7 0.8 0.9 0.95, named to 2 decimals): the "
+                        "accuracy-sparsity curve that elastic routing is compared with")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the task sets")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -238,17 +235,22 @@ def main():
     parser.add_argument("--figure", default=None, help="figure (needs matplotlib; skipped without it); default: "
                         "beside --out, .png in place of its suffix; '' for none")
     parser.error = lambda message: fail(f"{message} (python eval.py --help lists the flags)")  # one line, no usage
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    # -------------------------------------------------------------------------
-    # every flag and file checked before the model loads: a bad one is one line now, not a traceback minutes later
+
+def check_args(args):
+    """Every flag and file before anything heavy loads: the ranges, --device, --model's config, the routers dirs
+    (the first FA-SSA), the dirs of --out and --figure (created). -> (model dir, its ModelConfig, [(label, Routers)],
+    out path, figure path or None)"""
     for flag, value, ok, want in (("--samples", args.samples, args.samples >= 1, ">= 1"),
                                   ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
                                   ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
                                   ("--probe-samples", args.probe_samples, args.probe_samples >= 2, ">= 2"),
                                   ("--lengths", " ".join(map(str, args.lengths)), min(args.lengths) >= ROOM,
                                    f">= {ROOM} each"),
-                                  ("--static-ratio", args.static_ratio, 0 <= args.static_ratio <= 1, "in [0, 1]")):
+                                  ("--static-ratio", args.static_ratio, 0 <= args.static_ratio <= 1, "in [0, 1]"),
+                                  ("--frontier", " ".join(map(str, args.frontier)),
+                                   all(0 <= r <= 1 for r in args.frontier), "in [0, 1] each")):
         if not ok:
             fail(f"{flag} {value} is out of range: it must be {want}")
     try:
@@ -269,9 +271,9 @@ def main():
             loaded.append((path.resolve().name, Routers.load(path, config)))
         except Exception as e:  # an unreadable routers.json / elastic.json, routers of another model
             fail(f"--routers {name}: {e}")
-    ssa_config = loaded[0][1].elastic
-    if ssa_config.mode_pair != "FA-SSA":
-        fail(f"--routers {args.routers[0]} holds {ssa_config.mode_pair} routers; the first dir must hold FA-SSA ones")
+    if loaded[0][1].elastic.mode_pair != "FA-SSA":
+        fail(f"--routers {args.routers[0]} holds {loaded[0][1].elastic.mode_pair} routers; the first dir must hold "
+             "FA-SSA ones")
     out = Path(args.out)
     figure = out.with_suffix(".png") if args.figure is None else Path(args.figure) if args.figure else None
     try:
@@ -279,23 +281,22 @@ def main():
             path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create the dir of --out or --figure: {e}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:
-        fail(f"cannot load the tokenizer from {model_dir}: {e}")
+    return model_dir, config, loaded, out, figure
 
-    # -------------------------------------------------------------------------
-    # model, tasks: cells (split, task, length) -> samples
-    try:
-        model = Transformer.from_pretrained(model_dir, device=args.device,
-                                            dtype=getattr(torch, args.dtype) if args.dtype else None)
-    except Exception as e:  # a truncated or corrupt weight file, tensors that do not fit the config
-        weights = "model.safetensors.index.json" if (model_dir / "model.safetensors.index.json").is_file() \
-            else "model.safetensors"
-        fail(f"cannot load the model from {model_dir} ({weights}): {e}")
-    device = model.output_weight().device
-    L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
-    n = min(args.samples, args.limit or args.samples)
+# -----------------------------------------------------------------------------
+# tasks and methods
+
+
+def samples_per_cell(args):
+    """Samples per (split, task, length) cell: --samples, at most --limit."""
+    return min(args.samples, args.limit or args.samples)
+
+
+def build_cells(tokenizer, args):
+    """The task cells (split, task, length) -> samples; each task's class, {(split, task): class}; the probe's
+    train-split samples (none without --probe). Samples depend on the seed alone, so they are built before the
+    model loads: a length too short for a task's prompt is one line."""
+    n = samples_per_cell(args)
     plan = ([] if args.heldout_only else [("seen", t, "train") for t in SEEN]) + \
         [("held-out", t, "heldout") for t in data.HELDOUT_KINDS]
     try:
@@ -306,238 +307,435 @@ def main():
                                split="train")[i] for i in range(args.probe_samples)]
     except ValueError as e:  # a length too short for a task's prompt
         fail(f"--lengths {' '.join(map(str, args.lengths))}: {e}")
-    classes = {(where, task): data.KIND_CLASS[task] for where, task, _ in plan}
+    return cells, {(where, task): data.KIND_CLASS[task] for where, task, _ in plan}, train_probe
 
-    # -------------------------------------------------------------------------
-    # methods: name -> (routers or None, fixed modes [1, L, G] or None, ElasticConfig); the matched static hybrids
-    # are added as their elastic methods finish
-    model.elastic = ssa_config
+
+def frontier_methods(ratios):
+    """--frontier's static FA-SSA hybrids, name -> sparse ratio, by ratio."""
+    return {f"static FA-SSA {r:.2f}": r for r in sorted(ratios)}
+
+
+def build_methods(model, tokenizer, loaded, static_ratio, frontier):
+    """The methods, name -> (routers or None, fixed modes [1, L, G] or None, ElasticConfig): dense FA, the static
+    FA-SSA hybrid at static_ratio, XAttention on every head, Elastic Attention with each routers set (the first's
+    sink and window serve every SSA method), then the frontier's static hybrids ({name: ratio}). -> (methods,
+    {elastic name: its label}, the retrieval scores [L, G] that rank heads for every static hybrid)"""
+    ssa = loaded[0][1].elastic
+    model.elastic = ssa
     scores = retrieval_scores(model, probe_samples(tokenizer, model.config.max_position_embeddings))
-
-    methods = {"dense FA": (None, model.fixed_modes(FA), ssa_config),
-               f"static FA-SSA {args.static_ratio:.2f}": (None, static_modes(scores, args.static_ratio, ssa_config),
-                                                          ssa_config),
-               "XAttention (all heads)": (None, model.fixed_modes(XA), ssa_config)}
-    elastic = {}  # elastic method name -> its label (dir name)
+    methods = {"dense FA": (None, model.fixed_modes(FA), ssa),
+               f"static FA-SSA {static_ratio:.2f}": (None, static_modes(scores, static_ratio, ssa), ssa),
+               "XAttention (all heads)": (None, model.fixed_modes(XA), ssa)}
+    elastic = {}
     for label, routers in loaded:
         name = f"elastic {routers.elastic.mode_pair}" + (f" ({label})" if len(loaded) > 1 else "")
         methods[name], elastic[name] = (routers, None, routers.elastic), label
-    n_samples = sum(len(v) for v in cells.values())
-    print(f"{n_samples} samples per method: {len(classes)} tasks x lengths {args.lengths} x {n}; methods: "
-          f"{', '.join(methods)}, each elastic one then a static hybrid at its mean Omega; SSA sink {ssa_config.sink}, "
-          f"window {ssa_config.window}; batches of {args.batch_size}")
+    for name, ratio in frontier.items():  # one at --static-ratio is that method already
+        methods.setdefault(name, (None, static_modes(scores, ratio, ssa), ssa))
+    return methods, elastic, scores
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+# -----------------------------------------------------------------------------
+# the results, and the questions the report asks of them
 
-    results = {}  # method -> {(where, task, T, i): (score, omega, modes [L, G])}
-    prefill = {}  # method -> mean prefill ms at the longest length
-    matched = {}  # elastic method -> its matched static hybrid
 
-    def evaluate(name, routers, modes, config):
-        model.routers = routers.to(device) if routers is not None else None
-        model.elastic = config
-        rows, times = {}, []
-        for (where, task, T), samples in tqdm(cells.items(), desc=name, dynamic_ncols=True):
-            for b in range(0, len(samples), args.batch_size):
-                batch = samples[b:b + args.batch_size]
-                for i, row in enumerate(score_batch(model, tokenizer, batch, modes), start=b):
-                    rows[where, task, T, i] = row
-            if T == max(args.lengths):  # prefill time of a few prompts, one at a time
-                for s in samples[:TIMED]:
-                    sync()
-                    t0 = time.perf_counter()
-                    model(s.input_ids[None, :s.prompt_len].to(device), modes=modes, last_only=True)
-                    sync()
-                    times.append((time.perf_counter() - t0) * 1e3)
-        results[name], prefill[name] = rows, mean(times[1:] or times)  # the first call warms up
+@dataclass
+class Results:
+    """What the report is written from, filled in as the methods run."""
+    classes: dict        # (where, task) -> task class (data.SENSITIVE or data.ROBUST)
+    ssa: ElasticConfig   # the first routers' config: every SSA method's sink and window, the probe's pooling
+    elastic: dict        # elastic method -> its routers' label (dir name)
+    pair: dict           # elastic method -> its mode pair (FA-SSA, ...)
+    frontier: dict       # the frontier's static FA-SSA hybrids, name -> sparse ratio
+    rows: dict = field(default_factory=dict)       # method -> {(where, task, T, i): (score, omega, modes [L, G])}
+    prefill: dict = field(default_factory=dict)    # method -> mean prefill ms at the longest length
+    matched: dict = field(default_factory=dict)    # elastic method -> its matched static hybrid
+    probe: tuple = None                            # (AUC, low, high) of the linear probe, with --probe
+    intervals: dict = field(default_factory=dict)  # the tables are rewritten after every method: each interval once
 
-    # -------------------------------------------------------------------------
-    # tables
-
-    intervals = {}  # the table is rewritten after every method: each interval is computed once
-
-    def ci(values, stat=mean, scale=1.0, digits=3):
-        key = (tuple(values), stat)
-        if key not in intervals:
-            intervals[key] = bootstrap_ci(values, stat)
-        est, lo, hi = intervals[key]
-        return f"{scale * est:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
-
-    def pick(name, where=None, cls=None, task=None, T=None):
+    def pick(self, name, where=None, cls=None, task=None, T=None):
         """(key, score, omega) of the method's samples that match."""
         def match(k):  # k: (where, task, T, i)
             return all(want is None or want == got for want, got in
-                       ((where, k[0]), (cls, classes[k[:2]]), (task, k[1]), (T, k[2])))
-        return [(k, r[0], r[1]) for k, r in results[name].items() if match(k)]
+                       ((where, k[0]), (cls, self.classes[k[:2]]), (task, k[1]), (T, k[2])))
+        return [(k, r[0], r[1]) for k, r in self.rows[name].items() if match(k)]
 
-    def paired(a, b, where, cls):
+    def paired(self, a, b, where, cls):
         """Per-sample score differences a - b on the matching samples (paired by sample)."""
-        rb = results[b]
-        return [s - rb[k][0] for k, s, _ in pick(a, where, cls)]
+        rb = self.rows[b]
+        return [s - rb[k][0] for k, s, _ in self.pick(a, where, cls)]
 
-    def verdict(lo, hi, want_above):
-        if want_above:  # a lead: the interval must lie above 0
-            return "holds" if lo > 0 else "does not hold" if hi < 0 else "not shown (the interval contains 0)"
-        return "does not hold (below dense)" if hi < 0 else "holds (the interval reaches 0 or above)"
+    def omegas(self, name):
+        """The method's Omega of every sample."""
+        return [r[1] for r in self.rows[name].values()]
 
-    wheres = [w for w in ("seen", "held-out") if any(k[0] == w for k in classes)]
-    groups = [(w, c) for w in wheres for c in (data.SENSITIVE, data.ROBUST) if (w, c) in
-              {(k[0], v) for k, v in classes.items()}]
+    def interval(self, values, stat=mean):
+        """bootstrap_ci(values, stat), computed once."""
+        key = (tuple(values), stat)
+        if key not in self.intervals:
+            self.intervals[key] = bootstrap_ci(values, stat)
+        return self.intervals[key]
 
-    def write_table(final=False, probe=None, figure_written=False):
-        gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-        lines = ["# Accuracy against sparsity on SmolLM2-135M-Instruct, with 95% intervals", "",
-                 f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}. "
-                 f"Command: `{command_line('eval.py')}`. {n} samples per task and length, lengths "
-                 f"{args.lengths}; seen kinds {', '.join(t for w, t in classes if w == 'seen') or 'none'}; held-out "
-                 f"kinds {', '.join(t for w, t in classes if w == 'held-out')}. SSA sink {ssa_config.sink}, window "
-                 f"{ssa_config.window}; XA threshold {ssa_config.xa_threshold}, stride {ssa_config.xa_stride}. "
-                 "Sensitive score: share of the sample's keys in a greedy answer; robust score: teacher-forced "
-                 "top-1 agreement with the reference answer. Omega: share of KV heads in the sparse mode of the "
-                 "method's pair (n/a for XAttention on every head). Every cell: mean [95% bootstrap interval, 1000 "
-                 "resamples]. Prefill: mean ms over a few prompts at the longest length, one at a time.", "",
-                 "| method | " + " | ".join(f"{w} {CLASS_NAME[c]} (%)" for w, c in groups)
-                 + " | Omega sensitive | Omega robust | Omega mean | prefill ms |",
-                 "|---|" + "---|" * (len(groups) + 4)]
-        for name in results:
-            accs = [ci([s for _, s, _ in pick(name, w, c)], scale=100, digits=1) for w, c in groups]
-            omegas = ["n/a"] * 3 if name.startswith("XAttention") else \
-                [ci([o for _, _, o in pick(name, cls=c)]) for c in (data.SENSITIVE, data.ROBUST)] + \
-                [f"{mean(o for _, _, o in pick(name)):.3f}"]
-            lines.append(f"| {name} | " + " | ".join(accs + omegas) + f" | {prefill[name]:.1f} |")
+    def ci(self, values, stat=mean, scale=1.0, digits=3):
+        """'mean [low, high]' of bootstrap_ci(values, stat), scaled."""
+        est, lo, hi = self.interval(values, stat)
+        return f"{scale * est:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
-        lines += ["", "Score per task and length (%):", "", "| task | " + " | ".join(results) + " |",
-                  "|---|" + "---|" * len(results)]
-        for (where, task), c in classes.items():
-            for T in args.lengths:
-                cells_ = [ci([s for _, s, _ in pick(name, where, task=task, T=T)], scale=100, digits=0)
-                          for name in results]
-                lines.append(f"| {task} ({where}, {CLASS_NAME[c]}) {T} | " + " | ".join(cells_) + " |")
+    def wheres(self):
+        return [w for w in ("seen", "held-out") if any(k[0] == w for k in self.classes)]
 
-        routed = [name for name in results if name in elastic]
-        if routed:
-            lines += ["", "Omega per task (all lengths):", "", "| task | " + " | ".join(routed) + " |",
-                      "|---|" + "---|" * len(routed)]
-            for (where, task), c in classes.items():
-                lines.append(f"| {task} ({where}, {CLASS_NAME[c]}) | " + " | ".join(
-                    ci([o for _, _, o in pick(name, where, task=task)]) for name in routed) + " |")
+    def groups(self):
+        """The (where, task class) pairs that have tasks."""
+        have = set((k[0], c) for k, c in self.classes.items())
+        return [(w, c) for w in self.wheres() for c in (data.SENSITIVE, data.ROBUST) if (w, c) in have]
 
-        done = [name for name in routed if matched.get(name) in results]
-        if done and "held-out" in wheres:
-            lines += ["", "Held-out kinds: does Omega follow the task class, and what does it cost? (differences in "
-                      "points, paired by sample)", "",
-                      "| routers | Omega sensitive | Omega robust | robust - sensitive | AUC of Omega | sensitive "
-                      "acc. (%) | - dense | - matched static |", "|---|---|---|---|---|---|---|---|"]
-            for name in done:
-                pairs = [(o, classes[k[:2]]) for k, _, o in pick(name, "held-out")]
-                lines.append(f"| {name} | " + " | ".join(
-                    [ci([o for o, c in pairs if c == cl]) for cl in (data.SENSITIVE, data.ROBUST)]
-                    + [ci(pairs, class_gap), ci(pairs, auc_of_pairs),
-                       ci([s for _, s, _ in pick(name, "held-out", data.SENSITIVE)], scale=100, digits=1),
-                       ci(paired(name, "dense FA", "held-out", data.SENSITIVE), scale=100, digits=1),
-                       ci(paired(name, matched[name], "held-out", data.SENSITIVE), scale=100, digits=1)]) + " |")
-        if probe is not None:
-            pooling = f"boundary {ssa_config.boundary}" + (f", tail {ssa_config.tail}" if ssa_config.tail else "")
-            lines += ["", f"Linear probe (logistic regression on the dense model's pooled pre-RoPE keys of every "
-                      f"layer, the first routers' input ({pooling}), fitted on {args.probe_samples} train-split "
-                      f"samples of the trained kinds at {min(args.lengths)} tokens): AUC {probe[0]:.3f} "
-                      f"[{probe[1]:.3f}, {probe[2]:.3f}] on the held-out samples. Near the routers' AUC: the training "
-                      "data limits routing; far above it: the routers do."]
+    def done(self):
+        """The elastic methods whose matched static hybrid has run."""
+        return [name for name in self.rows if name in self.elastic and self.matched.get(name) in self.rows]
 
-        if final and done:  # the claims, with their intervals
-            lines += ["", "The claims on this run (95% intervals):", ""]
-            for name in done:
-                for where in wheres:
-                    _, lo, hi = est = bootstrap_ci(paired(name, "dense FA", where, data.SENSITIVE))
-                    lines.append(f"- {name}, {where} sensitive accuracy on par with dense: elastic - dense = "
-                                 f"{100 * est[0]:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] -> "
-                                 f"{verdict(lo, hi, False)}")
-                    _, lo, hi = est = bootstrap_ci(paired(name, matched[name], where, data.SENSITIVE))
-                    lines.append(f"- {name}, {where} sensitive accuracy above the static hybrid at its mean Omega "
-                                 f"({matched[name]}): {100 * est[0]:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
-                                 f"-> {verdict(lo, hi, True)}")
-                if "held-out" in wheres:
-                    pairs = [(o, classes[k[:2]]) for k, _, o in pick(name, "held-out")]
-                    gap, a = bootstrap_ci(pairs, class_gap), bootstrap_ci(pairs, auc_of_pairs)
-                    meets = gap[0] >= 0.15 and gap[1] > 0 and a[0] >= 0.8
-                    lines.append(f"- {name}, Omega follows the task class on the held-out kinds: robust - sensitive "
-                                 f"= {gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}], AUC {a[0]:.3f} [{a[1]:.3f}, "
-                                 f"{a[2]:.3f}] -> {verdict(gap[1], gap[2], True)}; the bar (>= 0.15 with the interval "
-                                 f"above 0, AUC >= 0.80) {'is met' if meets else 'is not met'}")
-            if figure_written:
-                link = os.path.relpath(figure, out.resolve().parent)  # as the .md sees it
-                lines += ["", f"![accuracy against Omega, and routing per task class]({link})"]
-        tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a kill leaves the previous table
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, out)
-        if final:
-            print("\n".join(lines))
+# -----------------------------------------------------------------------------
+# running the methods
 
-    # -------------------------------------------------------------------------
-    # figure: score against Omega per method, and where the first elastic routers send heads per task class
-    def draw_figure(first):
-        """Writes the figure; False when matplotlib is missing."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print(f"matplotlib is not installed: no {figure} (pip install matplotlib)")
-            return False
-        fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw=dict(width_ratios=[1.4, 1, 1], wspace=0.3))
-        ax = axes[0]
-        for i, name in enumerate(results):
-            if name.startswith("XAttention"):
-                continue  # no Omega to place it at
-            for c, marker in ((data.SENSITIVE, "o"), (data.ROBUST, "s")):
-                rows = pick(name, cls=c)
-                ax.scatter(mean(o for _, _, o in rows), 100 * mean(s for _, s, _ in rows), color=f"C{i}",
-                           marker=marker, s=60, label=name if c == data.SENSITIVE else None)
-        ax.set(xlabel="Omega (share of sparse KV heads)", ylabel="score (%)")
-        ax.set_title("score against sparsity (circles: sensitive tasks, squares: robust)", fontsize=10)
-        ax.legend(fontsize=7, loc="lower left")
-        sparse = methods[first][2].mode_ids[1]
-        for ax, c in zip(axes[1:], (data.SENSITIVE, data.ROBUST)):
-            maps = [results[first][k][2] for k in results[first] if classes[k[:2]] == c]
-            im = ax.imshow(torch.stack([(m == sparse).float() for m in maps]).mean(0).T, aspect="auto",
-                           cmap="viridis", vmin=0, vmax=1)
-            ax.set(xlabel="layer", ylabel="KV head", yticks=range(G))
-            ax.set_title(f"{first} routing, {CLASS_NAME[c]} tasks\n(share of samples with the head sparse)",
-                         fontsize=10)
-        fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8)
-        tmp = figure.with_name(f".{figure.name}.tmp")
-        fig.savefig(tmp, format=figure.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, figure)
-        print(f"figure written to {figure}")
-        return True
 
-    # -------------------------------------------------------------------------
-    # run every method, the table rewritten after each; each elastic one is followed by the static hybrid of its
-    # mode pair at its own mean Omega; then the probe, the figure, and the table with the claims checked
-    probe = None
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def evaluate(model, tokenizer, name, method, cells, batch_size, timed_length):
+    """Scores every sample of every cell with one method -> ({(where, task, T, i): (score, omega, modes [L, G])},
+    mean prefill ms of a few prompts at timed_length, one at a time)."""
+    routers, modes, config = method
+    device = model.output_weight().device
+    model.routers = routers.to(device) if routers is not None else None
+    model.elastic = config
+    rows, times = {}, []
+    for (where, task, T), samples in tqdm(cells.items(), desc=name, dynamic_ncols=True):
+        for b in range(0, len(samples), batch_size):
+            for i, row in enumerate(score_batch(model, tokenizer, samples[b:b + batch_size], modes), start=b):
+                rows[where, task, T, i] = row
+        if T == timed_length:
+            for s in samples[:TIMED]:
+                sync(device)
+                t0 = time.perf_counter()
+                model(s.input_ids[None, :s.prompt_len].to(device), modes=modes, last_only=True)
+                sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+    return rows, mean(times[1:] or times)  # the first call warms up
+
+
+def run_methods(model, tokenizer, methods, scores, cells, res, args, out):
+    """Runs every method into res, the report rewritten after each; each elastic one is followed by the static
+    hybrid of its mode pair at its own mean Omega (the fair comparison)."""
+    print(f"{sum(len(v) for v in cells.values())} samples per method: {len(res.classes)} tasks x lengths "
+          f"{args.lengths} x {samples_per_cell(args)}; methods: {', '.join(methods)}, each elastic one then a static "
+          f"hybrid at its mean Omega; SSA sink {res.ssa.sink}, window {res.ssa.window}; batches of {args.batch_size}")
+    device, longest = model.output_weight().device, max(args.lengths)
+    for name, (routers, modes, config) in methods.items():
+        res.rows[name], res.prefill[name] = evaluate(model, tokenizer, name, (routers, modes, config), cells,
+                                                     args.batch_size, longest)
+        write_report(res, args, device, out)
+        if name in res.elastic:  # its static hybrid at its own mean Omega
+            omega = mean(res.omegas(name))
+            static = res.matched[name] = f"static {config.mode_pair} {omega:.2f} (matched to {res.elastic[name]})"
+            # an SK head needs its layer's scorer: the static FA-SK hybrid keeps the routers' scorers, fixed modes
+            method = (routers if "SK" in config.mode_pair else None, static_modes(scores, omega, config), config)
+            res.rows[static], res.prefill[static] = evaluate(model, tokenizer, static, method, cells,
+                                                             args.batch_size, longest)
+            write_report(res, args, device, out)
+
+# -----------------------------------------------------------------------------
+# the report: markdown tables, rewritten after every method; the claims and the figure at the end
+
+
+def header(res, args, device):
+    seen = ", ".join(t for w, t in res.classes if w == "seen") or "none"
+    heldout = ", ".join(t for w, t in res.classes if w == "held-out")
+    return ["# Accuracy against sparsity on SmolLM2-135M-Instruct, with 95% intervals", "",
+            f"{provenance(device)}. Command: `{command_line('eval.py')}`. {samples_per_cell(args)} samples per task "
+            f"and length, lengths {args.lengths}; seen kinds {seen}; held-out kinds {heldout}. SSA sink "
+            f"{res.ssa.sink}, window {res.ssa.window}; XA threshold {res.ssa.xa_threshold}, stride "
+            f"{res.ssa.xa_stride}. Sensitive score: share of the sample's keys in a greedy answer; robust score: "
+            "teacher-forced top-1 agreement with the reference answer. Omega: share of KV heads in the sparse mode of "
+            "the method's pair (n/a for XAttention on every head). Every cell: mean [95% bootstrap interval, 1000 "
+            "resamples]. Prefill: mean ms over a few prompts at the longest length, one at a time."]
+
+
+def main_table(res):
+    """Per method: accuracy per split and task class, Omega per task class, prefill time."""
+    groups = res.groups()
+    lines = ["", "| method | " + " | ".join(f"{w} {CLASS_NAME[c]} (%)" for w, c in groups)
+             + " | Omega sensitive | Omega robust | Omega mean | prefill ms |", "|---|" + "---|" * (len(groups) + 4)]
+    for name in res.rows:
+        accs = [res.ci([s for _, s, _ in res.pick(name, w, c)], scale=100, digits=1) for w, c in groups]
+        omegas = ["n/a"] * 3 if name.startswith("XAttention") else \
+            [res.ci([o for _, _, o in res.pick(name, cls=c)]) for c in (data.SENSITIVE, data.ROBUST)] + \
+            [f"{mean(o for _, _, o in res.pick(name)):.3f}"]
+        lines.append(f"| {name} | " + " | ".join(accs + omegas) + f" | {res.prefill[name]:.1f} |")
+    return lines
+
+
+def task_table(res, lengths):
+    """Score per task and length, every method."""
+    lines = ["", "Score per task and length (%):", "", "| task | " + " | ".join(res.rows) + " |",
+             "|---|" + "---|" * len(res.rows)]
+    for (where, task), c in res.classes.items():
+        for T in lengths:
+            cells = [res.ci([s for _, s, _ in res.pick(name, where, task=task, T=T)], scale=100, digits=0)
+                     for name in res.rows]
+            lines.append(f"| {task} ({where}, {CLASS_NAME[c]}) {T} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def omega_table(res):
+    """Omega per task (all lengths), every elastic method that has run."""
+    routed = [name for name in res.rows if name in res.elastic]
+    if not routed:
+        return []
+    lines = ["", "Omega per task (all lengths):", "", "| task | " + " | ".join(routed) + " |",
+             "|---|" + "---|" * len(routed)]
+    for (where, task), c in res.classes.items():
+        lines.append(f"| {task} ({where}, {CLASS_NAME[c]}) | " + " | ".join(
+            res.ci([o for _, _, o in res.pick(name, where, task=task)]) for name in routed) + " |")
+    return lines
+
+
+def heldout_table(res):
+    """On the held-out kinds: does Omega follow the task class (its gap and AUC), and what it costs in sensitive
+    accuracy against dense and against the matched static hybrid, paired by sample."""
+    if not res.done() or "held-out" not in res.wheres():
+        return []
+    lines = ["", "Held-out kinds: does Omega follow the task class, and what does it cost? (differences in points, "
+             "paired by sample)", "",
+             "| routers | Omega sensitive | Omega robust | robust - sensitive | AUC of Omega | sensitive acc. (%) | - "
+             "dense | - matched static |", "|---|---|---|---|---|---|---|---|"]
+    for name in res.done():
+        pairs = [(o, res.classes[k[:2]]) for k, _, o in res.pick(name, "held-out")]
+        lines.append(f"| {name} | " + " | ".join(
+            [res.ci([o for o, c in pairs if c == cl]) for cl in (data.SENSITIVE, data.ROBUST)]
+            + [res.ci(pairs, class_gap), res.ci(pairs, auc_of_pairs),
+               res.ci([s for _, s, _ in res.pick(name, "held-out", data.SENSITIVE)], scale=100, digits=1),
+               res.ci(res.paired(name, "dense FA", "held-out", data.SENSITIVE), scale=100, digits=1),
+               res.ci(res.paired(name, res.matched[name], "held-out", data.SENSITIVE), scale=100, digits=1)]) + " |")
+    return lines
+
+
+def frontier_table(res):
+    """The accuracy-sparsity frontier: the static FA-SSA hybrids of --frontier (the curve), then each elastic
+    routers set (a point), with mean Omega and accuracy per split and task class."""
+    names = [name for name in res.frontier if name in res.rows] + [name for name in res.rows if name in res.elastic]
+    if not res.frontier or not names:
+        return []
+    groups = res.groups()
+    lines = ["", "The accuracy-sparsity frontier: the static FA-SSA hybrids at the --frontier ratios (the curve) and "
+             "each elastic routers set (a point; the claims compare the FA-SSA ones with the curve at their mean "
+             "Omega). Omega: mean over every sample.", "",
+             "| method | Omega mean | " + " | ".join(f"{w} {CLASS_NAME[c]} (%)" for w, c in groups) + " |",
+             "|---|" + "---|" * (len(groups) + 1)]
+    for name in names:
+        accs = [res.ci([s for _, s, _ in res.pick(name, w, c)], scale=100, digits=1) for w, c in groups]
+        lines.append(f"| {name} | {res.ci(res.omegas(name))} | " + " | ".join(accs) + " |")
+    return lines
+
+
+def probe_line(res, args):
+    if res.probe is None:
+        return []
+    auc_, lo, hi = res.probe
+    pooling = f"boundary {res.ssa.boundary}" + (f", tail {res.ssa.tail}" if res.ssa.tail else "")
+    return ["", f"Linear probe (logistic regression on the dense model's pooled pre-RoPE keys of every layer, the "
+            f"first routers' input ({pooling}), fitted on {args.probe_samples} train-split samples of the trained "
+            f"kinds at {min(args.lengths)} tokens): AUC {auc_:.3f} [{lo:.3f}, {hi:.3f}] on the held-out samples. Near "
+            "the routers' AUC: the training data limits routing; far above it: the routers do."]
+
+
+def verdict(lo, hi, want_above):
+    """What a paired interval says of a claim: a lead (want_above) or parity with dense."""
+    if want_above:  # a lead: the interval must lie above 0
+        return "holds" if lo > 0 else "does not hold" if hi < 0 else "not shown (the interval contains 0)"
+    return "does not hold (below dense)" if hi < 0 else "holds (the interval reaches 0 or above)"
+
+
+def points(est):
+    """A paired difference of scores in points: '+1.2 points [-0.3, +2.8]'."""
+    return f"{100 * est[0]:+.1f} points [{100 * est[1]:+.1f}, {100 * est[2]:+.1f}]"
+
+
+def interpolate(xy, x):
+    """y at x on the line through the points xy [(x, y)], sorted by x; None where x lies outside them."""
+    if not xy or not xy[0][0] <= x <= xy[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:] or xy):
+        if x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * ((x - x0) / (x1 - x0))
+
+
+def frontier_claims(res, name):
+    """Does this elastic method lie above the static curve at its own mean Omega, on sensitive tasks? The curve (of
+    FA-SSA hybrids: FA-SSA routers only) is interpolated linearly between its hybrids, point estimates; the paired
+    interval is against the static hybrid at exactly that Omega (the matched one)."""
+    curve = [n for n in res.frontier if n in res.rows]
+    if not curve or res.pair[name] != "FA-SSA":
+        return []
+    omega, static, lines = mean(res.omegas(name)), res.matched[name], []
+    for where in [w for w, c in res.groups() if c == data.SENSITIVE]:
+        acc = mean(s for _, s, _ in res.pick(name, where, data.SENSITIVE))
+        xy = sorted((mean(res.omegas(n)), mean(s for _, s, _ in res.pick(n, where, data.SENSITIVE))) for n in curve)
+        on_curve = interpolate(xy, omega)
+        if on_curve is None:
+            lines.append(f"- {name}, {where} sensitive accuracy against the static frontier: its mean Omega "
+                         f"{omega:.2f} lies outside the curve's {xy[0][0]:.2f} to {xy[-1][0]:.2f}, no comparison "
+                         "(add a --frontier ratio beyond it)")
+            continue
+        side = "above" if acc > on_curve else "below" if acc < on_curve else "on"
+        est = bootstrap_ci(res.paired(name, static, where, data.SENSITIVE))
+        lines.append(f"- {name}, {where} sensitive accuracy against the static frontier at its mean Omega "
+                     f"{omega:.2f}: {100 * acc:.1f}% against {100 * on_curve:.1f}% on the curve -> {side} the curve "
+                     f"(point estimates); paired against the static hybrid at exactly this Omega ({static}): "
+                     f"{points(est)} -> {verdict(est[1], est[2], True)}")
+    return lines
+
+
+def claims(res):
+    """The paper's claims on this run, each with its 95% interval and what the interval says."""
+    lines = ["", "The claims on this run (95% intervals):", ""]
+    for name in res.done():
+        static = res.matched[name]
+        for where in res.wheres():
+            est = bootstrap_ci(res.paired(name, "dense FA", where, data.SENSITIVE))
+            lines.append(f"- {name}, {where} sensitive accuracy on par with dense: elastic - dense = {points(est)} "
+                         f"-> {verdict(est[1], est[2], False)}")
+            est = bootstrap_ci(res.paired(name, static, where, data.SENSITIVE))
+            lines.append(f"- {name}, {where} sensitive accuracy above the static hybrid at its mean Omega ({static}): "
+                         f"{points(est)} -> {verdict(est[1], est[2], True)}")
+        if "held-out" in res.wheres():
+            pairs = [(o, res.classes[k[:2]]) for k, _, o in res.pick(name, "held-out")]
+            gap, a = bootstrap_ci(pairs, class_gap), bootstrap_ci(pairs, auc_of_pairs)
+            meets = gap[0] >= 0.15 and gap[1] > 0 and a[0] >= 0.8
+            lines.append(f"- {name}, Omega follows the task class on the held-out kinds: robust - sensitive = "
+                         f"{gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}], AUC {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] -> "
+                         f"{verdict(gap[1], gap[2], True)}; the bar (>= 0.15 with the interval above 0, AUC >= 0.80) "
+                         f"{'is met' if meets else 'is not met'}")
+        lines += frontier_claims(res, name)
+    return lines
+
+
+def write_report(res, args, device, out, final=False, figure=None):
+    """Writes the tables to out (whole or not at all); final: with the claims and the figure's link (figure: the
+    path of a figure that was written), printed too."""
+    lines = header(res, args, device) + main_table(res) + task_table(res, args.lengths) + omega_table(res) + \
+        heldout_table(res) + frontier_table(res) + probe_line(res, args)
+    if final and res.done():
+        lines += claims(res)
+        if figure is not None:
+            lines += ["", f"![accuracy against Omega, and routing per task class]"
+                      f"({os.path.relpath(figure, out.resolve().parent)})"]  # the link as the .md sees it
+    write_atomic(out, "\n".join(lines) + "\n")
+    if final:
+        print("\n".join(lines))
+
+# -----------------------------------------------------------------------------
+# the figure: score against Omega per method, and where the first elastic routers send heads per task class
+
+
+def draw_figure(res, figure):
+    """Writes the figure; False when matplotlib is missing."""
     try:
-        for name, (routers, modes, config) in list(methods.items()):
-            evaluate(name, routers, modes, config)
-            write_table()
-            if name in elastic:
-                omega = mean(r[1] for r in results[name].values())
-                matched[name] = f"static {config.mode_pair} {omega:.2f} (matched to {elastic[name]})"
-                # an SK head needs its layer's scorer: the static FA-SK hybrid keeps the routers' scorers, fixed modes
-                scorers = routers if "SK" in config.mode_pair else None
-                evaluate(matched[name], scorers, static_modes(scores, omega, config), config)
-                write_table()
-        if args.probe:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no {figure} (pip install matplotlib)")
+        return False
+    frontier = any(name in res.rows for name in res.frontier)  # a panel of its own
+    fig, axes = plt.subplots(1, 3 + frontier, figsize=(17 + 7 * frontier, 4.5),
+                             gridspec_kw=dict(width_ratios=[1.4] * (1 + frontier) + [1, 1], wspace=0.3))
+    score_panel(axes[0], res)
+    if frontier:
+        frontier_panel(axes[1], res)
+    routing_panels(fig, axes[-2:], res, first=next(iter(res.elastic)))
+    tmp = figure.with_name(f".{figure.name}.tmp")  # written whole, then renamed
+    fig.savefig(tmp, format=figure.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
+    os.replace(tmp, figure)
+    print(f"figure written to {figure}")
+    return True
+
+
+def score_panel(ax, res):
+    """Mean score against mean Omega per method and task class."""
+    for i, name in enumerate(res.rows):
+        if name.startswith("XAttention"):
+            continue  # no Omega to place it at
+        for c, marker in ((data.SENSITIVE, "o"), (data.ROBUST, "s")):
+            rows = res.pick(name, cls=c)
+            ax.scatter(mean(o for _, _, o in rows), 100 * mean(s for _, s, _ in rows), color=f"C{i}",
+                       marker=marker, s=60, label=name if c == data.SENSITIVE else None)
+    ax.set(xlabel="Omega (share of sparse KV heads)", ylabel="score (%)")
+    ax.set_title("score against sparsity (circles: sensitive tasks, squares: robust)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+
+
+def error_bars(intervals, scale=1.0):
+    """Intervals [(estimate, low, high)] as errorbar's [[below...], [above...]], scaled (never negative)."""
+    return [[scale * max(0.0, est - lo) for est, lo, _ in intervals],
+            [scale * max(0.0, hi - est) for est, _, hi in intervals]]
+
+
+def frontier_panel(ax, res):
+    """Sensitive accuracy against mean Omega, held-out and seen: the static curve as a line, each elastic routers
+    set as a point, with 95% intervals (both axes for a point)."""
+    curve = [name for name in res.frontier if name in res.rows]
+    routed = [name for name in res.rows if name in res.elastic]
+    for j, where in enumerate(w for w, c in res.groups() if c == data.SENSITIVE):
+        accs = {name: res.interval([s for _, s, _ in res.pick(name, where, data.SENSITIVE)]) for name in curve + routed}
+        ax.errorbar([mean(res.omegas(name)) for name in curve], [100 * accs[name][0] for name in curve],
+                    yerr=error_bars([accs[name] for name in curve], 100), fmt="-o", color=f"C{j}", capsize=3,
+                    label=f"static FA-SSA, {where} sensitive")
+        for name, marker in zip(routed, "*D^vPX"):
+            omega = res.interval(res.omegas(name))
+            ax.errorbar(omega[0], 100 * accs[name][0], xerr=error_bars([omega]), yerr=error_bars([accs[name]], 100),
+                        fmt=marker, color=f"C{j}", markersize=10, capsize=3, label=f"{name}, {where} sensitive")
+    ax.set(xlabel="mean Omega (share of sparse KV heads)", ylabel="sensitive accuracy (%)")
+    ax.set_title("the frontier: static hybrids (line) and elastic routing (points), 95% intervals", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def routing_panels(fig, axes, res, first):
+    """Per task class, the share of samples in which the first elastic routers send each head (layer, KV head) to
+    the sparse mode."""
+    sparse = res.ssa.mode_ids[1]  # the first routers' config is res.ssa
+    for ax, c in zip(axes, (data.SENSITIVE, data.ROBUST)):
+        maps = [r[2] for k, r in res.rows[first].items() if res.classes[k[:2]] == c]
+        share = torch.stack([(m == sparse).float() for m in maps]).mean(0)  # [L, G]
+        im = ax.imshow(share.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set(xlabel="layer", ylabel="KV head", yticks=range(share.shape[1]))
+        ax.set_title(f"{first} routing, {CLASS_NAME[c]} tasks\n(share of samples with the head sparse)", fontsize=10)
+    fig.colorbar(im, ax=axes.tolist(), shrink=0.8)
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    model_dir, config, loaded, out, figure = check_args(args)  # every flag and file, before anything loads
+    tokenizer = load_tokenizer(model_dir)
+    cells, classes, train_probe = build_cells(tokenizer, args)  # (split, task, length) -> samples
+    model = load_model(model_dir, args.device, args.dtype)
+    frontier = frontier_methods(args.frontier)  # the static curve: name -> sparse ratio
+    methods, elastic, scores = build_methods(model, tokenizer, loaded, args.static_ratio, frontier)
+    res = Results(classes, ssa=loaded[0][1].elastic, elastic=elastic, frontier=frontier,
+                  pair={name: methods[name][2].mode_pair for name in elastic})
+    try:
+        run_methods(model, tokenizer, methods, scores, cells, res, args, out)
+        if args.probe:  # fitted on the trained kinds, scored on the held-out samples
             heldout = [s for (where, _, _), samples in cells.items() if where == "held-out" for s in samples]
-            probe = probe_auc(model, train_probe, heldout, ssa_config.boundary, ssa_config.tail,
-                              args.batch_size)
-            print(f"linear probe: held-out AUC {probe[0]:.3f} [{probe[1]:.3f}, {probe[2]:.3f}]")
+            res.probe = probe_auc(model, train_probe, heldout, res.ssa.boundary, res.ssa.tail, args.batch_size)
+            print(f"linear probe: held-out AUC {res.probe[0]:.3f} [{res.probe[1]:.3f}, {res.probe[2]:.3f}]")
     except KeyboardInterrupt:
-        print(f"interrupted; the {len(results)} methods measured so far are in {out}" if results else
+        print(f"interrupted; the {len(res.rows)} methods measured so far are in {out}" if res.rows else
               "interrupted before the first method finished: nothing written", file=sys.stderr)
         sys.exit(130)
-    write_table(True, probe, figure_written=figure is not None and draw_figure(next(iter(elastic))))
+    drawn = figure is not None and draw_figure(res, figure)
+    write_report(res, args, model.output_weight().device, out, final=True, figure=figure if drawn else None)
     print(f"results written to {out}")
 
 

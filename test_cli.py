@@ -139,7 +139,7 @@ TRAIN_BAD = [("--steps", "0"), ("--steps", "-3"), ("--batch-size", "0"), ("--mic
              ("--calib-samples", "-1"), ("--steps", "abc"), ("--device", "gpu"),
              pytest.param(("--device", "cuda"), marks=NO_CUDA, id="--device cuda")]
 EVAL_BAD = [("--samples", "0"), ("--limit", "0"), ("--lengths", "32", "1024"), ("--lengths", "9000"),
-            ("--static-ratio", "-0.5"), ("--routers", "/nonexistent/routers"),
+            ("--static-ratio", "-0.5"), ("--frontier", "0.5", "1.5"), ("--routers", "/nonexistent/routers"),
             pytest.param(("--device", "cuda"), marks=NO_CUDA, id="--device cuda")]
 
 

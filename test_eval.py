@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from eval import auc, auc_of_pairs, bootstrap_ci, class_gap, fit_probe, mean
+from eval import auc, auc_of_pairs, bootstrap_ci, class_gap, fit_probe, interpolate, mean
 from model import Transformer
 from router import ElasticConfig, Routers
 
@@ -55,6 +55,14 @@ def test_auc():
     assert abs(auc(scores, labels) - brute) < 1e-12
     batch = auc(torch.tensor([scores, scores[::-1]]), torch.tensor([labels, labels]))  # [2]: one per row
     assert abs(batch[0].item() - brute) < 1e-12 and batch.shape == (2,)
+
+
+def test_interpolate_on_the_static_curve():
+    xy = [(0.5, 40.0), (0.7, 30.0), (0.7, 20.0), (0.9, 10.0)]  # two hybrids may share an Omega
+    assert abs(interpolate(xy, 0.6) - 35.0) < 1e-12 and abs(interpolate(xy, 0.8) - 15.0) < 1e-12
+    assert interpolate(xy, 0.5) == 40.0 and interpolate(xy, 0.9) == 10.0 and interpolate(xy, 0.7) in (30.0, 20.0)
+    assert interpolate(xy, 0.49) is None and interpolate(xy, 0.95) is None and interpolate([], 0.5) is None
+    assert interpolate([(0.5, 1.0)], 0.5) == 1.0 and interpolate([(0.5, 1.0)], 0.6) is None
 
 
 def test_probe_separates_separable_features_and_not_random_labels():
@@ -99,3 +107,26 @@ def test_eval_runs_and_reports_every_method(tiny_dir, tmp_path):
     assert "matplotlib is not installed" in r.stdout and ".png" not in table
     assert sorted(f.name for f in out.parent.iterdir()) == ["eval_results.md"]  # no figure, no temporary file
     assert (HERE / "eval_results.md").stat().st_mtime_ns == committed
+
+
+def test_eval_frontier_has_a_row_per_ratio_and_a_claim(tiny_dir, tmp_path):
+    cfg = Transformer.from_pretrained(tiny_dir).config
+    Routers(cfg.num_hidden_layers, cfg.head_dim, ElasticConfig("FA-SSA", sink=8, window=32)).save(tmp_path / "r", cfg)
+    ratios = ["0", "0.5", "1"]  # from every head full to every head sparse: any Omega of the routers lies between
+    out = tmp_path / "frontier.md"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, HERE / "eval.py", "--model", tiny_dir, "--routers", tmp_path / "r", "--limit",
+                        "1", "--heldout-only", "--lengths", "400", "--frontier", *ratios, "--out", out, "--figure", ""],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    report = out.read_text()
+    table = report.split("The accuracy-sparsity frontier")[1].split("\n\n")[1]  # its caption, then the table
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
+    assert rows == [f"static FA-SSA {float(x):.2f}" for x in ratios] + ["elastic FA-SSA"], table
+    for line in table.splitlines()[2:]:  # Omega mean, then held-out sensitive and robust accuracy, each an interval
+        assert re.fullmatch(r"\| [^|]+ \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] (\| \d+\.\d \[\d+\.\d, \d+\.\d\] ){2}\|",
+                            line), line
+    assert re.search(r"- elastic FA-SSA, held-out sensitive accuracy against the static frontier at its mean Omega "
+                     r"\d\.\d\d: \d+\.\d% against \d+\.\d% on the curve -> (above|below|on) the curve \(point "
+                     r"estimates\); paired against the static hybrid at exactly this Omega \(static FA-SSA \d\.\d\d "
+                     r"\(matched to r\)\): [+-]\d+\.\d points", report), report[-3000:]
