@@ -4,7 +4,7 @@ through transformers' own extension points. Three lines:
 
     model = AutoModelForCausalLM.from_pretrained(path)                           # as usual: dtype, device_map, ...
     enable_elastic_attention(model, "fa-ssa")                                    # routers trained for this model
-    out = model.generate(**tokenizer(texts, return_tensors="pt", padding=True), max_new_tokens=64)
+    out = model.generate(**tokenizer(texts, return_tensors="pt", padding=True), max_new_tokens=64)  # pad left
 
 Each prompt of the batch (left-padded, as generate wants) is routed from its own keys, attended and cached as if alone,
 as generate.py does: greedy tokens and KV-cache bytes equal this repo's own path (test_hf.py). What the call adds,
@@ -21,7 +21,8 @@ and disable_elastic_attention(model) takes away again:
   - ElasticLayer, a cache layer of transformers' cache API around one attention.KVCache: streaming heads keep only
     sink + window, so generate saves the memory too. At prefill it takes the place of the empty layer in the cache
     that transformers makes for generate (or for a forward); its full heads have room for max_new_tokens new tokens.
-The model's weights and config are not touched; enable leaves one attribute, model.elastic_attention, for disable.
+The weights are not touched; enable sets the config's attn_implementation and leaves one attribute on the model,
+model.elastic_attention, the record of what disable undoes.
 
     pytest test_hf.py          # generate() against generate.py: greedy tokens, routing, KV bytes; restore; errors
 """
@@ -40,7 +41,7 @@ from router import Routers, route
 
 NAME = "elastic_attention"    # the attn_implementation, in transformers' attention and mask registries
 INPUTS = "elastic_inputs"     # the keyword argument that carries a layer's LayerInputs to the attention function
-CACHE_ARGUMENTS = ("cache", "past_key_values")  # how the decoder layer names its cache (transformers 5.25+, 5.x)
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # the attention layer's cache argument: 5.25 on, before
 # transformers >= 5 has them all (tested: 5.17 and 5.25); an older one is refused by enable_elastic_attention
 EXTENSION_POINTS = (("transformers", "AttentionInterface"), ("transformers.masking_utils", "AttentionMaskInterface"),
                     ("transformers.cache_utils", "CacheLayerMixin"), ("transformers.cache_utils", "DynamicLayer"),
@@ -50,6 +51,7 @@ EXTENSION_POINTS = (("transformers", "AttentionInterface"), ("transformers.maski
 # the cache
 
 
+# (a transformers without the layered cache API imports this file all the same; enable_elastic_attention refuses it)
 class ElasticLayer(getattr(cache_utils, "CacheLayerMixin", object)):
     """One layer's KV cache in transformers' cache API: an attention.KVCache, in which every (row, KV head) owns a
     segment sized by its mode: full and XA heads the prompt and max_new_tokens more positions, streaming heads sink +
@@ -124,11 +126,14 @@ class ElasticLayer(getattr(cache_utils, "CacheLayerMixin", object)):
 
 
 def elastic_layers(cache):
-    """The ElasticLayers of a cache that generate (or a forward) filled after enable_elastic_attention."""
+    """The ElasticLayers of a cache that a generate (or a forward) filled after enable_elastic_attention; or of the
+    cache in what generate(..., return_dict_in_generate=True) returned."""
+    if isinstance(cache, dict):  # a generate output; transformers 5.25 renamed its past_key_values to cache
+        cache = cache["cache"] if "cache" in cache else cache.get("past_key_values")
     layers = [layer for layer in getattr(cache, "layers", ()) if isinstance(layer, ElasticLayer)]
     if not layers:
         raise ValueError(f"{type(cache).__name__} holds no elastic layers: pass the cache of a generate (or forward) "
-                         f"of a model that enable_elastic_attention set up, e.g. out.past_key_values")
+                         f"of a model that enable_elastic_attention set up, or generate's output")
     return layers
 
 
