@@ -286,11 +286,12 @@ def prefill(q, k, v, k_pre, rows, router, elastic, layer):
     [B, H, T, D]. Each row as generate.py prefills it (attention.attend, Transformer.forward(lengths=...)): its tokens
     moved to the front (right padding), routed from its own keys (the routers pool its own tokens), its heads run
     in one call of routed_attention, its cache segments filled with its own tokens; then moved back."""
-    B, T = q.shape[0], q.shape[2]
+    T = q.shape[2]
     lens = torch.tensor(rows.lengths, dtype=torch.int32).to(q.device, non_blocking=True)
+    start = rows.start.to(q.device)  # (the layers of a model spread over GPUs by device_map)
     padded = min(rows.lengths) < T
     if padded:  # each row's tokens first; then its last token again, which no row's own tokens attend to
-        at = rows.start[:, None] + torch.minimum(torch.arange(T, device=q.device), lens[:, None] - 1)  # [B, T]
+        at = start[:, None] + torch.minimum(torch.arange(T, device=q.device), lens[:, None] - 1)  # [B, T]
         q, k, v = (x.gather(2, at[:, None, :, None].expand(x.shape)) for x in (q, k, v))
         k_pre = k_pre.gather(1, at[:, :, None, None].expand(k_pre.shape))
     modes = elastic.head_modes(route(router(k_pre, lens.long())))       # [B, G]: argmax routing
@@ -299,7 +300,7 @@ def prefill(q, k, v, k_pre, rows, router, elastic, layer):
     if layer is not None:
         layer.prefill(k, v, modes, u, rows.lengths, elastic)
     if padded:  # back to the batch's layout; padding gets zeros
-        t = torch.arange(T, device=q.device) - rows.start[:, None]     # [B, T] each position's index in its row
+        t = torch.arange(T, device=q.device) - start[:, None]          # [B, T] each position's index in its row
         keep = (t >= 0) & (t < lens[:, None])
         y = y.gather(2, t.clamp(0, T - 1)[:, None, :, None].expand(y.shape))
         y = torch.where(keep[:, None, :, None], y, 0.0)
@@ -334,6 +335,8 @@ def enable_elastic_attention(model, routers, max_new_tokens=512):
     routers.elastic.check_context(model.config.max_position_embeddings)  # SK pairs: an sk_k the context can fill
     transformers.AttentionInterface.register(NAME, elastic_attention_forward)
     importlib.import_module("transformers.masking_utils").AttentionMaskInterface.register(NAME, rows_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
     handles = []
     for i, (attn, key_source) in enumerate(layers):
         router = routers[i].to(attn.k_proj.weight.device)  # a layer's router beside its weights (device_map too)
@@ -341,8 +344,6 @@ def enable_elastic_attention(model, routers, max_new_tokens=512):
         handles.append(key_source.register_forward_hook(tap))
         handles.append(attn.register_forward_pre_hook(LayerHook(i, router, routers.elastic, tap, max_new_tokens),
                                                       with_kwargs=True))
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
     model.elastic_attention = Enabled(routers, max_new_tokens, previous, handles)
 
 
