@@ -37,7 +37,7 @@ from attention import KVCache, routed_attention
 from cli import SHIPPED_ROUTERS, routers_dir
 from kernel import KV_BLOCK
 from model import SUPPORTED_MODEL_TYPES, ModelConfig
-from router import Routers, route
+from router import ElasticConfig, Routers, route
 
 NAME = "elastic_attention"    # the attn_implementation, in transformers' attention and mask registries
 INPUTS = "elastic_inputs"     # the keyword argument that carries a layer's LayerInputs to the attention function
@@ -174,10 +174,11 @@ def rows_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fun
     n = mask.sum(1)
     first = mask.int().argmax(1)                             # [B] first token of each row
     last = q_length - 1 - mask.flip(1).int().argmax(1)       # [B] last token of each row
-    bad = [b for b in range(batch_size) if n[b] == 0 or last[b] - first[b] + 1 != n[b]]
-    if bad:
-        raise ValueError(f"row {bad[0]} of the attention mask is {mask[bad[0]].int().tolist()}: elastic attention "
-                         f"needs each row's tokens side by side (padding on the left or the right), at least one")
+    for b in range(batch_size):
+        if n[b] == 0 or last[b] - first[b] + 1 != n[b]:
+            raise ValueError(f"row {b} of the attention mask has {n[b]} tokens between positions {first[b]} and "
+                             f"{last[b]}: elastic attention needs each row's tokens side by side, at least one (pad "
+                             f"on the left or the right only)")
     return Rows(first.to(device), n.tolist())
 
 
@@ -203,7 +204,7 @@ class LayerInputs(NamedTuple):
     """What layer i's attention call needs besides transformers' arguments."""
     layer: ElasticLayer | None  # its cache layer (None: a forward without a cache)
     router: torch.nn.Module     # router.AttentionRouter of layer i
-    elastic: object             # router.ElasticConfig: the mode pair, sink and window, ...
+    elastic: ElasticConfig      # the mode pair, sink and window, ...
     tap: KeyTap                 # the keys before RoPE
 
 

@@ -152,6 +152,37 @@ def test_generate_equals_repo_path_tiny(kind, pair, tmp_path):
     assert len(modes.unique()) == 2, f"both modes of {pair} should run: {modes.unique().tolist()}"
 
 
+def test_forward_with_left_or_right_padding_equals_repo_forward(tmp_path):
+    """A plain forward (no generate) of rows padded on either side: each row's logits at its own tokens equal those of
+    this repo's forward of the right-padded rows (Transformer.forward(lengths=...)), and a mask with a hole is an
+    error."""
+    hf_model, ours = tiny_pair(tmp_path, "qwen3")
+    routers = random_routers(ours, ElasticConfig(mode_pair="FA-XA", sink=4, window=16))
+    lengths = [300, 140, 1]
+    rows = [torch.randint(1, TINY["vocab_size"], (n,)) for n in lengths]
+    T = max(lengths)
+    ours.routers, ours.elastic = routers, routers.elastic
+    with torch.no_grad():
+        want = ours(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths=lengths)
+    hf.enable_elastic_attention(hf_model, routers)
+    try:
+        for side in ("left", "right"):
+            ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
+            for b, r in enumerate(rows):
+                at = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+                ids[b, at], mask[b, at] = r, 1
+            with torch.no_grad():
+                got = hf_model(input_ids=ids, attention_mask=mask).logits
+            for b, r in enumerate(rows):
+                at = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+                torch.testing.assert_close(got[b, at], want[b, :len(r)], rtol=1e-5, atol=1e-5)
+        mask[0, 5] = 0
+        with pytest.raises(ValueError, match="row 0 of the attention mask has 299 tokens between positions 0 and 299"):
+            hf_model(input_ids=ids, attention_mask=mask)
+    finally:
+        hf.disable_elastic_attention(hf_model)
+
+
 def test_disable_restores_the_model(smollm2_hf, tokenizer, prompts):
     """After disable the model holds no hook and no attribute of ours, its attention is sdpa again, its weights and
     config are untouched, and its logits are the ones from before, bit for bit. (A forward with right padding.)"""
