@@ -184,28 +184,30 @@ def test_forward_with_left_or_right_padding_equals_repo_forward(tmp_path):
 
 
 def test_disable_restores_the_model(smollm2_hf, tokenizer, prompts):
-    """After disable the model holds no hook and no attribute of ours, its attention is sdpa again, its weights and
-    config are untouched, and its logits are the ones from before, bit for bit. (A forward with right padding.)"""
+    """After disable the model holds no hook and no attribute of ours, its attention implementation is the one from
+    before, its weights and config are untouched, and its logits are the ones from before, bit for bit. (A forward
+    with right padding.)"""
     model = smollm2_hf
     idx = tokenizer.pad({"input_ids": [prompts[1].tolist(), prompts[0][:40].tolist()]}, return_tensors="pt")
     with torch.no_grad():
-        before = model(**idx).logits
+        dense = model(**idx).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    config = model.config.to_json_string()
-    attributes = set(vars(model))
+    config, attributes = model.config.to_json_string(), set(vars(model))
+    implementation = model.config._attn_implementation
+
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    before = hooks()
     hf.enable_elastic_attention(model, "fa-ssa", max_new_tokens=4)
-    assert model.config._attn_implementation == hf.NAME
-    hooked = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    assert hooked == 2 * model.config.num_hidden_layers
-    with torch.no_grad():
-        assert not torch.equal(model(**idx).logits, before)  # elastic: some heads streaming, logits moved
+    assert model.config._attn_implementation == hf.NAME and hooks() == before + 2 * model.config.num_hidden_layers
+    with torch.no_grad():  # elastic: streaming heads dropped tokens of the long row, its logits moved
+        assert (model(**idx).logits[0] - dense[0]).abs().max() > 1e-3 * dense.abs().max()
     hf.disable_elastic_attention(model)
-    assert model.config._attn_implementation == "sdpa"
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert model.config._attn_implementation == implementation and hooks() == before
     assert set(vars(model)) == attributes and model.config.to_json_string() == config
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
-        assert torch.equal(model(**idx).logits, before)
+        assert torch.equal(model(**idx).logits, dense)
 
 
 def test_errors(smollm2_hf, tmp_path, monkeypatch):
