@@ -350,7 +350,7 @@ def enable_elastic_attention(model, routers, max_new_tokens=512):
 
 def disable_elastic_attention(model):
     """Undoes enable_elastic_attention: the hooks go, the attention implementation is the one before, and the model
-    computes exactly what it did before (its weights and config were never changed)."""
+    computes exactly what it did before (its weights were never changed)."""
     enabled = getattr(model, "elastic_attention", None)
     if enabled is None:
         raise ValueError("elastic attention is not enabled on this model (enable_elastic_attention(model, routers))")
