@@ -271,7 +271,7 @@ def test_warm_start_teaches_the_task_class():
     # prompts they did not fit, and their logits stay small (the margin penalty)
     torch.manual_seed(0)
     L, N, G, D = 3, 64, 2, 16
-    routers = Routers(L, D)
+    routers = Routers(L, D, ElasticConfig(tail=0))  # the paper's input: [.., D]
     direction = torch.randn(L, 1, 1, D)
 
     def prompts(n):
