@@ -5,8 +5,10 @@ train.py as a user runs it, on the CPU: a tiny random model (one process and tor
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +89,55 @@ def test_torchrun_two_processes_keep_routers_identical(tiny_dir, tmp_path):
     assert "warm start: routers taught the task class of 4 prompts in 3 steps" in log
     line = next(l for l in log.splitlines() if l.startswith("routers in sync across 2 processes"))
     assert float(line.split()[-1]) == 0.0, line
+
+
+def test_torchrun_trains_what_one_process_trains(tiny_dir, tmp_path):
+    """The same global batch on one process and on torchrun's two: each micro-batch draws the same Gumbel noise (a
+    function of the seed and of its samples) and the gradients are averaged over the same micro-batches, so the
+    routers and the step lines agree up to the order of the sums."""
+    common = ["--model", tiny_dir, "--steps", 3, "--batch-size", 4, "--eval-every", 0, "--device", "cpu", *SHORT]
+    train(*common, "--out-dir", tmp_path / "one")
+    train(*common, "--out-dir", tmp_path / "two", nproc=2)
+    one, two = (load_file(tmp_path / d / "routers.safetensors") for d in ("one", "two"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    lines = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [round(x["loss"], 4) for x in lines[0]] == [round(x["loss"], 4) for x in lines[1]], lines
+
+
+def test_torchrun_resumes_exactly_after_one_rank_is_killed(tiny_dir, tmp_path):
+    """SIGKILL of one of torchrun's two processes mid-run: torchrun stops the other, the last checkpoint loads, and
+    --resume ends with the routers of the run that was never killed, bit for bit."""
+    common = ["--model", tiny_dir, "--steps", 4, "--batch-size", 4, "--save-every", 1, "--eval-every", 0, "--device",
+              "cpu", "--workers", 0, *SHORT]
+    train(*common, "--out-dir", tmp_path / "whole", nproc=2)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *map(str, common), "--out-dir", str(out)], cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "train_state.pt").exists():  # the first checkpoint
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.kill(worker_pid(out, local_rank=1), signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    assert torch.load(out / "train_state.pt")["step"] < 4  # killed before the end
+    train("--out-dir", out, "--resume", nproc=2)
+    whole, resumed = (load_file(tmp_path / d / "routers.safetensors") for d in ("whole", "killed"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def worker_pid(out_dir, local_rank):
+    """The pid of torchrun's worker of this local rank that trains into out_dir (from /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out_dir).encode() in cmd and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker of local rank {local_rank} trains into {out_dir}")
 
 
 def test_fsdp_shards_the_backbone_and_trains_the_same_routers(tiny_dir, tmp_path):

@@ -215,7 +215,11 @@ def train_step(model, micro_batches, constraint, cfg, tau, dense_modes):
     straight-through decision z at temperature tau (attention.mixed_attention), so Omega carries z's gradient."""
     stats = torch.zeros(2, 4, device=dense_modes.device)
     tokens = 0
-    for batch, n_tokens in micro_batches:
+    for batch, n_tokens, first in micro_batches:
+        # the Gumbel noise of a micro-batch is a function of the seed and of its first sample's place in the stream:
+        # one process or N draw the same noise for it, so N processes train the routers that one process trains
+        # with the same global batch, and a resumed run continues exactly
+        torch.manual_seed((cfg.seed << 32) + first)
         logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, tau=tau, return_routing=True)
         ce = cross_entropy(logits, batch.targets)
         fit = ce  # what the routers fit; the log shows CE either way
@@ -398,14 +402,14 @@ def build_model(cfg, model_dir, elastic, proc):
 
 
 def build_optimizers(cfg, routers, proc, state):
-    """The Lagrangian's multipliers, AdamW for the routers (descent) and for the lambdas (ascent), restored from the
-    resume state if there is one -> (constraint, optimizer, lambda_optimizer, every trained parameter)."""
+    """The Lagrangian's multipliers (their initial values the same on every rank: the seed, then a broadcast), AdamW
+    for the routers (descent) and for the lambdas (ascent), restored from the resume state if there is one ->
+    (constraint, optimizer, lambda_optimizer, every trained parameter)."""
     constraint = SparsityConstraint(tuple(cfg.targets), cfg.abs_linear).to(proc.device)
     params = list(routers.parameters()) + list(constraint.parameters())
     if proc.ddp:
         for p in params:
             dist.broadcast(p.data, src=0)
-    torch.manual_seed(cfg.seed + proc.rank)  # Gumbel noise differs across ranks, as their samples do
     optimizer = torch.optim.AdamW(routers.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     lambda_optimizer = torch.optim.AdamW(constraint.parameters(), lr=cfg.lambda_lr, betas=(0.9, 0.95),
                                          weight_decay=0.0, maximize=True)  # the lambdas ascend
@@ -414,9 +418,6 @@ def build_optimizers(cfg, routers, proc, state):
         constraint.load_state_dict(state["constraint"])
         optimizer.load_state_dict(state["optimizer"])
         lambda_optimizer.load_state_dict(state["lambda_optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if proc.device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], proc.device)
         if proc.master:
             print(f"resumed from {Path(cfg.out_dir) / 'train_state.pt'} at step {state['step']}")
     return constraint, optimizer, lambda_optimizer, params
@@ -424,15 +425,17 @@ def build_optimizers(cfg, routers, proc, state):
 
 def batch_stream(cfg, dataset, pad_id, start, accum, proc):
     """This rank's micro-batches from step `start` on, built ahead by --workers processes (samples take tens of ms
-    each) -> an iterator of (batch on the device, its real tokens counted on the host: no device sync)."""
-    indices = [[(step * cfg.batch_size + (proc.rank * accum + micro) * cfg.micro_batch + b) % len(dataset)
-                for b in range(cfg.micro_batch)] for step in range(start, cfg.steps) for micro in range(accum)]
+    each) -> an iterator of (batch on the device, its real tokens counted on the host: no device sync, the place of
+    its first sample in the stream). Step s's global batch is samples s * batch_size on, whatever the processes."""
+    firsts = [step * cfg.batch_size + (proc.rank * accum + micro) * cfg.micro_batch
+              for step in range(start, cfg.steps) for micro in range(accum)]
+    indices = [[(first + b) % len(dataset) for b in range(cfg.micro_batch)] for first in firsts]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=indices, num_workers=cfg.workers,
                                          collate_fn=functools.partial(collate, pad_id=pad_id,
                                                                       answer_only=cfg.answer_only,
                                                                       pad_multiple=cfg.pad_multiple))
     batches = iter(loader)  # the workers start now, ahead of the routers' preparation
-    return ((batch.to(proc.device), int(batch.lengths.sum())) for batch in batches)
+    return ((batch.to(proc.device), int(batch.lengths.sum()), first) for batch, first in zip(batches, firsts))
 
 
 def first_samples(cfg, dataset, pad_id, count, proc, desc):
@@ -526,11 +529,9 @@ def save_checkpoint(step, cfg, model, routers, constraint, optimizer, lambda_opt
                      targets=list(cfg.targets), args=asdict(cfg))
         routers.save(out_dir, model.config, extra=extra)
         tmp = state_file.with_name(f".{state_file.name}.tmp")
-        cuda = proc.device.type == "cuda"
         torch.save(dict(routers=routers.state_dict(), constraint=constraint.state_dict(),
                         optimizer=optimizer.state_dict(), lambda_optimizer=lambda_optimizer.state_dict(),
-                        step=step, rng_cpu=torch.get_rng_state(),
-                        rng_cuda=torch.cuda.get_rng_state(proc.device) if cuda else None), tmp)
+                        step=step), tmp)
         os.replace(tmp, state_file)
         progress["saved"] = step
     finally:
