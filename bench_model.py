@@ -192,7 +192,7 @@ def time_setup(model, setup, idx, args, weight_bytes, bandwidth, device):
     else:
         caches = [SdpaCache(new, graphed=setup.cache == "sdpa-graph") for _ in range(L)]
     try:
-        model(idx[:, :1024], modes=setup.modes)  # warm-up: kernels compile once
+        model(idx, modes=setup.modes, last_only=True)  # warm-up at the same length: kernels compile once
         sync(device)
         t0 = time.perf_counter()
         logits = model(idx, modes=setup.modes, caches=caches, last_only=True)[:, -1]  # B prompts of T tokens
