@@ -240,8 +240,8 @@ def parse_args():
 
 def check_args(args):
     """Every flag and file before anything heavy loads: the ranges, --device, --model's config, the routers dirs
-    (the first FA-SSA), the dirs of --out and --figure (created). -> (model dir, its ModelConfig, [(label, Routers)],
-    out path, figure path or None)"""
+    (the first FA-SSA), the dirs of --out and --figure (created). -> (model dir, [(label, Routers)], out path,
+    figure path or None)"""
     for flag, value, ok, want in (("--samples", args.samples, args.samples >= 1, ">= 1"),
                                   ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
                                   ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
@@ -281,7 +281,7 @@ def check_args(args):
             path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create the dir of --out or --figure: {e}")
-    return model_dir, config, loaded, out, figure
+    return model_dir, loaded, out, figure
 
 # -----------------------------------------------------------------------------
 # tasks and methods
@@ -716,7 +716,7 @@ def routing_panels(fig, axes, res, first):
 
 def main():
     args = parse_args()
-    model_dir, config, loaded, out, figure = check_args(args)  # every flag and file, before anything loads
+    model_dir, loaded, out, figure = check_args(args)  # every flag and file, before anything loads
     tokenizer = load_tokenizer(model_dir)
     cells, classes, train_probe = build_cells(tokenizer, args)  # (split, task, length) -> samples
     model = load_model(model_dir, args.device, args.dtype)
