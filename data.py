@@ -13,7 +13,7 @@ Two sources, one format:
                                                        many wordings and layouts; split="heldout" gives the
                                                        kinds, wordings and texts training never sees, and
                                                        split="human" the human-style prompts (human.py)
-Both yield Sample(input_ids [T], prompt_len, task, task_class, keys); collate() pads a list of them into a
+Both yield Sample(input_ids [T], prompt_len, task, task_class, keys, order); collate() pads a list of them into a
 Batch of [B, T] tensors with shifted targets. train.py uses them as
 
     data = SyntheticMix(tokenizer, min_len=1024, max_len=4096, seed=0)   # or JsonlDataset(...)

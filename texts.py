@@ -285,8 +285,8 @@ def find(texts, rng, sources, facts, kind: str, n_max: int):
             extent = _flat(texts.decode(tape[a - n_max - 64:b + n_max + 64]))
             if all(extent.count(_flat(s)) == times for s, times in fact.occurs):
                 return around(texts, rng, tape, a, b), fact
-    raise RuntimeError(f"no {kind} fact ({facts.__name__}) of the {texts.split} split's {sources} fits {n_max} "
-                       "tokens")
+    raise ValueError(f"no {kind} fact ({facts.__name__}) of the {texts.split} split's {sources} fits in a quarter of "
+                     f"{n_max} tokens; raise max_len")
 
 
 def _third_person(line: str) -> str:
