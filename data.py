@@ -1,5 +1,5 @@
 """
-Training data for the Attention Routers (Elastic Attention, arXiv 2601.17367; README: Data).
+Training data for the Attention Routers (Elastic Attention, arXiv 2601.17367; docs/training.md: Data).
 
 Every sample is one chat turn of a frozen instruct model: a prompt (an instruction, a long context, a
 question) and the answer as the assistant turn. Its *task class* decides the sparsity target of the
@@ -8,18 +8,20 @@ sparsity-robust ones (summaries, code, in-context learning, continuation; target
 
 Two sources, one format:
     JsonlDataset(path, tokenizer, max_len)             records {"context", "question", "answer", "task"}
-    SyntheticMix(tokenizer, min_len, max_len, seed)    generated on the fly: 17 task kinds of both classes
+    SyntheticMix(tokenizer, min_len, max_len, seed)    generated on the fly: 29 task kinds of both classes
                                                        (tasks.py) over Python's docs, docstrings and source,
                                                        many wordings and layouts; split="heldout" gives the
-                                                       kinds, wordings and texts training never sees
-Both yield Sample(input_ids [T], prompt_len, task, task_class, keys); collate() pads a list of them into a
+                                                       kinds, wordings and texts training never sees, and
+                                                       split="human" the human-style prompts (human.py)
+Both yield Sample(input_ids [T], prompt_len, task, task_class, keys, order); collate() pads a list of them into a
 Batch of [B, T] tensors with shifted targets. train.py uses them as
 
     data = SyntheticMix(tokenizer, min_len=1024, max_len=4096, seed=0)   # or JsonlDataset(...)
     batch = collate([data[i] for i in range(8)], pad_id=tokenizer.pad_token_id).to(device)
 
-Prompt layout (README: Data): the user turn is the non-empty parts of
-    [instruction, context, question] in the record's order (default: that one), then the task's suffix,
+Prompt layout (docs/training.md: Data): the user turn is the non-empty parts of
+    [instruction, context, question] in the record's order (default: that one; the question may also be asked
+    on both sides of the context, order "qcq"), then the task's suffix,
 joined by blank lines. A JSONL record without its own "instruction" gets its task's default (the paper's
 training records): summarization "You are given several news passages. Write a one-page summary of all
 news." and the suffix "Summary:", code "Please complete the code given below.", continuation "Continue the
@@ -35,7 +37,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tasks import HELDOUT_KINDS, KIND_CLASS, KIND_TABLE, KINDS, ROBUST, SENSITIVE, TRIM, Texts, wordings
+from tasks import HELDOUT_KINDS, HUMAN_KINDS, KIND_CLASS, KIND_TABLE, KINDS, ROBUST, SENSITIVE, wordings
+from texts import TRIM, Texts
 
 # -----------------------------------------------------------------------------
 # Tasks and their classes
@@ -56,7 +59,8 @@ TASK_PROMPTS = {
     "continuation": ("Continue the text given below.", ""),
     # RULER's needle tasks open with an instruction like this one. It also matters for the router: without it
     # the two ends of a retrieval prompt differ from a continuation's by a question only, and a linear probe
-    # on SmolLM2's pooled keys is right for a median 0.79 of held-out prompts per head; with it, 0.96 (README: Data).
+    # on SmolLM2's pooled keys is right for a median 0.79 of held-out prompts per head; with it, 0.96
+    # (docs/training.md: Data).
     "synthetic": ("Some special numbers are hidden inside the following text. Make sure to memorize them. "
                   "I will quiz you about the numbers afterwards.", ""),
 }
@@ -77,6 +81,7 @@ class Sample:
     task: str
     task_class: int          # SENSITIVE or ROBUST
     keys: tuple[str, ...] = ()  # strings a correct answer contains (the built-in sensitive kinds; eval.py scores them)
+    order: str = "icq"          # the user turn's parts: instruction, context, question (encode's order)
 
 # -----------------------------------------------------------------------------
 # Prompts
@@ -95,14 +100,15 @@ def chat_parts(tokenizer, task: str, question: str, answer: str, has_context: bo
     turn is completion (token ids).
 
     The user turn is the instruction (the task's default from TASK_PROMPTS unless given), the context and the
-    question in `order` (a permutation of a subset of "icq"), then the task's suffix; empty parts are left out.
+    question in `order` (the letters i, c, q, each at most once, but for a question asked on both sides of the
+    context: "qcq"), then the task's suffix; empty parts are left out.
     The chat template renders the prompt with a placeholder for the context; head and tail are the text on
     either side of it. completion = the template's assistant turn (the answer, the end-of-turn token), with
     EOS appended if the template did not already end the turn with it.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
-                         "router training uses instruct models (README: Data)")
+                         "router training uses instruct models (docs/training.md: Data)")
     default, suffix = TASK_PROMPTS.get(task, ("", ""))
     parts = {"i": default if instruction is None else instruction, "c": CONTEXT if has_context else "", "q": question}
     user = "\n\n".join(p for p in [parts[c] for c in order] + [suffix] if p)
@@ -121,6 +127,13 @@ def chat_parts(tokenizer, task: str, question: str, answer: str, has_context: bo
     return head, tail, completion
 
 
+def check_order(order) -> bool:
+    """Whether order is a valid layout of the user turn: i, c, q each at most once, or q twice with c between."""
+    if not isinstance(order, str) or set(order) - set("icq") or order.count("i") > 1 or order.count("c") > 1:
+        return False
+    return order.count("q") <= 1 or (order.count("q") == 2 and order.index("q") < order.find("c") < order.rindex("q"))
+
+
 def encode(tokenizer, record: dict, max_len: int | None, truncate: str = "middle") -> Sample:
     """One record {"context", "question", "answer", "task"} -> Sample of at most max_len tokens (None: no limit).
     Optional keys: "instruction" (replaces the task's default), "order" (of instruction, context, question:
@@ -137,9 +150,9 @@ def encode(tokenizer, record: dict, max_len: int | None, truncate: str = "middle
     task = record["task"]
     cls = task_class(task)
     order = record.get("order", "icq")
-    if not isinstance(order, str) or len(set(order)) != len(order) or set(order) - set("icq"):
+    if not check_order(order):
         raise ValueError(f"order must be some of the letters i, c, q (instruction, context, question), each at most "
-                         f"once, e.g. 'icq' or 'qci'; got {order!r}")
+                         f"once but q, which may stand on both sides of c: e.g. 'icq', 'qci' or 'qcq'; got {order!r}")
     head, tail, completion = chat_parts(tokenizer, task, record["question"], record["answer"],
                                         has_context=bool(record["context"]), instruction=record.get("instruction"),
                                         order=order if "c" in order else order + "c")
@@ -158,7 +171,7 @@ def encode(tokenizer, record: dict, max_len: int | None, truncate: str = "middle
         keep_first = room // 2 if truncate == "middle" else 0
         ids = ids[:c0 + keep_first] + ids[c1 - (room - keep_first):]
     return Sample(torch.tensor(ids + completion, dtype=torch.long), len(ids), task, cls,
-                  tuple(record.get("keys", ())))
+                  tuple(record.get("keys", ())), order)
 
 # -----------------------------------------------------------------------------
 # JSONL records
@@ -224,27 +237,38 @@ class JsonlDataset(torch.utils.data.Dataset):
 # The built-in mix
 
 
-class SyntheticMix(torch.utils.data.Dataset):
-    """Samples generated from a seed, so training runs with no data files (README: Data).
+SPLITS = {"train": KINDS, "heldout": KINDS + HELDOUT_KINDS, "human": HUMAN_KINDS}  # split -> the kinds it may draw
+# (where the instruction goes, where the question goes) -> the order of the user turn's parts (encode's `order`)
+LAYOUTS = {("before", "before"): "iqc", ("before", "after"): "icq", ("before", "both"): "iqcq",
+           ("after", "before"): "qci", ("after", "after"): "ciq", ("after", "both"): "qciq",
+           ("none", "before"): "qc", ("none", "after"): "cq", ("none", "both"): "qcq",
+           ("lead-in", "before"): "qic", ("lead-in", "after"): "icq", ("lead-in", "both"): "qicq"}
 
-    The kinds are tasks.py's: 9 sensitive and 8 robust ones for training (KINDS), 3 + 3 more held out for
-    evaluation (HELDOUT_KINDS), each with its own wordings, over Python's documentation topics, the stdlib's
-    docstrings and its source. Sample i is a pure function of (seed, split, i), the tokenizer and the Python
-    version's stdlib: any order, any worker, any rank gives the same sample. Per sample: a length uniform in
-    [min_len, max_len] (met to within a few tokens, always inside the range), a kind (sensitive with probability
-    sensitive_frac, then uniform among the class's kinds), an instruction and a question from the kind's
-    wordings, the instruction before the context, after it or nowhere, the question before or after it.
-    split: "train" (trained kinds, their first wordings, 4 in 5 documents) or "heldout" (every kind, the held-out
-    wordings and documents; with kinds=None, the held-out kinds only). kinds: draw only these (uniformly).
+
+class SyntheticMix(torch.utils.data.Dataset):
+    """Samples generated from a seed, so training runs with no data files (docs/training.md: Data).
+
+    The kinds are tasks.py's: 16 sensitive and 13 robust ones for training (KINDS), 6 + 5 more held out for
+    evaluation (HELDOUT_KINDS), and 8 + 5 human-style ones (HUMAN_KINDS, human.py), each with its own wordings, over
+    Python's documentation topics, the stdlib's docstrings and its source. Sample i is a pure function of (seed,
+    split, i), the tokenizer and the Python version's stdlib: any order, any worker, any rank gives the same sample.
+    Per sample: a length uniform in [min_len, max_len] (met to within a few tokens, always inside the range), a kind
+    (sensitive with probability sensitive_frac, then uniform among the class's kinds), an instruction and a question
+    from the kind's wordings, and a layout (LAYOUTS): the instruction before the context, after it or nowhere (a
+    human-style lead-in: right before the context, or nowhere), the question before it, after it or on both sides;
+    both classes draw the same layouts, so that only the task tells them apart.
+    split: "train" (trained kinds, their first wordings, 4 in 5 documents), "heldout" (every kind but the
+    human-style ones, the held-out wordings and documents; with kinds=None, the held-out kinds only) or "human" (the
+    human-style kinds over the held-out documents). kinds: draw only these (uniformly).
     Every sample is built as a record and goes through encode(), exactly like a JSONL record.
     """
 
     def __init__(self, tokenizer, min_len: int = 1024, max_len: int = 4096, seed: int = 0,
                  sensitive_frac: float = 0.5, size: int = 1_000_000, kinds: tuple[str, ...] | None = None,
                  split: str = "train"):
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        allowed = KINDS if split == "train" else KINDS + HELDOUT_KINDS
+        if split not in SPLITS:
+            raise ValueError(f"split must be 'train', 'heldout' or 'human', got {split!r}")
+        allowed = SPLITS[split]
         if kinds is not None and (not kinds or set(kinds) - set(allowed)):
             raise ValueError(f"kinds of the {split} split must be a non-empty subset of {allowed}, got {kinds!r}")
         if not 1 <= min_len <= max_len:
@@ -254,7 +278,7 @@ class SyntheticMix(torch.utils.data.Dataset):
         self.tokenizer, self.min_len, self.max_len = tokenizer, min_len, max_len
         self.seed, self.sensitive_frac, self.size, self.split = seed, sensitive_frac, size, split
         self.kinds = kinds
-        pool = kinds or (KINDS if split == "train" else HELDOUT_KINDS)
+        pool = kinds or (HELDOUT_KINDS if split == "heldout" else allowed)
         self.by_class = [[k for k in pool if KIND_CLASS[k] == c] for c in (SENSITIVE, ROBUST)]
         self.texts = Texts(tokenizer, split)
 
@@ -274,9 +298,8 @@ class SyntheticMix(torch.utils.data.Dataset):
         plan = KIND_TABLE[kind][1](rng, self.texts, self.max_len)
         instructions, questions = wordings(plan, kind, self.split)
         instruction, question = rng.choice(instructions), rng.choice(questions)
-        where_i, where_q = rng.choice(("before", "after", "none")), rng.choice(("before", "after"))
-        order = {("before", "after"): "icq", ("before", "before"): "iqc", ("after", "after"): "ciq",
-                 ("after", "before"): "qci", ("none", "after"): "cq", ("none", "before"): "qc"}[where_i, where_q]
+        where_i = rng.choice(("lead-in", "none") if self.split == "human" else ("before", "after", "none"))
+        order = LAYOUTS[where_i, rng.choice(("before", "after", "both"))]
 
         def make(n):
             return {"context": plan.context(n), "question": question, "answer": plan.answer, "task": kind,
@@ -284,7 +307,7 @@ class SyntheticMix(torch.utils.data.Dataset):
         # make(n) builds the record with about n context tokens. The prompt and answer take a few dozen tokens and
         # the text re-tokenises a little differently at the seams: measure on a short probe, then correct n.
         # When a try is over max_len by a little, the surplus comes off the start of the context, which holds
-        # no planted line (tasks.HEAD > tasks.TRIM).
+        # no planted line and no fact (texts.HEAD > texts.TRIM).
         n = length - (len(encode(self.tokenizer, make(64), max_len=None).input_ids) - 64)
         for _ in range(8):
             if n < 1:

@@ -10,23 +10,21 @@ class on task kinds the routers never saw (Elastic Attention, arXiv 2601.17367; 
     python eval.py --routers fa-ssa --frontier 0.5 0.6 0.7 0.8 0.9 0.95     # + the static hybrids' frontier
     python eval.py --routers fa-ssa fa-xa xa-ssa fa-sk --lengths 1024 2048 4096 --probe --out eval_results.md
 
-Tasks (data.SyntheticMix over Python's own docs, docstrings and source): seen, passkey, multi_key, multi_value
-(sensitive) and continuation (robust), trained kinds drawn from the train split with another seed; held-out, every
-kind of data.HELDOUT_KINDS in held-out wordings over held-out texts (split="heldout"). Scores: sensitive, the share
-of the sample's keys found (case-insensitive) in a greedy answer; robust, teacher-forced top-1 agreement with the
-reference answer. Methods: dense FA; the static hybrid (DuoAttention / PruLong style: the top 30% of KV heads by
+Tasks (data.SyntheticMix): seen, passkey, multi_key, multi_value (sensitive) and continuation (robust) from the train
+split with another seed; held-out, data.HELDOUT_KINDS (split="heldout"); human, data.HUMAN_KINDS (split="human":
+written the way people write); both over held-out texts. Scores: sensitive, the share of the sample's keys found
+(case-insensitive) in a greedy answer; robust, teacher-forced top-1 agreement with the reference answer. Methods: dense FA; the static hybrid (DuoAttention / PruLong style: the top 30% of KV heads by
 retrieval score full, Omega 0.7); XAttention on every head; Elastic Attention with each routers dir (its mode pair
 from its elastic.json; the first must be FA-SSA: its sink and window serve every other SSA method), each followed by
 the static hybrid of its mode pair at its own mean Omega (the fair comparison); with --frontier, static FA-SSA
 hybrids at those sparse ratios: the accuracy-sparsity curve that elastic routing should lie above at every Omega
 (the paper's claim), with a claim per FA-SSA routers set at its mean Omega (the curve interpolated linearly there).
-Prompts of one (task, length) cell run in batches of --batch-size through generate.generate, each routed alone.
-Statistics: every mean with a percentile-bootstrap 95% interval (1000 resamples, fixed seed); paired differences
-resample the samples; the AUC of Omega as a score of the task class (robust positive) on the held-out kinds.
+Statistics: percentile-bootstrap 95% intervals (1000 resamples, fixed seed; paired differences resample the
+samples); the AUC of Omega as a score of the task class (robust positive) on the held-out and human-style kinds.
 --probe fits a logistic regression on the dense model's pooled pre-RoPE keys (the first routers' input) over
 train-split samples: a probe far above the routers' AUC says the routers fail, one near it says the data does.
-Writes out-eval/eval_results.md (rewritten after every method) and, with matplotlib, the figure beside it;
-`--out eval_results.md` writes the committed files instead. Every flag is checked before the model loads.
+Writes out-eval/eval_results.md (rewritten after every method) and, with matplotlib, the figure beside it (--out
+eval_results.md: the committed files). Every flag is checked before the model loads.
 """
 import argparse
 import os
@@ -217,7 +215,7 @@ def parse_args():
     parser.add_argument("--samples", type=int, default=32, help="samples per task and length")
     parser.add_argument("--limit", type=int, default=None, help="at most this many samples per task and length")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch of one task and length")
-    parser.add_argument("--heldout-only", action="store_true", help="only the held-out kinds")
+    parser.add_argument("--heldout-only", action="store_true", help="only the held-out and human-style kinds")
     parser.add_argument("--probe", action="store_true", help="also fit the linear probe on the dense model's "
                         "pooled keys and report its held-out AUC")
     parser.add_argument("--probe-samples", type=int, default=256, help="train-split samples the probe fits on, at "
@@ -298,7 +296,7 @@ def build_cells(tokenizer, args):
     model loads: a length too short for a task's prompt is one line."""
     n = samples_per_cell(args)
     plan = ([] if args.heldout_only else [("seen", t, "train") for t in SEEN]) + \
-        [("held-out", t, "heldout") for t in data.HELDOUT_KINDS]
+        [("held-out", t, "heldout") for t in data.HELDOUT_KINDS] + [("human", t, "human") for t in data.HUMAN_KINDS]
     try:
         cells = {(where, task, T): [mix[i] for i in range(n)] for where, task, split in plan for T in args.lengths
                  for mix in [data.SyntheticMix(tokenizer, T, T, seed=args.seed + T, kinds=(task,), split=split)]}
@@ -381,7 +379,7 @@ class Results:
         return f"{scale * est:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
     def wheres(self):
-        return [w for w in ("seen", "held-out") if any(k[0] == w for k in self.classes)]
+        return [w for w in ("seen", "held-out", "human") if any(k[0] == w for k in self.classes)]
 
     def groups(self):
         """The (where, task class) pairs that have tasks."""
@@ -449,11 +447,11 @@ def run_methods(model, tokenizer, methods, scores, cells, res, args, out):
 
 def header(res, args, device):
     seen = ", ".join(t for w, t in res.classes if w == "seen") or "none"
-    heldout = ", ".join(t for w, t in res.classes if w == "held-out")
+    heldout = ", ".join(t for w, t in res.classes if w in UNSEEN)
     return ["# Accuracy against sparsity on SmolLM2-135M-Instruct, with 95% intervals", "",
             f"{provenance(device)}. Command: `{command_line('eval.py')}`. {samples_per_cell(args)} samples per task "
-            f"and length, lengths {args.lengths}; seen kinds {seen}; held-out kinds {heldout}. SSA sink "
-            f"{res.ssa.sink}, window {res.ssa.window}; XA threshold {res.ssa.xa_threshold}, stride "
+            f"and length, lengths {args.lengths}; seen kinds {seen}; held-out and human-style kinds {heldout}. "
+            f"SSA sink {res.ssa.sink}, window {res.ssa.window}; XA threshold {res.ssa.xa_threshold}, stride "
             f"{res.ssa.xa_stride}. Sensitive score: share of the sample's keys in a greedy answer; robust score: "
             "teacher-forced top-1 agreement with the reference answer. Omega: share of KV heads in the sparse mode of "
             "the method's pair (n/a for XAttention on every head). Every cell: mean [95% bootstrap interval, 1000 "
@@ -499,23 +497,28 @@ def omega_table(res):
     return lines
 
 
+UNSEEN = ("held-out", "human")  # what training never drew: the held-out kinds, and the human-style prompts
+
+
 def heldout_table(res):
-    """On the held-out kinds: does Omega follow the task class (its gap and AUC), and what it costs in sensitive
-    accuracy against dense and against the matched static hybrid, paired by sample."""
-    if not res.done() or "held-out" not in res.wheres():
+    """On the held-out kinds and the human-style prompts: does Omega follow the task class (its gap and AUC), and
+    what it costs in sensitive accuracy against dense and against the matched static hybrid, paired by sample."""
+    unseen = [w for w in UNSEEN if w in res.wheres()]
+    if not res.done() or not unseen:
         return []
-    lines = ["", "Held-out kinds: does Omega follow the task class, and what does it cost? (differences in points, "
-             "paired by sample)", "",
-             "| routers | Omega sensitive | Omega robust | robust - sensitive | AUC of Omega | sensitive acc. (%) | - "
-             "dense | - matched static |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["", "Held-out kinds and human-style prompts: does Omega follow the task class, and what does it cost? "
+             "(differences in points, paired by sample)", "",
+             "| routers | prompts | Omega sensitive | Omega robust | robust - sensitive | AUC of Omega | sensitive "
+             "acc. (%) | - dense | - matched static |", "|---|---|---|---|---|---|---|---|---|"]
     for name in res.done():
-        pairs = [(o, res.classes[k[:2]]) for k, _, o in res.pick(name, "held-out")]
-        lines.append(f"| {name} | " + " | ".join(
-            [res.ci([o for o, c in pairs if c == cl]) for cl in (data.SENSITIVE, data.ROBUST)]
-            + [res.ci(pairs, class_gap), res.ci(pairs, auc_of_pairs),
-               res.ci([s for _, s, _ in res.pick(name, "held-out", data.SENSITIVE)], scale=100, digits=1),
-               res.ci(res.paired(name, "dense FA", "held-out", data.SENSITIVE), scale=100, digits=1),
-               res.ci(res.paired(name, res.matched[name], "held-out", data.SENSITIVE), scale=100, digits=1)]) + " |")
+        for where in unseen:
+            pairs = [(o, res.classes[k[:2]]) for k, _, o in res.pick(name, where)]
+            lines.append(f"| {name} | {where} | " + " | ".join(
+                [res.ci([o for o, c in pairs if c == cl]) for cl in (data.SENSITIVE, data.ROBUST)]
+                + [res.ci(pairs, class_gap), res.ci(pairs, auc_of_pairs),
+                   res.ci([s for _, s, _ in res.pick(name, where, data.SENSITIVE)], scale=100, digits=1),
+                   res.ci(res.paired(name, "dense FA", where, data.SENSITIVE), scale=100, digits=1),
+                   res.ci(res.paired(name, res.matched[name], where, data.SENSITIVE), scale=100, digits=1)]) + " |")
     return lines
 
 
@@ -607,11 +610,11 @@ def claims(res):
             est = bootstrap_ci(res.paired(name, static, where, data.SENSITIVE))
             lines.append(f"- {name}, {where} sensitive accuracy above the static hybrid at its mean Omega ({static}): "
                          f"{points(est)} -> {verdict(est[1], est[2], True)}")
-        if "held-out" in res.wheres():
-            pairs = [(o, res.classes[k[:2]]) for k, _, o in res.pick(name, "held-out")]
+        for where in [w for w in UNSEEN if w in res.wheres()]:
+            pairs = [(o, res.classes[k[:2]]) for k, _, o in res.pick(name, where)]
             gap, a = bootstrap_ci(pairs, class_gap), bootstrap_ci(pairs, auc_of_pairs)
             meets = gap[0] >= 0.15 and gap[1] > 0 and a[0] >= 0.8
-            lines.append(f"- {name}, Omega follows the task class on the held-out kinds: robust - sensitive = "
+            lines.append(f"- {name}, Omega follows the task class on the {where} kinds: robust - sensitive = "
                          f"{gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}], AUC {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] -> "
                          f"{verdict(gap[1], gap[2], True)}; the bar (>= 0.15 with the interval above 0, AUC >= 0.80) "
                          f"{'is met' if meets else 'is not met'}")

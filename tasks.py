@@ -1,195 +1,30 @@
 """
 The task kinds of the built-in training mix (data.SyntheticMix; Elastic Attention, arXiv 2601.17367, trains its
-routers on tasks of two classes; README: Data). A router must learn the *task* (does the answer need keys from
+routers on tasks of two classes; docs/training.md: Data). A router must learn the *task* (does the answer need keys from
 anywhere in the context, or does the recent text do?), not a prompt's template, so the mix varies everything
 but the task: many kinds per class, several wordings per kind, the instruction before the context, after it or
-absent, the question before or after it, and texts from three sources a fresh machine has offline.
+absent, the question before it, after it or on both sides, and texts from three sources a fresh machine has offline
+(texts.py). Sensitive kinds plant a fact in the text (RULER's needles) or ask about one the text states itself (a
+parameter's default, the exception a function raises, a version note, a number in a sentence, how often a word
+occurs, a class's methods); robust kinds ask for the gist, a rewrite or the next lines.
 
-Kinds, one line each: the class and why (sensitive: the answer depends on a few tokens anywhere in a long
-context, which a sink + window cache loses; robust: it depends on the gist or on the last lines).
+Kinds, one line each in KIND_TABLE: the class and why (sensitive: the answer depends on a few tokens anywhere in a
+long context, which a sink + window cache loses; robust: it depends on the gist or on the last lines).
 Held-out kinds, wordings and texts (split="heldout") are never drawn for training; eval.py measures routing on
-them. Held-out texts: the documents whose name hashes into bucket 0 of 5. Held-out wordings: the
-last two instructions and the last question of each trained kind.
+them. Held-out texts: the documents whose name hashes into bucket 0 of 5 (texts.is_heldout). Held-out wordings: the
+last two instructions and the last question of each trained kind. The human-style kinds (human.py, split="human")
+are held out as well.
 
-Every kind is a function (rng, texts) -> Plan: the instruction and question pools, the answer, the strings a
-correct answer contains (keys; sensitive kinds), and context(n): the context text of about n tokens.
+Every kind is a function (rng, texts, n_max) -> texts.Plan: the instruction and question pools, the answer, the
+strings a correct answer contains (keys; sensitive kinds), and context(n): the context text of about n tokens.
 Nothing runs on its own; `pytest test_data.py` checks every kind.
 """
-import ast
-import glob
-import hashlib
-import os
 import re
-import sysconfig
-from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
 
-SENSITIVE, ROBUST = 0, 1  # task classes; index SparsityConstraint's targets (0.7, 1.0) in router.py
-
-# -----------------------------------------------------------------------------
-# Texts: the Python documentation topics, the standard library's docstrings and its source
-
-
-HELDOUT_BUCKETS = 5  # a document is held out iff its name hashes to bucket 0 of these (about 1 in 5)
-
-
-def is_heldout(name: str) -> bool:
-    """A document by its name (a module's source and its docstrings share their split)."""
-    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % HELDOUT_BUCKETS == 0
-
-
-@lru_cache(maxsize=None)
-def _stdlib_files():
-    """The standard library's top-level modules (sorted; the largest skipped): name -> path."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    return {os.path.basename(f)[:-3]: f for f in files if 2_000 < os.path.getsize(f) < 150_000}
-
-
-@lru_cache(maxsize=None)
-def names(source: str) -> tuple[str, ...]:
-    """The documents of a source: "docs" (pydoc_data.topics), "docstrings" (a stdlib module's docstrings, of the
-    module, its classes and functions, as one document), "code" (a stdlib module's source)."""
-    if source == "docs":
-        from pydoc_data.topics import topics
-        return tuple(sorted(topics))
-    return tuple(_stdlib_files())
-
-
-@lru_cache(maxsize=4096)
-def document(source: str, name: str) -> str:
-    """The text of one document, read when first asked for."""
-    if source == "docs":
-        from pydoc_data.topics import topics
-        return topics[name].strip()
-    with open(_stdlib_files()[name], encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    if source == "code":
-        return text.replace("\t", "    ")
-    try:
-        tree = ast.parse(text)
-    except SyntaxError:
-        return ""
-    parts = [ast.get_docstring(node, clean=True) for node in ast.walk(tree)
-             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-    return "\n\n".join(p for p in parts if p and len(p) > 80)
-
-
-class Texts:
-    """The documents of one split, tokenised on first use, as token tapes with their line starts."""
-
-    def __init__(self, tokenizer, split: str):
-        self.tokenizer, self.split = tokenizer, split
-        self._docs = {s: [n for n in names(s) if is_heldout(n) == (split == "heldout")]
-                      for s in ("docs", "docstrings", "code")}
-        self._ids, self._newline = {}, {}
-
-    def ids(self, source, i):
-        if (source, i) not in self._ids:
-            text = document(source, self._docs[source][i])
-            self._ids[source, i] = self.tokenizer(text + "\n\n", add_special_tokens=False).input_ids if text else []
-        return self._ids[source, i]
-
-    def ends_line(self, t: int) -> bool:
-        if t not in self._newline:
-            self._newline[t] = "\n" in self.tokenizer.decode([t])
-        return self._newline[t]
-
-    def tape(self, rng, sources: tuple[str, ...], n: int):
-        """Token ids of >= n tokens: whole documents of the given sources, in random order; with the doc names
-        and the line starts (positions right after a newline token, and 0)."""
-        ids, got = [], []
-        pool = [(s, i) for s in sources for i in range(len(self._docs[s]))]
-        while len(ids) < n:
-            s, i = rng.choice(pool)
-            if len(self.ids(s, i)) > 16:  # a module with hardly any docstrings is no document
-                got.append(self._docs[s][i])
-                ids += self.ids(s, i)
-        starts = [0] + [p for p in range(1, len(ids)) if self.ends_line(ids[p - 1])]
-        return ids, got, starts
-
-    def doc_text(self, rng, source):
-        name = rng.choice(self._docs[source])
-        return name, document(source, name)
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids).strip("\ufffd")  # a cut UTF-8 character decodes to U+FFFD
-
-    def count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
-
-
-# -----------------------------------------------------------------------------
-# Plans, and the two ways a context is built: text with lines planted in it, or a list of items
-
-
-@dataclass
-class Plan:
-    instructions: tuple[str, ...]     # wordings of the instruction: the first n_train train, the rest held out
-    questions: tuple[str, ...]        # wordings of the question (format fields filled), likewise
-    answer: str
-    context: Callable[[int], str]     # n tokens -> the context
-    keys: tuple[str, ...] = ()        # strings a correct answer contains (sensitive kinds)
-
-
-HEAD = 48  # tokens of plain text or items before the first planted line; SyntheticMix trims at most TRIM < HEAD
-TRIM = 32
-
-
-def planted(texts, rng, needles: list[str], sources=("docs", "docstrings"), n_max: int = 0):
-    """context(n): n tokens of text from the sources, each needle line at a uniform depth, at a line start after
-    the first HEAD tokens (so that trimming the context's start never cuts one)."""
-    ids, _, starts = texts.tape(rng, sources, n_max + 64)
-    depths = [rng.random() for _ in needles]
-
-    def context(n):
-        n = min(n, len(ids))
-        head = min(HEAD, n)
-        cuts = []
-        for d in depths:
-            k = bisect_left(starts, head + int(d * (n - head)))
-            cuts.append(min(starts[k] if k < len(starts) else n, n))
-        bounds = [0] + sorted(cuts) + [n]
-        parts = [texts.decode(ids[bounds[0]:bounds[1]])]
-        for needle, a, b in zip(needles, bounds[1:], bounds[2:]):
-            parts += [needle.rstrip("\n") + "\n", texts.decode(ids[a:b])]
-        return "".join(parts)
-    return context
-
-
-def listed(texts, items: list[str], pinned: list[str], rng, sep="\n"):
-    """context(n): as many items as fit in about n tokens, the pinned items at uniform depths among them (not
-    among the first two), the room left filled by the end of one more item, as a context cut on the left."""
-    ids = texts.tokenizer([it + sep for it in items], add_special_tokens=False).input_ids
-    depths = [0.1 + 0.9 * rng.random() for _ in pinned]
-    pin_size = sum(texts.count(p + sep) for p in pinned)
-
-    def context(n):
-        budget, out = n - pin_size, []
-        for it, x in zip(items, ids):
-            if budget - len(x) < 0:
-                break
-            out.append(it)
-            budget -= len(x)
-        for p, d in sorted(zip(pinned, depths), key=lambda x: x[1]):
-            out.insert(max(int(d * len(out)), min(2, len(out))), p)
-        spare = ids[len(out) - len(pinned)] if len(out) - len(pinned) < len(ids) else []
-        head = texts.decode(spare[len(spare) - budget:]) if 0 < budget < len(spare) else ""
-        return head + sep.join(out)
-    return context
-
-
-def tail_text(texts, rng, sources, n_max, answer_min=32, answer_max=160):
-    """(context(n), answer): the text that ends at a line start, and the true next lines (32-160 tokens)."""
-    ids, names, starts = texts.tape(rng, sources, n_max + answer_max + 64)
-    lo, hi = bisect_left(starts, n_max), bisect_left(starts, len(ids) - answer_max)
-    b = starts[rng.randrange(lo, max(lo + 1, hi))] if lo < len(starts) else n_max
-    k = bisect_left(starts, b + answer_min)
-    e = min(starts[k] if k < len(starts) else b + answer_max, b + answer_max)
-    return (lambda n: texts.decode(ids[b - min(n, b):b])), texts.decode(ids[b:e]), names
-
+from human import HUMAN_TABLE
+from texts import (ROBUST, SENSITIVE, Plan, code_facts, document, find, listed, one_doc, planted, prose_facts,
+                   sentences, tail_text, title_of, word_facts)
 
 # -----------------------------------------------------------------------------
 # Vocabulary of the planted facts
@@ -218,18 +53,9 @@ def number(rng, digits=7):
     return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
 
 
-def sentences(text: str, n: int) -> str:
-    parts = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
-    return " ".join(parts[:n])
-
-
 def keywords(text: str, n: int = 5) -> list[str]:
     words = [w.lower() for w in re.findall(r"[A-Za-z_]{5,}", text)]
     return [w for w, _ in Counter(w for w in words if w not in STOP).most_common(n)]
-
-
-def title_of(name: str) -> str:
-    return name.replace("-", " ").replace("_", " ").strip().capitalize()
 
 
 # -----------------------------------------------------------------------------
@@ -398,6 +224,93 @@ def line_lookup(rng, texts, n_max):
 
 
 # -----------------------------------------------------------------------------
+# Sensitive kinds over what a real text states (trained): no planted line; the question names something the text
+# says once (a function, a sentence, a word) and its answer stands wherever that is (texts.find)
+
+CODE_INSTRUCTIONS = ("The Python source below is from the standard library.", "Read the following code.",
+                     "Here is a Python module.", "Answer from the code that follows.",
+                     "The next text is Python source; answer from it.", "Below is part of a library's source.",
+                     "Look the answer up in the module below.", "Consult the following source file.")
+TEXT_INSTRUCTIONS = ("Answer the question from the documentation below.", "Read the following text.",
+                     "Here is a document.", "Use the text that follows to answer.",
+                     "The passage below is from a manual; answer from it.", "Below is some reference material.",
+                     "Look the answer up in the document below.", "Consult the following text.")
+
+
+def param_default(rng, texts, n_max):
+    context, f = find(texts, rng, ("code",), code_facts, "default", n_max)
+    func, param = f.ask
+    return Plan(CODE_INSTRUCTIONS,
+                (f"What is the default value of the parameter `{param}` of `{func}`?",
+                 f"In the code, what does `{param}` default to in `{func}()`?",
+                 f"Which default does `{func}` give its `{param}` argument?",
+                 f"If `{param}` is not passed to `{func}`, what value does it take?"),
+                f"The default of `{param}` in `{func}` is {f.keys[0]}.", context, f.keys)
+
+
+def raises(rng, texts, n_max):
+    context, f = find(texts, rng, ("code",), code_facts, "raises", n_max)
+    func = f.ask[0]
+    return Plan(CODE_INSTRUCTIONS,
+                (f"Which exception does `{func}` raise?", f"According to the code, what error can `{func}()` raise?",
+                 f"Name the exception class that `{func}` raises.", f"When `{func}` fails, which exception is thrown?"),
+                f"`{func}` raises {f.keys[0]}.", context, f.keys)
+
+
+def function_for(rng, texts, n_max):
+    context, f = find(texts, rng, ("code",), code_facts, "purpose", n_max)
+    first, does = f.ask
+    quoted = (f'Which function is documented as "{first}"?', f'Name the function whose docstring says "{first}".',
+              f'The docstring "{first}" belongs to which function?', f'Whose docstring begins "{first}"?')
+    return Plan(CODE_INSTRUCTIONS,
+                (f"Which function {does}?", f"What is the name of the function that {does}?",
+                 quoted[1], f"Name the function in the code that {does}.") if does else quoted,
+                f"That is `{f.keys[0]}`.", context, f.keys)
+
+
+def version_note(rng, texts, n_max):
+    context, f = find(texts, rng, ("docs",), prose_facts, "version", n_max)
+    what = f.ask[0]
+    return Plan(TEXT_INSTRUCTIONS,
+                (f'According to the text, in which Python version did this change: "{what}"?',
+                 f'Which version does the documentation give for this change: "{what}"?',
+                 f'In what version of Python was this changed, as the text says: "{what}"?',
+                 f'When, in Python versions, did the following change? "{what}"'),
+                f"In Python {f.keys[0]}.", context, f.keys)
+
+
+def number_lookup(rng, texts, n_max):
+    context, f = find(texts, rng, ("docs", "docstrings"), prose_facts, "number", n_max)
+    cloze = f.ask[0]
+    return Plan(TEXT_INSTRUCTIONS,
+                (f'What number fills the blank in this sentence from the text: "{cloze}"?',
+                 f'The text says: "{cloze}" Which number is missing?',
+                 f'Complete the sentence with the number the document gives: "{cloze}"',
+                 f'Which number does the text state here: "{cloze}"?'),
+                cloze.replace("___", f.keys[0]), context, f.keys)
+
+
+def word_count(rng, texts, n_max):
+    context, f = find(texts, rng, ("docs", "docstrings", "code"), word_facts, "count", n_max)
+    word, k = f.ask[0], f.keys[0]
+    return Plan(TEXT_INSTRUCTIONS,
+                (f'How many times does the word "{word}" occur in the text?', f'Count the occurrences of "{word}".',
+                 f'How often is "{word}" mentioned in the document?',
+                 f'What is the number of times "{word}" appears in the text?'),
+                f'"{word}" occurs {k} times.', context, f.keys)
+
+
+def list_methods(rng, texts, n_max):
+    context, f = find(texts, rng, ("code",), code_facts, "methods", n_max)
+    cls = f.ask[0]
+    return Plan(CODE_INSTRUCTIONS,
+                (f"List every method that the class `{cls}` defines.", f"Which methods does `{cls}` have? Name all.",
+                 f"Name all the methods of the class `{cls}` in the code.",
+                 f"What are the methods defined in `{cls}`?"),
+                f"`{cls}` defines {', '.join(f.keys)}.", context, f.keys)
+
+
+# -----------------------------------------------------------------------------
 # Robust kinds (trained)
 
 def continuation(rng, texts, n_max, sources=("docs", "docstrings")):
@@ -418,15 +331,8 @@ def code_completion(rng, texts, n_max):
                 ("", "", "", ""), answer, context)
 
 
-def _one_doc(rng, texts, n_max, sources=("docs", "docstrings")):
-    """context(n) of whole documents, and the first document's name and text."""
-    ids, names, _ = texts.tape(rng, sources, n_max + 64)
-    first = next(document(s, names[0]) for s in sources if names[0] in texts._docs[s])
-    return (lambda n: texts.decode(ids[:n])), names[0], first
-
-
 def summary(rng, texts, n_max):
-    context, name, first = _one_doc(rng, texts, n_max)
+    context, name, first = one_doc(rng, texts, n_max)
     return Plan(("Read the following documentation.", "Here is a long technical text.",
                  "The document below is from a manual.", "Consider the text that follows.",
                  "Below is some reference material.", "Read this passage.",
@@ -447,7 +353,7 @@ def paraphrase(rng, texts, n_max):
 
 
 def title(rng, texts, n_max):
-    context, name, _ = _one_doc(rng, texts, n_max)
+    context, name, _ = one_doc(rng, texts, n_max)
     return Plan(("Read the document below.", "Here is a text.", "The following is documentation.",
                  "Consider the passage below.", "Below is some reference text.", "This is a manual excerpt.",
                  "The text below needs a heading.", "Look at the following material."),
@@ -457,7 +363,7 @@ def title(rng, texts, n_max):
 
 
 def keyword_kind(rng, texts, n_max):
-    context, name, first = _one_doc(rng, texts, n_max)
+    context, name, first = one_doc(rng, texts, n_max)
     return Plan(("Read the following text.", "Here is a document.", "The passage below is technical.",
                  "Below is an excerpt from documentation.", "Consider this text.", "Look at the material below.",
                  "The document that follows is long.", "A text from a reference manual follows."),
@@ -467,7 +373,7 @@ def keyword_kind(rng, texts, n_max):
 
 
 def gist_translation(rng, texts, n_max):
-    context, name, first = _one_doc(rng, texts, n_max)
+    context, name, first = one_doc(rng, texts, n_max)
     lang = rng.choice(LANGS)
     return Plan(("Read the text below.", "Here is an English document.", "The following is documentation.",
                  "Consider the passage below.", "Below is an excerpt.", "A technical text follows.",
@@ -499,6 +405,58 @@ def few_shot(rng, texts, n_max):
                  "Continue the pattern of labels.", "Decide whether the final snippet is prose or code.",
                  "Examples of snippets and their labels follow."),
                 ("", "", "", ""), labels[c], lambda n: ctx(n - texts.count(query) - 2) + "\n" + query)
+
+
+def main_topic(rng, texts, n_max):
+    context, name, first = one_doc(rng, texts, n_max)
+    return Plan(("Here is a document.", "Read the following text.", "The passage below is from a manual.",
+                 "Below is some documentation.", "Consider the text that follows.", "A technical text follows.",
+                 "The document below is long.", "Have a look at this material."),
+                ("What is the main topic of this text?", "What is the document mostly about?",
+                 "In a sentence or two, what does this text cover?", "What subject does the passage deal with?"),
+                sentences(first, 2), context)
+
+
+def audience(rng, texts, n_max):
+    context, name, _ = one_doc(rng, texts, n_max)
+    return Plan(("Read the following text.", "Here is a piece of documentation.", "The text below is technical.",
+                 "Consider the document that follows.", "Below is an excerpt.", "Look at this passage.",
+                 "A manual page follows.", "The material below is reference text."),
+                ("Who is this text written for?", "What kind of reader is this document meant for?",
+                 "Describe the intended audience of the text.", "Who would find this passage useful?"),
+                f"Python programmers who want to know about {title_of(name).lower()}.", context)
+
+
+def simplify(rng, texts, n_max):
+    context, name, first = one_doc(rng, texts, n_max)
+    return Plan(("Here is a text.", "Read the documentation below.", "The following passage is hard to read.",
+                 "Below is a technical document.", "Consider the text that follows.", "This is a manual excerpt.",
+                 "A dense piece of documentation follows.", "Here is the material in question."),
+                ("Rewrite this text in plain words for a beginner.", "Explain the whole passage in simpler language.",
+                 "Make this document easier to read.", "Restate the text for someone new to Python."),
+                sentences(first, 3), context)
+
+
+def refactor_end(rng, texts, n_max):
+    context, _, _ = tail_text(texts, rng, ("code",), n_max)
+    return Plan(("Here is some Python code.", "Read the module below.", "The following is Python source.",
+                 "Below is part of a Python file.", "Consider this code.", "A Python module follows.",
+                 "The code below works but reads badly.", "Look at the source below."),
+                ("Rewrite the last function of the code to make it easier to read.",
+                 "Refactor the final lines of this code.", "Clean up the code at the end of the file.",
+                 "Improve the readability of the last block of code."),
+                context(60).strip(), context)  # the surrogate answer: the last lines, as they are
+
+
+def write_tests(rng, texts, n_max):
+    context, name, _ = one_doc(rng, texts, n_max, ("code",))
+    return Plan(("Here is a Python module.", "Read the code below.", "The following is Python source.",
+                 "Below is a module of the standard library.", "Consider this code.", "A Python file follows.",
+                 "The module below has no tests yet.", "Look at the following source."),
+                ("Write unit tests for this module.", "Add a few unittest tests for the code.",
+                 "How would you test this code? Write the tests.", "Write pytest tests that cover this module."),
+                f"import unittest\nimport {name}\n\n\nclass Test{title_of(name).title().replace(' ', '')}"
+                f"(unittest.TestCase):\n    def test_import(self):\n        self.assertTrue({name}.__doc__)", context)
 
 
 # -----------------------------------------------------------------------------
@@ -539,7 +497,7 @@ def code_needle(rng, texts, n_max):
 
 
 def outline(rng, texts, n_max):
-    context, name, first = _one_doc(rng, texts, n_max)
+    context, name, first = one_doc(rng, texts, n_max)
     return Plan(("Read the following text.", "Here is a document.", "Below is documentation.",
                  "Consider the text below."),
                 ("List its main points as bullets.", "Write an outline of the text."),
@@ -556,53 +514,118 @@ def explain_code(rng, texts, n_max):
 
 
 def questions_about(rng, texts, n_max):
-    context, name, first = _one_doc(rng, texts, n_max)
+    context, name, first = one_doc(rng, texts, n_max)
     return Plan(("Read the following text.", "Here is a passage from a manual.", "Consider the document below.",
                  "Below is a technical text."),
                 ("Write three questions a student might ask about it.", "What questions does this text raise?"),
                 f"What is {title_of(name).lower()}? How is it used? When should it be avoided?", context)
 
 
+def method_class(rng, texts, n_max):
+    context, f = find(texts, rng, ("code",), code_facts, "owner", n_max)
+    return Plan(("This is a module of the standard library.", "Study the source below.", "The code below is complete.",
+                 "Here is the full text of a module."),
+                (f"Which class defines the method `{f.ask[0]}`?",
+                 f"In the code, `{f.ask[0]}` is a method of which class?"),
+                f"`{f.ask[0]}` is a method of `{f.keys[0]}`.", context, f.keys)
+
+
+def module_constant(rng, texts, n_max):
+    context, f = find(texts, rng, ("code",), code_facts, "constant", n_max)
+    return Plan(("This is a module of the standard library.", "Study the source below.", "The code below is complete.",
+                 "Here is the full text of a module."),
+                (f"What is `{f.ask[0]}` set to in the code?", f"Which value does the module assign to `{f.ask[0]}`?"),
+                f"`{f.ask[0]}` is {f.keys[0]}.", context, f.keys)
+
+
+def grep_lines(rng, texts, n_max):
+    context, f = find(texts, rng, ("docs", "docstrings", "code"), word_facts, "lines", n_max)
+    return Plan(("Below is a long text.", "Search through the following material.", "Scan the document that follows.",
+                 "Here is the material to search."),
+                (f'Quote every line of the text that contains "{f.ask[0]}".',
+                 f'Copy out all the lines that mention "{f.ask[0]}".'),
+                "\n".join(f.keys), context, f.keys)
+
+
+def code_review(rng, texts, n_max):
+    context, name, _ = one_doc(rng, texts, n_max, ("code",))
+    return Plan(("Below is a Python file.", "Study the source that follows.", "The code below was just written.",
+                 "Here is the module to review."),
+                ("How could this code be improved?", "Review this module: what would you change?"),
+                sentences(document("docstrings", name) or f"The {name} module.", 1)
+                + " Its functions could use shorter bodies and more comments.", context)
+
+
+def next_topic(rng, texts, n_max):
+    context, name, _ = one_doc(rng, texts, n_max)
+    return Plan(("Here is part of a manual.", "Below is documentation.", "Consider the document below.",
+                 "Study the following text."),
+                ("What should the next section of this document cover?",
+                 "Suggest what a follow-up section to this text would discuss."),
+                f"Further examples of {title_of(name).lower()}.", context)
+
+
 # -----------------------------------------------------------------------------
-# The table: kind -> (class, builder, trained?)
+# The table: kind -> (class, builder, group); group "train" (drawn for training), "heldout" (eval only) or "human"
+# (the human-style prompts, eval only: human.py)
 
 KIND_TABLE = {
     # sensitive: the answer is a few tokens that may sit anywhere in the context
-    "passkey": (SENSITIVE, passkey, True),              # one number planted in text (RULER niah_single)
-    "word_needle": (SENSITIVE, word_needle, True),      # one word planted in text
-    "multi_key": (SENSITIVE, multi_key, True),          # several keyed numbers, one asked (niah_multikey)
-    "multi_value": (SENSITIVE, multi_value, True),      # all values of one key (niah_multivalue)
-    "multi_query": (SENSITIVE, multi_query, True),      # two of several keys asked (niah_multiquery)
-    "fact_qa": (SENSITIVE, fact_qa, True),              # a question about facts planted in the text
-    "counting": (SENSITIVE, counting, True),            # every occurrence matters, wherever it is
-    "kv_lookup": (SENSITIVE, kv_lookup, True),          # JSON key -> value (lost-in-the-middle's kv retrieval)
-    "line_lookup": (SENSITIVE, line_lookup, True),      # numbered lines (LongEval's line retrieval)
+    "passkey": (SENSITIVE, passkey, "train"),              # one number planted in text (RULER niah_single)
+    "word_needle": (SENSITIVE, word_needle, "train"),      # one word planted in text
+    "multi_key": (SENSITIVE, multi_key, "train"),          # several keyed numbers, one asked (niah_multikey)
+    "multi_value": (SENSITIVE, multi_value, "train"),      # all values of one key (niah_multivalue)
+    "multi_query": (SENSITIVE, multi_query, "train"),      # two of several keys asked (niah_multiquery)
+    "fact_qa": (SENSITIVE, fact_qa, "train"),              # a question about facts planted in the text
+    "counting": (SENSITIVE, counting, "train"),            # every occurrence matters, wherever it is
+    "kv_lookup": (SENSITIVE, kv_lookup, "train"),          # JSON key -> value (lost-in-the-middle's kv retrieval)
+    "line_lookup": (SENSITIVE, line_lookup, "train"),      # numbered lines (LongEval's line retrieval)
+    # sensitive, over what a real text states (no planted line)
+    "param_default": (SENSITIVE, param_default, "train"),  # a parameter's default in a function's signature
+    "raises": (SENSITIVE, raises, "train"),                # the exception a function raises
+    "function_for": (SENSITIVE, function_for, "train"),    # the function a docstring line describes
+    "version_note": (SENSITIVE, version_note, "train"),    # the version of a "Changed in version" note
+    "number_lookup": (SENSITIVE, number_lookup, "train"),  # a number stated in a sentence of prose
+    "word_count": (SENSITIVE, word_count, "train"),        # how often a word occurs: every occurrence counts
+    "list_methods": (SENSITIVE, list_methods, "train"),    # every method of a class
     # robust: the gist, or the last lines, suffice
-    "continuation": (ROBUST, continuation, True),       # the next lines follow the last ones
-    "code_completion": (ROBUST, code_completion, True),  # the same over stdlib source
-    "summary": (ROBUST, summary, True),                 # the gist of the text
-    "paraphrase": (ROBUST, paraphrase, True),           # rewrite the last paragraph: local
-    "title": (ROBUST, title, True),                     # the gist in a few words
-    "keywords": (ROBUST, keyword_kind, True),           # frequent terms, seen many times
-    "gist_translation": (ROBUST, gist_translation, True),  # the gist, in another language
-    "few_shot": (ROBUST, few_shot, True),               # in-context classification of the last snippet
+    "continuation": (ROBUST, continuation, "train"),       # the next lines follow the last ones
+    "code_completion": (ROBUST, code_completion, "train"),  # the same over stdlib source
+    "summary": (ROBUST, summary, "train"),                 # the gist of the text
+    "paraphrase": (ROBUST, paraphrase, "train"),           # rewrite the last paragraph: local
+    "title": (ROBUST, title, "train"),                     # the gist in a few words
+    "keywords": (ROBUST, keyword_kind, "train"),           # frequent terms, seen many times
+    "gist_translation": (ROBUST, gist_translation, "train"),  # the gist, in another language
+    "few_shot": (ROBUST, few_shot, "train"),               # in-context classification of the last snippet
+    "main_topic": (ROBUST, main_topic, "train"),           # a question about the text as a whole
+    "audience": (ROBUST, audience, "train"),               # who the text is for: its gist
+    "simplify": (ROBUST, simplify, "train"),               # the whole text in plainer words
+    "refactor_end": (ROBUST, refactor_end, "train"),       # rewrite the last lines of code: local
+    "write_tests": (ROBUST, write_tests, "train"),         # tests for a module: what it does, not a detail
     # held out (eval only)
-    "variable_tracking": (SENSITIVE, variable_tracking, False),  # follow VAR chains (RULER vt)
-    "common_words": (SENSITIVE, common_words, False),   # the most frequent words of a list (RULER cwe)
-    "code_needle": (SENSITIVE, code_needle, False),      # a constant planted in source code
-    "outline": (ROBUST, outline, False),                # the main points of a text
-    "explain_code": (ROBUST, explain_code, False),      # what a module is for
-    "questions_about": (ROBUST, questions_about, False),  # questions a reader might ask
+    "variable_tracking": (SENSITIVE, variable_tracking, "heldout"),  # follow VAR chains (RULER vt)
+    "common_words": (SENSITIVE, common_words, "heldout"),  # the most frequent words of a list (RULER cwe)
+    "code_needle": (SENSITIVE, code_needle, "heldout"),    # a constant planted in source code
+    "method_class": (SENSITIVE, method_class, "heldout"),  # the class a real method belongs to
+    "module_constant": (SENSITIVE, module_constant, "heldout"),  # a constant a real module sets
+    "grep_lines": (SENSITIVE, grep_lines, "heldout"),      # every line that mentions a word
+    "outline": (ROBUST, outline, "heldout"),               # the main points of a text
+    "explain_code": (ROBUST, explain_code, "heldout"),     # what a module is for
+    "questions_about": (ROBUST, questions_about, "heldout"),  # questions a reader might ask
+    "code_review": (ROBUST, code_review, "heldout"),       # how a module could be better
+    "next_topic": (ROBUST, next_topic, "heldout"),         # what a next section would cover
+    **HUMAN_TABLE,                                         # human-style prompts (human.py)
 }
-KINDS = tuple(k for k, (_, _, trained) in KIND_TABLE.items() if trained)
-HELDOUT_KINDS = tuple(k for k, (_, _, trained) in KIND_TABLE.items() if not trained)
+KINDS = tuple(k for k, (_, _, group) in KIND_TABLE.items() if group == "train")
+HELDOUT_KINDS = tuple(k for k, (_, _, group) in KIND_TABLE.items() if group == "heldout")
+HUMAN_KINDS = tuple(k for k, (_, _, group) in KIND_TABLE.items() if group == "human")
 KIND_CLASS = {k: c for k, (c, _, _) in KIND_TABLE.items()}
 N_TRAIN_INSTRUCTIONS, N_TRAIN_QUESTIONS = 6, 3  # of a trained kind's 8 instructions and 4 questions
 
 
 def wordings(plan: Plan, kind: str, split: str):
-    """The instruction and question pools a split draws from (a held-out kind: all of its own)."""
-    if not KIND_TABLE[kind][2]:
+    """The instruction and question pools a split draws from (a kind that is not trained: all of its own)."""
+    if KIND_TABLE[kind][2] != "train":
         return plan.instructions, plan.questions
     cut_i, cut_q = N_TRAIN_INSTRUCTIONS, N_TRAIN_QUESTIONS
     if split == "train":

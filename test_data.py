@@ -8,8 +8,9 @@ import torch
 from pydoc_data.topics import topics
 
 import tasks
-from data import (HELDOUT_KINDS, IGNORE, KIND_CLASS, KINDS, ROBUST, SENSITIVE, TASK_CLASSES, JsonlDataset, Sample,
-                  SyntheticMix, collate, encode, task_class)
+import texts
+from data import (HELDOUT_KINDS, HUMAN_KINDS, IGNORE, KIND_CLASS, KINDS, ROBUST, SENSITIVE, TASK_CLASSES, JsonlDataset,
+                  Sample, SyntheticMix, collate, encode, task_class)
 
 END_OF_PROMPT = "<|im_end|>\n<|im_start|>assistant\n"  # SmolLM2's template between user turn and answer
 
@@ -39,10 +40,11 @@ def test_task_classes():
     paper = {"single_qa", "multi_hop_qa", "synthetic", "summarization", "code", "icl"}
     assert set(TASK_CLASSES) == paper | set(KIND_CLASS)
     assert {t for t in paper if TASK_CLASSES[t] == SENSITIVE} == {"single_qa", "multi_hop_qa", "synthetic"}
-    # the issue's bar: at least 8 trained kinds of each class, and held-out kinds of both classes
+    # at least 8 trained kinds of each class; held-out and human-style kinds of both classes; no kind in two groups
     for c in (SENSITIVE, ROBUST):
-        assert sum(KIND_CLASS[k] == c for k in KINDS) >= 8 and any(KIND_CLASS[k] == c for k in HELDOUT_KINDS)
-    assert not set(KINDS) & set(HELDOUT_KINDS)
+        assert sum(KIND_CLASS[k] == c for k in KINDS) >= 8
+        assert sum(KIND_CLASS[k] == c for k in HELDOUT_KINDS) >= 5 and sum(KIND_CLASS[k] == c for k in HUMAN_KINDS) >= 5
+    assert len(set(KINDS) | set(HELDOUT_KINDS) | set(HUMAN_KINDS)) == len(KINDS) + len(HELDOUT_KINDS) + len(HUMAN_KINDS)
     assert (SENSITIVE, ROBUST) == (0, 1)
     with pytest.raises(ValueError, match=r"unknown task 'qa'; expected one of single_qa, multi_hop_qa"):
         task_class("qa")
@@ -52,7 +54,7 @@ def test_task_classes():
 
 
 def test_encode_equals_the_chat_template(tok):
-    users = {  # the user turn each task gets (README: Data)
+    users = {  # the user turn each task gets (docs/training.md: Data)
         "single_qa": "CTX\n\nQ?", "multi_hop_qa": "CTX\n\nQ?", "icl": "CTX\n\nQ?",
         "synthetic": "Some special numbers are hidden inside the following text. Make sure to memorize them. "
                      "I will quiz you about the numbers afterwards.\n\nCTX\n\nQ?",
@@ -93,7 +95,10 @@ def test_record_instruction_order_and_keys(tok):
     s = encode(tok, {**record("synthetic"), "instruction": "", "order": "q"}, 4096)  # no instruction; the context last
     assert "user\nWhat is the capital of France?\n\nParis is the capital of France." + END_OF_PROMPT \
         in tok.decode(s.input_ids)
-    for bad in ("icqq", "abc", 3):
+    s = encode(tok, {**record(), "instruction": "", "order": "qcq"}, 4096)  # the question asked on both sides
+    assert "user\nWhat is the capital of France?\n\nParis is the capital of France.\n\nWhat is the capital of " \
+        "France?" + END_OF_PROMPT in tok.decode(s.input_ids) and s.order == "qcq"
+    for bad in ("icqq", "qqc", "abc", "icci", 3):
         with pytest.raises(ValueError, match="order must be some of the letters i, c, q"):
             encode(tok, {**record(), "order": bad}, 4096)
 
@@ -170,7 +175,11 @@ def test_synthetic_lengths_and_mix(tok, mix):
     assert {SyntheticMix(tok, 400, 500, sensitive_frac=0.0)[i].task_class for i in range(10)} == {ROBUST}
 
 
-@pytest.mark.parametrize("split,kind", [("train", k) for k in KINDS] + [("heldout", k) for k in HELDOUT_KINDS])
+COUNTS = ("counting", "word_count", "human_how_many")  # kinds whose key is a count, not a string of the text
+
+
+@pytest.mark.parametrize("split,kind", [("train", k) for k in KINDS] + [("heldout", k) for k in HELDOUT_KINDS]
+                         + [("human", k) for k in HUMAN_KINDS])
 def test_every_kind_makes_well_formed_samples(tok, split, kind):
     """Each kind, in range, of its class, with its keys in the prompt (a count is computed, not copied), the same
     again from a fresh instance; the answer is the assistant turn."""
@@ -182,14 +191,14 @@ def test_every_kind_makes_well_formed_samples(tok, split, kind):
         assert prompt.endswith(END_OF_PROMPT) and answer.endswith("<|im_end|>\n") and len(answer) > len("<|im_end|>\n")
         assert bool(s.keys) == (s.task_class == SENSITIVE)
         assert all(k in answer for k in s.keys)
-        if kind != "counting":
+        if kind not in COUNTS:
             assert all(k in prompt for k in s.keys), (kind, s.keys)
         assert torch.equal(s.input_ids, SyntheticMix(tok, 380, 420, seed=11, kinds=(kind,), split=split)[i].input_ids)
 
 
 def test_heldout_split_is_never_trained(tok):
     """Held-out kinds, wordings and documents: the train split draws none of them."""
-    train, held = tasks.Texts(tok, "train"), tasks.Texts(tok, "heldout")
+    train, held = texts.Texts(tok, "train"), texts.Texts(tok, "heldout")
     for source in ("docs", "docstrings", "code"):
         assert held._docs[source] and train._docs[source] and not set(held._docs[source]) & set(train._docs[source])
     import random
@@ -199,19 +208,92 @@ def test_heldout_split_is_never_trained(tok):
         assert len(set(ti)) >= 6 and hi and not set(hi) & set(ti) and (not set(hq) & set(tq) or tq == ("",) * 3)
     heldout_instructions = {w for kind in KINDS for w in tasks.wordings(
         tasks.KIND_TABLE[kind][1](random.Random(0), train, 300), kind, "heldout")[0]}
+    trained = {w for kind in KINDS for ws in tasks.wordings(
+        tasks.KIND_TABLE[kind][1](random.Random(0), train, 300), kind, "train") for w in ws if w}
+    asked = {w for kind in HELDOUT_KINDS for w in tasks.KIND_TABLE[kind][1](random.Random(0), held, 300).questions}
+    assert not (heldout_instructions | asked) & trained  # no held-out wording is a trained one of another kind
     mix = SyntheticMix(tok, 300, 400, seed=4)
     for i in range(40):
         prompt = tok.decode(mix[i].input_ids[:mix[i].prompt_len])
         assert mix[i].task in KINDS and not any(w in prompt for w in heldout_instructions)
-    with pytest.raises(ValueError, match="kinds of the train split must be a non-empty subset"):
-        SyntheticMix(tok, 300, 300, kinds=("variable_tracking",))
+    for kind in ("variable_tracking", "grep_lines", "human_tldr"):
+        with pytest.raises(ValueError, match="kinds of the train split must be a non-empty subset"):
+            SyntheticMix(tok, 300, 300, kinds=(kind,))
+    with pytest.raises(ValueError, match="kinds of the heldout split must be a non-empty subset"):
+        SyntheticMix(tok, 300, 300, kinds=("human_default",), split="heldout")
     assert {SyntheticMix(tok, 300, 300, split="heldout")[i].task for i in range(12)} <= set(HELDOUT_KINDS)
+
+
+def test_human_style_prompts_are_never_trained(tok):
+    """The human-style set: its own kinds, wordings and lead-ins, over the held-out documents; the train split draws
+    none of them, and the held-out split draws them only when asked by name."""
+    import random
+    train, human = texts.Texts(tok, "train"), texts.Texts(tok, "human")
+    assert human._docs == texts.Texts(tok, "heldout")._docs
+    trained = set()
+    for kind in KINDS:
+        plan = tasks.KIND_TABLE[kind][1](random.Random(0), train, 300)
+        trained |= set(plan.instructions) | set(plan.questions)
+    mix = SyntheticMix(tok, 300, 400, seed=5, split="human")
+    samples = [mix[i] for i in range(16)]
+    assert {s.task for s in samples} <= set(HUMAN_KINDS) and {s.task_class for s in samples} == {SENSITIVE, ROBUST}
+    for s in samples:  # the prompt's own wordings: none is a trained one
+        plan = tasks.KIND_TABLE[s.task][1](random.Random(0), human, 300)
+        assert not (set(plan.instructions) | set(plan.questions)) & trained, s.task
+    wordings = {w for kind in HUMAN_KINDS for w in tasks.KIND_TABLE[kind][1](random.Random(1), human, 300).instructions}
+    train_mix = SyntheticMix(tok, 300, 400, seed=4)
+    for i in range(40):
+        prompt = tok.decode(train_mix[i].input_ids[:train_mix[i].prompt_len])
+        assert train_mix[i].task not in HUMAN_KINDS and not any(w in prompt for w in wordings)
+
+
+# (source, finder, kind) of every fact a kind asks about (texts.find)
+FACTS = [(("code",), texts.code_facts, k) for k in ("default", "raises", "purpose", "does", "owner", "methods",
+                                                     "constant")] \
+    + [(("docs",), texts.prose_facts, "version"), (("docs", "docstrings"), texts.prose_facts, "number")] \
+    + [(("docs", "docstrings", "code"), texts.word_facts, k) for k in ("count", "lines")]
+
+
+@pytest.mark.parametrize("sources,finder,kind", FACTS, ids=[k for _, _, k in FACTS])
+def test_facts_stand_in_every_context(tok, sources, finder, kind):
+    """A fact read from a real text is in its context at every length, and what the question names occurs there as
+    often as the answer says (a count is the real count), at every length that holds the fact (n_max 1000: its span
+    is at most 250 tokens); from one fact to the next, its depth varies."""
+    import random
+    depths = []
+    for seed in range(6):
+        split = ("train", "heldout")[seed % 2]
+        context, fact = texts.find(texts.Texts(tok, split), random.Random(seed), sources, finder, kind, 1000)
+        for n in (300, 600, 1000):
+            text = context(n)
+            flat = " ".join(text.split()).lower()
+            assert abs(tok(text, add_special_tokens=False, return_length=True).length[0] - n) <= 4
+            assert all(flat.count(" ".join(s.split()).lower()) == times for s, times in fact.occurs), (kind, fact)
+            assert kind == "count" or all(k in text for k in fact.keys), (kind, fact.keys)
+        depths.append(flat.index(" ".join(fact.occurs[0][0].split()).lower()) / len(flat))
+        if kind == "count":
+            assert fact.occurs == ((fact.ask[0], int(fact.keys[0])),)
+    assert max(depths) - min(depths) > 0.2, depths
+
+
+def test_layouts_vary_in_both_classes(tok):
+    """Both classes draw the same layouts: the question before the text, after it and on both sides, the
+    instruction before and after it; the human-style set puts its lead-in right before the text."""
+    mix = SyntheticMix(tok, 300, 360, seed=6)
+    orders = {SENSITIVE: set(), ROBUST: set()}
+    for i in range(90):
+        s = mix[i]
+        orders[s.task_class].add(s.order)
+    for c, seen in orders.items():
+        assert {"iqc", "icq", "iqcq", "qci", "ciq", "qciq", "qc", "cq", "qcq"} - seen <= {"iqcq"}, (c, seen)
+    human = {SyntheticMix(tok, 300, 360, seed=6, split="human")[i].order for i in range(30)}
+    assert human <= {"qic", "icq", "qicq", "qc", "cq", "qcq"} and len(human) >= 4
 
 
 def test_continuation_answers_are_the_true_next_lines(tok):
     import random
     mix = SyntheticMix(tok, 300, 400, seed=2, kinds=("continuation", "code_completion"))
-    docs = [tasks.document(src, n) for src in ("docs", "docstrings", "code") for n in tasks.names(src)]
+    docs = [texts.document(src, n) for src in ("docs", "docstrings", "code") for n in texts.names(src)]
     follows = 0
     for i in range(6):
         s = mix[i]

@@ -123,8 +123,9 @@ def test_eval_frontier_has_a_row_per_ratio_and_a_claim(tiny_dir, tmp_path):
     table = report.split("The accuracy-sparsity frontier")[1].split("\n\n")[1]  # its caption, then the table
     rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
     assert rows == [f"static FA-SSA {float(x):.2f}" for x in ratios] + ["elastic FA-SSA"], table
-    for line in table.splitlines()[2:]:  # Omega mean, then held-out sensitive and robust accuracy, each an interval
-        assert re.fullmatch(r"\| [^|]+ \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] (\| \d+\.\d \[\d+\.\d, \d+\.\d\] ){2}\|",
+    for line in table.splitlines()[2:]:  # Omega mean, then sensitive and robust accuracy of the held-out kinds and of
+        # the human-style prompts, each an interval
+        assert re.fullmatch(r"\| [^|]+ \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] (\| \d+\.\d \[\d+\.\d, \d+\.\d\] ){4}\|",
                             line), line
     assert re.search(r"- elastic FA-SSA, held-out sensitive accuracy against the static frontier at its mean Omega "
                      r"\d\.\d\d: \d+\.\d% against \d+\.\d% on the curve -> (above|below|on) the curve \(point "
