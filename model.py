@@ -230,7 +230,7 @@ class Transformer(nn.Module):
                           device=self.output_weight().device)
 
     def forward(self, idx, pos=None, *, prompt_lens=None, tau=None, modes=None, caches=None, return_routing=False,
-                last_only=False, lengths=None):
+                last_only=False, lengths=None, logits_at=None):
         """idx [B, T] token ids -> logits [B, T, V] (fp32 when the model is fp32).
 
         A prefill (pos None) reads positions 0..T-1. With routers, each layer routes its KV heads from the keys
@@ -242,7 +242,9 @@ class Transformer(nn.Module):
         nothing was routed). last_only: logits of the last position only, [B, 1, V] (a long prefill need not
         hold T x V logits). lengths: a prefill of rows of several lengths (Python ints), right-padded to T: each row
         runs as if alone (routers pool its tokens, unless prompt_lens says otherwise; caches hold them; last_only
-        gives its own last token's logits). Fixed modes are checked once here, not in every layer."""
+        gives its own last token's logits). logits_at: bool [B, T], the logits of those positions only, [N, V] in
+        row-major order (training: the trained positions; an 8B model's logits of 32K positions are 8 GB in bf16).
+        Fixed modes are checked once here, not in every layer."""
         fwd = self._forward_spec(idx, pos, prompt_lens, tau, modes, caches, lengths)
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
@@ -260,6 +262,8 @@ class Transformer(nn.Module):
         if last_only:
             last = fwd.lengths_device
             x = x[:, -1:] if last is None else x[torch.arange(B, device=x.device), last.long() - 1][:, None]
+        elif logits_at is not None:
+            x = x[logits_at]
         logits = F.linear(self.model.norm(x), self.output_weight())
         if not return_routing:
             return logits

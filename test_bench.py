@@ -3,7 +3,8 @@ bench.py and bench_model.py on the CPU, where nothing is timed for real: every b
 no CUDA graph, no torch.compile) on a tiny random model for a few decode steps, none fails, and the dense SDPA
 setups decode the same greedy tokens as ours all-FA on the same weights (and the dense baseline's cache decodes as
 attention.KVCache, step by step); a setup that raises is a row with its error; the prefill's (query, key) pair
-counts against the masks they count; the report renders; without a GPU the scripts stop in one line.
+counts against the masks they count; the report renders; bench_train.py's step runs and trains the routers; without
+a GPU the scripts stop in one line.
 
     pytest test_bench.py
 """
@@ -14,6 +15,7 @@ import torch
 
 import bench
 import bench_model
+import bench_train
 from attention import KVCache
 from kernel import FA, SSA, XA
 
@@ -127,8 +129,39 @@ def test_no_gpu_is_one_line(tiny_config):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     for main, argv in ((bench.main, []), (bench_model.main, ["--model", str(tiny_config.parent / "missing.json")]),
-                       (bench_model.main, ["--model", str(tiny_config)])):
+                       (bench_model.main, ["--model", str(tiny_config)]),
+                       (bench_train.main, ["--model", str(tiny_config)]),
+                       (bench_train.main, ["--model", str(tiny_config), "--seq-lens", "64"])):
         with pytest.raises(SystemExit) as exit:
             main(argv)
         message = exit.value.code
         assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_training_step_runs_and_trains_the_routers(tiny_config, monkeypatch, whole):
+    """bench_train.py on the CPU: every row measured, the split too, and the routed step reaches every router (its
+    optimiser step moves their weights: the gradient went through the loss, the mix and the straight-through z)."""
+    args = bench_train.parse_args(["--model", str(tiny_config), "--seq-lens", "160", "--answer-tokens", "16",
+                                   "--sink", "8", "--window", "32"] + ["--whole-sequence"] * whole)
+    moved = []
+    step = bench_train.routed_step
+
+    def watched(model, routers, batch, device):
+        before = [p.detach().clone() for p in routers.parameters()]
+        run = step(model, routers, batch, device)
+
+        def checked():
+            run()
+            moved.append(sum(not torch.equal(a, p) for a, p in zip(before, routers.parameters())))
+        return checked
+    monkeypatch.setattr(bench_train, "routed_step", watched)
+    rows = bench_train.bench_train(args, device="cpu")
+    assert [(r.T, r.checkpointing, r.error) for r in rows] == [(160, True, ""), (160, False, "")]
+    assert all(r.step_ms > 0 and r.dense_ms > 0 for r in rows)
+    assert rows[0].attn_ms > 0 and rows[0].router_ms > 0
+    n_weights = len(list(bench_train.Routers(2, 16).parameters()))  # every parameter tensor of both layers' routers
+    assert moved and all(m == n_weights for m in moved), (moved, n_weights)
+    rows.append(bench_train.Row(320, True, error="out of memory: CUDA out of memory"))
+    report = bench_train.train_report(args, rows, device="cpu")
+    assert report.count("\n| 160 |") == 2 and "| 320 | yes | out of memory" in report

@@ -180,22 +180,26 @@ def test_distillation_loss_is_zero_for_the_dense_model(tiny_dir):
     from data import IGNORE
     from kernel import FA, SSA
     from router import ElasticConfig
-    from train import distillation_loss
+    from train import cross_entropy, distillation_loss
     model = Transformer.from_pretrained(tiny_dir)
     model.elastic = ElasticConfig(sink=4, window=8)
     L, G = model.config.num_hidden_layers, model.config.num_key_value_heads
     idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
     targets = torch.full((2, 40), IGNORE)
     targets[:, 20:39] = idx[:, 21:]
+    sel = targets != IGNORE
     with torch.no_grad():
         dense = model(idx, modes=torch.full((1, L, G), FA))
-        routed = model(idx, modes=torch.full((1, L, G), FA))
-        sparse = model(idx, modes=torch.full((1, L, G), SSA))
-    assert distillation_loss(routed, dense, targets).item() == 0.0
-    kl = distillation_loss(sparse, dense, targets).item()
+        routed = model(idx, modes=torch.full((1, L, G), FA), logits_at=sel)
+        sparse = model(idx, modes=torch.full((1, L, G), SSA), logits_at=sel)
+    assert torch.equal(routed, dense[sel])  # logits_at: the trained positions' logits, in row-major order
+    assert torch.allclose(cross_entropy(routed, targets), cross_entropy(dense, targets), rtol=1e-6, atol=0)
+    dense = dense[sel]
+    assert distillation_loss(routed, dense).item() == 0.0
+    kl = distillation_loss(sparse, dense).item()
     assert kl > 1e-4
-    sel = targets != IGNORE  # against a direct sum: KL(p||q) = sum p (log p - log q), mean over trained positions
-    p, q = dense[sel].double().softmax(-1), sparse[sel].double().softmax(-1)
+    # against a direct sum: KL(p||q) = sum p (log p - log q), mean over trained positions
+    p, q = dense.double().softmax(-1), sparse.double().softmax(-1)
     assert abs(kl - (p * (p.log() - q.log())).sum(-1).mean().item()) < 1e-4 * max(kl, 1)
 
 

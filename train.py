@@ -197,16 +197,18 @@ def flag(name, value):
 
 
 def cross_entropy(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    """Mean CE of logits [N, V] (the model's logits_at=targets != IGNORE: only trained positions get logits) or
+    [B, T, V] with every position's targets (IGNORE ones skipped)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets[targets != IGNORE] if logits.dim() == 2 else
+                           targets.flatten(), ignore_index=IGNORE)
 
 
-def distillation_loss(logits, dense_logits, targets):
-    """KL(dense || routed) of the next-token distributions at the trained positions (targets != -100), summed
-    over the vocabulary, averaged over positions. Zero when the routed model is the dense one."""
-    sel = targets != IGNORE
-    routed = F.log_softmax(logits[sel].float(), -1)
-    dense = F.log_softmax(dense_logits[sel].float(), -1)
-    return F.kl_div(routed, dense, log_target=True, reduction="sum") / sel.sum().clamp(min=1)
+def distillation_loss(logits, dense_logits):
+    """KL(dense || routed) of the next-token distributions at the trained positions (logits [N, V] of both),
+    summed over the vocabulary, averaged over positions. Zero when the routed model is the dense one."""
+    routed = F.log_softmax(logits.float(), -1)
+    dense = F.log_softmax(dense_logits.float(), -1)
+    return F.kl_div(routed, dense, log_target=True, reduction="sum") / max(len(logits), 1)
 
 
 def train_step(model, micro_batches, constraint, cfg, tau, dense_modes):
@@ -220,13 +222,15 @@ def train_step(model, micro_batches, constraint, cfg, tau, dense_modes):
         # one process or N draw the same noise for it, so N processes train the routers that one process trains
         # with the same global batch, and a resumed run continues exactly
         torch.manual_seed((cfg.seed << 32) + first)
-        logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, tau=tau, return_routing=True)
+        trained = batch.targets != IGNORE  # logits only where the loss is: [N, V], not [B, T, V]
+        logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, tau=tau, return_routing=True,
+                                logits_at=trained)
         ce = cross_entropy(logits, batch.targets)
         fit = ce  # what the routers fit; the log shows CE either way
         if cfg.loss == "kl":
             with torch.no_grad():
-                dense = model(batch.input_ids, modes=dense_modes)
-            fit = distillation_loss(logits, dense, batch.targets)
+                dense = model(batch.input_ids, modes=dense_modes, logits_at=trained)
+            fit = distillation_loss(logits, dense)
         # paper Eq. 8: the task loss plus the Lagrangian that holds Omega at its task class's target (the lambdas
         # ascend on it), and ours: the squared margin that keeps the routers within reach of the Gumbel noise
         loss = fit + constraint(routing.omega, batch.task_class) + cfg.margin_penalty * routing.margin.pow(2).mean()
@@ -349,7 +353,8 @@ def load_data(cfg, tokenizer):
                                    sensitive_frac=cfg.sensitive_frac, split="heldout")  # texts never trained
             return dataset, heldout
         if not Path(cfg.data).is_file():
-            fail(f"--data {cfg.data}: no such file; pass a JSONL file of records (docs/training.md: Data) or 'synthetic'")
+            fail(f"--data {cfg.data}: no such file; pass a JSONL file of records (docs/training.md: Data) or "
+                 "'synthetic'")
         # a JSONL file has no held-out split here; pass one as --data to sample.py/eval.py instead
         return JsonlDataset(cfg.data, tokenizer, cfg.max_len), None  # checks every line: names the bad one
     except (OSError, ValueError) as e:
@@ -493,8 +498,10 @@ def evaluate(model, heldout, cfg, pad_id, proc):
         weight = float(i < cfg.eval_samples)
         batch = collate([heldout[i if weight else 0]], pad_id, answer_only=True, pad_multiple=cfg.pad_multiple)
         batch = batch.to(proc.device)
-        dense = cross_entropy(model(batch.input_ids, modes=model.fixed_modes(FA)), batch.targets)
-        logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, return_routing=True)
+        trained = batch.targets != IGNORE
+        dense = cross_entropy(model(batch.input_ids, modes=model.fixed_modes(FA), logits_at=trained), batch.targets)
+        logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, return_routing=True,
+                                logits_at=trained)
         c = batch.task_class.item()
         sums[c] += weight * torch.stack([dense, cross_entropy(logits, batch.targets), routing.omega[0],
                                          torch.ones((), device=proc.device)])
