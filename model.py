@@ -9,7 +9,9 @@ them to `attention.attend`, which routes the heads, runs them, and keeps the KV 
     model = Transformer.from_pretrained("path/to/Llama-3.1-8B-Instruct")   # or default_model.default_model_dir()
     logits = model(idx)                                                    # idx [B, T] -> [B, T, V]
 
-The model holds two things besides its weights: `elastic`, how sparse heads run (router.ElasticConfig), and
+The q, k and v projections are one matrix, and so are the MLP's gate and up (one GEMV each a decode step, as
+gpt-fast does); the checkpoint's separate tensors load into their rows under their own names. The model holds two
+things besides its weights: `elastic`, how sparse heads run (router.ElasticConfig), and
 `routers` (router.Routers, or None: dense unless a forward is given fixed modes). Generation is generate.py.
 
     pytest test_model.py      # logits against HuggingFace transformers on the same weights
@@ -145,9 +147,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         H, G, D, C = self.n_head, self.n_kv_head, self.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(C, H * D, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(C, G * D, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(C, G * D, bias=cfg.attention_bias)
+        # q, k and v in one matrix: one GEMM at prefill, one GEMV a decode step (gpt-fast's wqkv). The checkpoint's
+        # q_proj, k_proj and v_proj load into its rows (Transformer.checkpoint_tensors)
+        self.qkv_proj = nn.Linear(C, (H + 2 * G) * D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -157,9 +159,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, fwd, i):
         """x [B, T, C] -> (y [B, T, C], attention.LayerRouting of layer i, or None when nothing was routed)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)     # [B, T, H, D]
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # [B, T, G, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # [B, T, G, D]
+        H, G, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, G * D, G * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         k_pre = k  # what the router reads: key states before RoPE, after Qwen3's k_norm
@@ -175,12 +177,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        # gate and up in one matrix (the checkpoint's gate_proj and up_proj, stacked by rows)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -296,6 +299,25 @@ class Transformer(nn.Module):
     # -------------------------------------------------------------------------
     # checkpoint loading
 
+    def checkpoint_tensors(self):
+        """{a HuggingFace checkpoint's tensor name: where it loads in this model}. Our fused matrices are the
+        checkpoint's separate ones stacked by rows, so each of those names a block of rows of one of them."""
+        cfg = self.config
+        H, G, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+        fused = {"qkv_proj": (("q_proj", "k_proj", "v_proj"), (H * D, G * D, G * D)),
+                 "gate_up_proj": (("gate_proj", "up_proj"), (I, I))}
+        out = {}
+        for name, p in self.named_parameters():
+            module, leaf = name.rsplit(".", 1)          # model.layers.0.self_attn.qkv_proj, weight
+            parent, _, own = module.rpartition(".")
+            if own not in fused:
+                out[name] = p.data
+                continue
+            parts, sizes = fused[own]
+            for part, rows in zip(parts, p.data.split(sizes)):
+                out[f"{parent}.{part}.{leaf}"] = rows
+        return out
+
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
         """Loads a HuggingFace checkpoint dir: config.json plus model.safetensors or a sharded
@@ -318,7 +340,7 @@ class Transformer(nn.Module):
             model = cls(cfg)
         model.to_empty(device=device).to(dtype)
         model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in the checkpoint
-        params = dict(model.named_parameters())
+        params = model.checkpoint_tensors()
         loaded, unexpected = set(), []
         for file in files:
             try:
@@ -333,7 +355,7 @@ class Transformer(nn.Module):
                         if tensor.shape != params[name].shape:
                             raise ValueError(f"{path / file}: {name} has shape {tuple(tensor.shape)}, "
                                              f"the config implies {tuple(params[name].shape)}")
-                        params[name].data.copy_(tensor)
+                        params[name].copy_(tensor)
                         loaded.add(name)
             except ValueError:
                 raise

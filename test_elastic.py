@@ -235,11 +235,10 @@ def test_inference_routing_and_omega(tiny_dir):
     assert routing.logits.shape == (1, model.config.num_hidden_layers, model.config.num_key_value_heads, 2)
     k_pre = {}
     for i, block in enumerate(model.model.layers):
-        block.self_attn.k_proj.register_forward_hook(lambda m, inp, out, i=i: k_pre.__setitem__(i, out))
+        block.self_attn.tap.register_forward_hook(lambda m, inp, out, i=i: k_pre.__setitem__(i, inp[2]))
     model(idx)
     for i, block in enumerate(model.model.layers):
-        a = block.self_attn
-        want = model.routers[i](k_pre[i].view(1, idx.shape[1], a.n_kv_head, a.head_dim))  # Llama: no k_norm
+        want = model.routers[i](k_pre[i])  # the keys before RoPE, [1, T, G, D]
         assert torch.allclose(routing.logits[:, i], want)
     assert torch.equal(routing.modes, torch.where(routing.logits[..., 1] > routing.logits[..., 0], XA, FA).int())
     _, again = model(idx, return_routing=True)
