@@ -66,6 +66,25 @@ def test_tiny_logits_match_transformers(tmp_path, kind):
     assert err < 1e-4 * scale, f"{kind}: max |logit diff| {err:.3e} vs scale {scale:.3e}"
 
 
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])  # qwen2: the q, k, v biases are fused too
+def test_fused_matrices_hold_the_checkpoint_exactly(tmp_path, kind):
+    """qkv_proj and gate_up_proj are the checkpoint's q/k/v and gate/up stacked by rows: every checkpoint tensor
+    is found, bit for bit, where checkpoint_tensors says, and those blocks tile the fused matrices."""
+    path, hf = tiny_checkpoint(tmp_path, kind)
+    model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32)
+    where = model.checkpoint_tensors()
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight" or not hf.config.tie_word_embeddings}
+    assert set(where) == set(state)
+    assert all(torch.equal(where[name], t) for name, t in state.items())
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    q, k, v = (hf.model.layers[0].self_attn.get_submodule(n) for n in ("q_proj", "k_proj", "v_proj"))
+    assert torch.equal(attn.qkv_proj.weight, torch.cat([q.weight, k.weight, v.weight]))
+    if kind == "qwen2":
+        assert torch.equal(attn.qkv_proj.bias, torch.cat([q.bias, k.bias, v.bias]))
+    hf_mlp = hf.model.layers[0].mlp
+    assert torch.equal(mlp.gate_up_proj.weight, torch.cat([hf_mlp.gate_proj.weight, hf_mlp.up_proj.weight]))
+
+
 def test_config_reads_both_rope_layouts(tmp_path):
     """transformers 4 wrote rope_theta / rope_scaling at the top level, transformers 5 writes rope_parameters."""
     old = dict(model_type="llama", vocab_size=10, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
