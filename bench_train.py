@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--window", type=int, default=2048, help="SSA window tokens")
     parser.add_argument("--answer-tokens", type=int, default=64, help="trained positions at the end of the sequence")
     parser.add_argument("--whole-sequence", action="store_true", help="the loss on every position (the paper's)")
+    parser.add_argument("--loss", default="ce", choices=["ce", "kl"], help="train.py's --loss (kl adds a no-grad "
+                        "dense forward per step)")
     parser.add_argument("--out", default="bench_train_results.md", help="markdown file to write")
     parser.error = lambda message: fail(f"{message} (python bench_train.py --help lists the flags)")  # one line
     args = parser.parse_args(argv)
@@ -61,6 +63,8 @@ def parse_args(argv=None):
         fail(e)
     except (KeyError, TypeError) as e:  # a field missing or of the wrong type
         fail(f"{args.model} is not a model config this code reads: {e!r}")
+    if args.answer_tokens < 1:
+        fail(f"--answer-tokens {args.answer_tokens}: the loss needs at least 1 trained position")
     if min(args.seq_lens) <= args.answer_tokens:
         fail(f"--seq-lens {min(args.seq_lens)}: each length must exceed --answer-tokens {args.answer_tokens}")
     return args
@@ -102,12 +106,12 @@ def peak(fn, device):
     return ms, gib
 
 
-def routed_step(model, routers, batch, device):
+def routed_step(model, routers, batch, device, loss="ce"):
     """train.py's step on one micro-batch, with the router optimiser's step after it."""
     constraint = SparsityConstraint().to(device)
     # no weight decay: a weight moves iff its gradient is not 0 (test_bench.py checks that every one moves)
     optimizer = torch.optim.AdamW(routers.parameters(), lr=1e-6, weight_decay=0.0)
-    cfg = types.SimpleNamespace(seed=0, loss="ce", margin_penalty=1e-2)
+    cfg = types.SimpleNamespace(seed=0, loss=loss, margin_penalty=1e-2)
     dense_modes = model.fixed_modes(FA)
 
     def step():
@@ -136,11 +140,18 @@ def attention_steps(model, T, device):
     cfg, ec = model.config, model.elastic
     H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     dtype = model.output_weight().dtype
-    q, k, v = (torch.randn(1, n, T, D, device=device, dtype=dtype, requires_grad=True) for n in (H, G, G))
+    # [B, T, heads, D] seen as [B, heads, T, D], as Attention.forward hands them over
+    leaves = [torch.randn(1, T, n, D, device=device, dtype=dtype, requires_grad=True) for n in (H, G, G)]
+    q, k, v = (t.transpose(1, 2) for t in leaves)
     z = torch.nn.functional.one_hot(torch.randint(0, 2, (1, G), device=device), 2).float().requires_grad_()
 
+    def backward(out):
+        out.sum().backward()
+        for t in leaves + [z]:  # no gradient piles up over the repetitions
+            t.grad = None
+
     def ours():
-        mixed_attention(q, k, v, z, ec).sum().backward()
+        backward(mixed_attention(q, k, v, z, ec))
 
     if torch.device(device).type != "cuda" or "XA" in ec.mode_pair:  # Flex's XA mask needs the selection first
         return ours, None
@@ -151,8 +162,7 @@ def attention_steps(model, T, device):
 
     def flex_only():
         w = z.repeat_interleave(H // G, dim=1).to(dtype)[..., None, None]
-        out = sum(w[:, :, i] * flex(q, k, v, block_mask=masks[i], enable_gqa=True) for i in range(2))
-        out.sum().backward()
+        backward(sum(w[:, :, i] * flex(q, k, v, block_mask=masks[i], enable_gqa=True) for i in range(2)))
     return ours, flex_only
 
 
@@ -173,7 +183,7 @@ def measure(model, routers, T, checkpointing, args, device):
     batch = one_batch(model.config, T, args, device)
     try:
         row.dense_ms, row.dense_gib = peak(dense_step(model, batch), device)
-        row.step_ms, row.step_gib = peak(routed_step(model, routers, batch, device), device)
+        row.step_ms, row.step_gib = peak(routed_step(model, routers, batch, device, args.loss), device)
         if checkpointing:
             ours, flex = attention_steps(model, T, device)
             L = model.config.num_hidden_layers
@@ -182,6 +192,8 @@ def measure(model, routers, T, checkpointing, args, device):
             row.router_ms = timeit(router_step(model, routers, T, device), budget_ms=300, min_reps=3, device=device)
     except torch.OutOfMemoryError as e:
         row.error = "out of memory: " + str(e).split("\n")[0][:120]
+    except Exception as e:  # a compile that fails, ...: the row says so, the rows measured so far stay
+        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     finally:
         routers.zero_grad(set_to_none=True)
         sync(device)
@@ -191,27 +203,40 @@ def measure(model, routers, T, checkpointing, args, device):
     return row
 
 
-def bench_train(args, device="cuda"):
-    """Every length of --seq-lens with checkpointing on and off -> rows."""
+def bench_train(args, device="cuda", done=None):
+    """Every length of --seq-lens with checkpointing on and off -> (rows, GiB of the frozen weights); done(rows,
+    GiB) after each row."""
     model = random_model(args.model, device)
     model.elastic = ElasticConfig(mode_pair=args.mode_pair, sink=args.sink, window=args.window)
     torch.manual_seed(0)
     model.routers = routers = Routers(model.config.num_hidden_layers, model.config.head_dim, model.elastic).to(device)
-    return [measure(model, routers, T, ckpt, args, device) for T in args.seq_lens for ckpt in (True, False)]
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad) / GiB
+    rows = []
+    for T in args.seq_lens:
+        for ckpt in (True, False):
+            rows.append(measure(model, routers, T, ckpt, args, device))
+            if done:
+                done(rows, weights_gib)
+    return rows, weights_gib
 
 
-def train_report(args, rows, device="cuda"):
+def cell(x, fmt="{:.0f}"):
+    return "-" if x != x else fmt.format(x)  # NaN: not measured
+
+
+def train_report(args, rows, device="cuda", weights_gib=float("nan")):
     """The markdown of bench_train_results.md."""
     loss = "every position (the paper's)" if args.whole_sequence else f"the last {args.answer_tokens} positions"
     lines = [f"# Router training step: {args.model}, random weights", "",
              f"{provenance(device)} · `{command_line('bench_train.py')}`", "",
              f"{'bf16' if torch.device(device).type == 'cuda' else 'fp32'}; {args.mode_pair}, SSA sink {args.sink}, "
-             f"window {args.window}; one sequence of T tokens a step; the loss on {loss}. Routed step: train.py's "
+             f"window {args.window}; one sequence of T tokens a step; the loss on {loss} (--loss {args.loss}); the "
+             f"frozen weights hold {cell(weights_gib, '{:.1f}')} GiB of each peak. Routed step: train.py's "
              "train_step (both branches of every head, Gumbel straight-through z, Eq. 8) and the router optimiser. "
              "Dense: every head FA, forward and backward to the embeddings. Attention: both branches of every layer, "
              "fwd + bwd, as training runs them (SDPA for FA, FlexAttention for the sparse mode) and in FlexAttention "
-             "only. Rest: the routed step less attention and routers (projections, MLPs, norms, the head, the "
-             "recompute of checkpointing).", "",
+             "only. Rest: the routed step less attention and routers (projections, MLPs, norms, the head, and the "
+             "recompute of every block's forward, its attention included, that checkpointing costs).", "",
              "| T | checkpointing | routed step ms | tokens/s | peak GiB | dense fwd+bwd ms | peak GiB "
              "| routed / dense | attention ms (ours) | attention ms (Flex only) | ours vs Flex | routers ms "
              "| rest ms |",
@@ -220,12 +245,13 @@ def train_report(args, rows, device="cuda"):
         if r.error:
             lines.append(f"| {r.T} | {'yes' if r.checkpointing else 'no'} | {r.error} |" + " |" * 10)
             continue
-        rest = r.step_ms - r.attn_ms - r.router_ms
-        lines.append(f"| {r.T} | {'yes' if r.checkpointing else 'no'} | {r.step_ms:.0f} | {r.T * 1e3 / r.step_ms:,.0f} "
-                     f"| {r.step_gib:.1f} | {r.dense_ms:.0f} | {r.dense_gib:.1f} | {r.step_ms / r.dense_ms:.2f}x | "
-                     f"{r.attn_ms:.0f} | {r.flex_ms:.0f} | {r.flex_ms / r.attn_ms:.2f}x | {r.router_ms:.1f} | "
-                     f"{rest:.0f} |")
-    return "\n".join(lines).replace("| nan |", "| - |").replace("nanx", "-") + "\n"
+        cells = [r.step_ms, r.T * 1e3 / r.step_ms, r.step_gib, r.dense_ms, r.dense_gib, r.step_ms / r.dense_ms,
+                 r.attn_ms, r.flex_ms, r.flex_ms / r.attn_ms, r.router_ms, r.step_ms - r.attn_ms - r.router_ms]
+        fmts = ["{:.0f}", "{:,.0f}", "{:.1f}", "{:.0f}", "{:.1f}", "{:.2f}x", "{:.0f}", "{:.0f}", "{:.2f}x", "{:.1f}",
+                "{:.0f}"]
+        lines.append(f"| {r.T} | {'yes' if r.checkpointing else 'no'} | "
+                     + " | ".join(cell(x, f) for x, f in zip(cells, fmts)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -233,9 +259,11 @@ def main(argv=None):
     if not torch.cuda.is_available():
         fail("bench_train.py times training on a CUDA GPU and this machine has none (pytest runs the CPU checks)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    report = train_report(args, bench_train(args, "cuda"), "cuda")
-    write_atomic(args.out, report)
-    log(report)
+
+    def write(rows, weights_gib):  # after every row: a run cut short keeps what it measured
+        write_atomic(args.out, train_report(args, rows, "cuda", weights_gib))
+    rows, weights_gib = bench_train(args, "cuda", done=write)
+    log(train_report(args, rows, "cuda", weights_gib))
 
 
 if __name__ == "__main__":

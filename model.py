@@ -250,6 +250,8 @@ class Transformer(nn.Module):
         Fixed modes are checked once here, not in every layer."""
         fwd = self._forward_spec(idx, pos, prompt_lens, tau, modes, caches, lengths)
         B, T = idx.shape
+        if logits_at is not None and (logits_at.dtype != torch.bool or logits_at.shape != idx.shape or last_only):
+            raise ValueError(f"logits_at must be a bool mask of idx's shape [B, T] = {[B, T]}, without last_only")
         x = self.model.embed_tokens(idx)
         positions = torch.arange(T, device=idx.device)[None] if fwd.pos is None else fwd.pos[:, None]  # [1|B, T]
         freqs = positions.float()[..., None] * self.inv_freq                                 # [B|1, T, D/2]

@@ -131,37 +131,42 @@ def test_no_gpu_is_one_line(tiny_config):
     for main, argv in ((bench.main, []), (bench_model.main, ["--model", str(tiny_config.parent / "missing.json")]),
                        (bench_model.main, ["--model", str(tiny_config)]),
                        (bench_train.main, ["--model", str(tiny_config)]),
-                       (bench_train.main, ["--model", str(tiny_config), "--seq-lens", "64"])):
+                       (bench_train.main, ["--model", str(tiny_config), "--seq-lens", "64"]),
+                       (bench_train.main, ["--model", str(tiny_config), "--answer-tokens", "0"])):
         with pytest.raises(SystemExit) as exit:
             main(argv)
         message = exit.value.code
         assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
 
 
-@pytest.mark.parametrize("whole", [False, True])
-def test_training_step_runs_and_trains_the_routers(tiny_config, monkeypatch, whole):
+@pytest.mark.parametrize("whole, loss", [(False, "ce"), (True, "kl")])
+def test_training_step_runs_and_trains_the_routers(tiny_config, monkeypatch, whole, loss):
     """bench_train.py on the CPU: every row measured, the split too, and the routed step reaches every router (its
     optimiser step moves their weights: the gradient went through the loss, the mix and the straight-through z)."""
     args = bench_train.parse_args(["--model", str(tiny_config), "--seq-lens", "160", "--answer-tokens", "16",
-                                   "--sink", "8", "--window", "32"] + ["--whole-sequence"] * whole)
+                                   "--sink", "8", "--window", "32", "--loss", loss] + ["--whole-sequence"] * whole)
     moved = []
     step = bench_train.routed_step
 
-    def watched(model, routers, batch, device):
+    def watched(model, routers, batch, device, loss):
         before = [p.detach().clone() for p in routers.parameters()]
-        run = step(model, routers, batch, device)
+        run = step(model, routers, batch, device, loss)
 
         def checked():
             run()
             moved.append(sum(not torch.equal(a, p) for a, p in zip(before, routers.parameters())))
         return checked
     monkeypatch.setattr(bench_train, "routed_step", watched)
-    rows = bench_train.bench_train(args, device="cpu")
+    seen = []
+    rows, weights_gib = bench_train.bench_train(args, device="cpu", done=lambda rows, gib: seen.append(len(rows)))
+    assert seen == [1, 2] and weights_gib > 0  # the report is rewritten after every row
     assert [(r.T, r.checkpointing, r.error) for r in rows] == [(160, True, ""), (160, False, "")]
     assert all(r.step_ms > 0 and r.dense_ms > 0 for r in rows)
     assert rows[0].attn_ms > 0 and rows[0].router_ms > 0
     n_weights = len(list(bench_train.Routers(2, 16).parameters()))  # every parameter tensor of both layers' routers
     assert moved and all(m == n_weights for m in moved), (moved, n_weights)
     rows.append(bench_train.Row(320, True, error="out of memory: CUDA out of memory"))
-    report = bench_train.train_report(args, rows, device="cpu")
-    assert report.count("\n| 160 |") == 2 and "| 320 | yes | out of memory" in report
+    report = bench_train.train_report(args, rows, device="cpu", weights_gib=weights_gib)
+    assert report.count("\n| 160 |") == 2 and "| 320 | yes | out of memory" in report and "nan" not in report
+    unsplit = next(line for line in report.splitlines() if line.startswith("| 160 | no |"))
+    assert unsplit.endswith("| - | - | - | - | - |"), unsplit  # without checkpointing the split is not measured

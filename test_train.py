@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -193,6 +194,8 @@ def test_distillation_loss_is_zero_for_the_dense_model(tiny_dir):
         routed = model(idx, modes=torch.full((1, L, G), FA), logits_at=sel)
         sparse = model(idx, modes=torch.full((1, L, G), SSA), logits_at=sel)
     assert torch.equal(routed, dense[sel])  # logits_at: the trained positions' logits, in row-major order
+    with pytest.raises(ValueError, match="logits_at must be a bool mask"):
+        model(idx, logits_at=sel.long())
     assert torch.allclose(cross_entropy(routed, targets), cross_entropy(dense, targets), rtol=1e-6, atol=0)
     dense = dense[sel]
     assert distillation_loss(routed, dense).item() == 0.0
