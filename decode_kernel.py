@@ -91,10 +91,10 @@ def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, base, cap, pos
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KNew, VNew, KC, VC, Base, Cap, Pos, Selected, Logp, MOut, LOut, AccOut,
-    stride_qb, stride_qh, stride_nb, stride_ng,
+    Q, KNew, VNew, KC, VC, Base, Cap, Pos, Selected, Logp, MOut, LOut, AccOut, O,
+    stride_qb, stride_qh, stride_nb, stride_ng, stride_ob, stride_oh,
     G, GROUP, N_SPLITS, sink, window, qk_scale,
-    D: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
 ):
     # program -> (row b and KV head g, chunk s of the segment)
     bg = tl.program_id(0)
@@ -152,10 +152,15 @@ def _decode_split_kernel(
         v = tl.load(VC + (base + offs_n)[:, None] * D + offs_d[None, :], mask=keep[:, None], other=0.0)  # [BN, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = bg.to(tl.int64) * N_SPLITS + s                               # this chunk's partial results
-    tl.store(MOut + out * GROUP_P2 + offs_h, m_i)
-    tl.store(LOut + out * GROUP_P2 + offs_h, l_i)
-    tl.store(AccOut + (out * GROUP_P2 + offs_h)[:, None] * D + offs_d[None, :], acc)
+    if DIRECT:  # one chunk covers every segment: its softmax is the whole one, and no merge is needed
+        o = acc / l_i[:, None]                                         # l_i >= 1 term: the new token's
+        rows = b.to(tl.int64) * stride_ob + (g * GROUP + offs_h)[:, None] * stride_oh
+        tl.store(O + rows + offs_d[None, :], o.to(O.dtype.element_ty), mask=h_ok[:, None])
+    else:
+        out = bg.to(tl.int64) * N_SPLITS + s                           # this chunk's partial results
+        tl.store(MOut + out * GROUP_P2 + offs_h, m_i)
+        tl.store(LOut + out * GROUP_P2 + offs_h, l_i)
+        tl.store(AccOut + (out * GROUP_P2 + offs_h)[:, None] * D + offs_d[None, :], acc)
 
 
 @triton.jit
@@ -195,7 +200,8 @@ def decode_splits(max_cap, split):
 
 def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink, window, n_splits, split=None,
                      sm_scale=None, out=None, selected=None, logp=None, _config=None):
-    """The kernel version of decode_attention_reference (same arguments, same result), in two launches.
+    """The kernel version of decode_attention_reference (same arguments, same result), in two launches (one when
+    a single chunk covers every segment: n_splits == 1).
     n_splits: chunks per segment, decode_splits(max(cap + selected), split), passed in so that the launch needs nothing
     from the device (CUDA graphs); split: slots per chunk (default 512 on the GPU, 64 in the interpreter).
     fp16 / bf16 (fp32 for the CPU tests); D a power of two >= 16."""
@@ -221,9 +227,11 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
     group_p2 = max(16, triton.next_power_of_2(H // G))  # tl.dot needs 16 rows
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * math.log2(math.e)
     dev = q.device
-    m = torch.empty(B * G * n_splits * group_p2, device=dev, dtype=torch.float32)
+    direct = n_splits == 1
+    parts = 1 if direct else B * G * n_splits * group_p2  # the chunks' partial results, for the merge
+    m = torch.empty(parts, device=dev, dtype=torch.float32)
     l = torch.empty_like(m)
-    acc = torch.empty(B * G * n_splits * group_p2, D, device=dev, dtype=torch.float32)
+    acc = torch.empty(parts, D, device=dev, dtype=torch.float32)
     if k_new.stride(-1) != 1 or v_new.stride(1) != k_new.stride(1) or v_new.stride(0) != k_new.stride(0):
         k_new, v_new = k_new.contiguous(), v_new.contiguous()
     if selected is None:  # no SK segment: nothing after the rings, logp never read
@@ -232,12 +240,15 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
     elif logp is None or logp.shape != (k_cache.shape[0],) or logp.dtype != torch.float32 \
             or selected.shape != cap.shape:
         raise ValueError(f"with selected [B*G] (SK segments) pass logp, fp32 [N={k_cache.shape[0]}]")
-    _decode_split_kernel[(B * G, n_splits)](
-        q, k_new, v_new, k_cache, v_cache, base, cap, pos, selected, logp, m, l, acc,
-        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
-        G, H // G, n_splits, sink, window, scale,
-        D=D, GROUP_P2=group_p2, SPLIT=split, BLOCK_N=block_n, num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    _decode_split_kernel[(B * G, n_splits)](
+        q, k_new, v_new, k_cache, v_cache, base, cap, pos, selected, logp, m, l, acc, out,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), out.stride(0), out.stride(1),
+        G, H // G, n_splits, sink, window, scale,
+        D=D, GROUP_P2=group_p2, SPLIT=split, BLOCK_N=block_n, DIRECT=direct, num_warps=cfg["NUM_WARPS"],
+        num_stages=cfg["NUM_STAGES"])
+    if direct:
+        return out
     _decode_merge_kernel[(B * G, H // G)](
         m, l, acc, out, out.stride(0), out.stride(1), G, H // G, n_splits,
         D=D, GROUP_P2=group_p2, S_P2=max(2, triton.next_power_of_2(n_splits)), BLOCK_S=16, num_warps=4)

@@ -527,6 +527,14 @@ def test_decode_splits_and_odd_lengths(dtype):
 
 
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
+def test_decode_one_chunk_writes_the_output_itself(dtype):
+    # every segment (FA 40 slots, an SSA ring of 4 + 16 that has wrapped) fits one chunk of 64: no merge launch
+    for pos in (0, 25, 39):
+        assert_decode_matches_reference(1, 6, 2, 32, [40, 20], [pos], dtype, 4, 16, split=64)
+    assert_decode_matches_reference(2, 6, 2, 32, [40, 20, 9, 9], [39, 8], dtype, 4, 16, split=64)
+
+
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
 def test_decode_sk_segments(dtype):
     # SK heads (sink 4, window 128, 8 selected slots after the ring) beside an FA and an SSA segment: a ring that
     # has wrapped (pos 300, 455) and one that has not (pos 100); the local span starts mid-ring
