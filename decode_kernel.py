@@ -20,8 +20,9 @@ softmax; the mode is only in `cap`.
 At B = 1 with GQA there are only a handful of (row, KV head) pairs: one program each would leave an H200's
 132 multiprocessors idle and read the cache at a quarter of its bandwidth. So each segment is split along its
 length into chunks of SPLIT slots (flash-decoding), one program per (row, KV head, chunk); each keeps an online
-softmax over its chunk and writes (max, sum, partial output); a second kernel merges the chunks. A group's query
-heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x [D, BLOCK_N]). Positions and cache lengths are
+softmax over its chunk and writes (max, sum, partial output); a second kernel merges the chunks (when one chunk
+covers every segment, the first writes the output itself and the second is not launched). A group's query heads
+share each K/V tile (GQA native, one tl.dot of [GROUP, D] x [D, BLOCK_N]). Positions and cache lengths are
 read on the device, the grid depends only on the largest segment: a step has no host sync and static shapes,
 so it can be captured once in a CUDA graph and replayed (generate.py).
 
