@@ -112,8 +112,11 @@ def _decode_split_kernel(
     offs_h = tl.arange(0, GROUP_P2)                                    # the group's query heads (padded)
     offs_d = tl.arange(0, D)
     h_ok = offs_h < GROUP
+    # a chunk past the end of a short segment (an SSA ring beside long FA ones) reads and writes nothing: the
+    # merge counts each segment's own chunks (chunk 0, with the new token, always has work)
+    busy = tl.zeros([GROUP_P2], tl.int32) + s * SPLIT < n + n_sel     # [GROUP_P2], all alike
     q = tl.load(Q + b.to(tl.int64) * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
-                mask=h_ok[:, None], other=0.0)                         # [GROUP_P2, D]
+                mask=(h_ok & busy)[:, None], other=0.0)                # [GROUP_P2, D]
     m_i = tl.full([GROUP_P2], -float("inf"), tl.float32)               # running max (log2 units)
     l_i = tl.zeros([GROUP_P2], tl.float32)                             # running sum of exp2(score - m_i)
     acc = tl.zeros([GROUP_P2, D], tl.float32)
@@ -159,21 +162,25 @@ def _decode_split_kernel(
         tl.store(O + rows + offs_d[None, :], o.to(O.dtype.element_ty), mask=h_ok[:, None])
     else:
         out = bg.to(tl.int64) * N_SPLITS + s                           # this chunk's partial results
-        tl.store(MOut + out * GROUP_P2 + offs_h, m_i)
-        tl.store(LOut + out * GROUP_P2 + offs_h, l_i)
-        tl.store(AccOut + (out * GROUP_P2 + offs_h)[:, None] * D + offs_d[None, :], acc)
+        tl.store(MOut + out * GROUP_P2 + offs_h, m_i, mask=busy)
+        tl.store(LOut + out * GROUP_P2 + offs_h, l_i, mask=busy)
+        tl.store(AccOut + (out * GROUP_P2 + offs_h)[:, None] * D + offs_d[None, :], acc, mask=busy[:, None])
 
 
 @triton.jit
-def _decode_merge_kernel(MOut, LOut, AccOut, O, stride_ob, stride_oh, G, GROUP, N_SPLITS,
-                         D: tl.constexpr, GROUP_P2: tl.constexpr, S_P2: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_merge_kernel(MOut, LOut, AccOut, O, Cap, Pos, Selected, stride_ob, stride_oh, G, GROUP, N_SPLITS,
+                         D: tl.constexpr, GROUP_P2: tl.constexpr, S_P2: tl.constexpr, BLOCK_S: tl.constexpr,
+                         SPLIT: tl.constexpr):
     # program -> one query head: merge its chunks' (max, sum, partial output) into softmax(q K^T) V
     bg = tl.program_id(0)
     h = tl.program_id(1)
+    b = bg // G
     offs_d = tl.arange(0, D)
     first = bg.to(tl.int64) * N_SPLITS                                 # this head's first chunk
+    n = tl.minimum(tl.load(Pos + b) + 1, tl.load(Cap + bg)) + tl.load(Selected + bg)
+    chunks = (n + SPLIT - 1) // SPLIT                                  # the chunks of this segment that ran
     offs_s = tl.arange(0, S_P2)
-    ok = offs_s < N_SPLITS
+    ok = offs_s < chunks
     m = tl.load(MOut + (first + offs_s) * GROUP_P2 + h, mask=ok, other=-float("inf"))
     l = tl.load(LOut + (first + offs_s) * GROUP_P2 + h, mask=ok, other=0.0)
     m_max = tl.max(m, 0)                                               # finite: chunk 0 holds the new token
@@ -181,12 +188,11 @@ def _decode_merge_kernel(MOut, LOut, AccOut, O, stride_ob, stride_oh, G, GROUP, 
     o = tl.zeros([D], tl.float32)
     for s0 in range(0, N_SPLITS, BLOCK_S):  # the partial outputs, BLOCK_S chunks at a time (registers)
         offs = s0 + tl.arange(0, BLOCK_S)
-        ok_s = offs < N_SPLITS
+        ok_s = offs < chunks
         rows = (first + offs) * GROUP_P2 + h
         w = tl.where(ok_s, tl.math.exp2(tl.load(MOut + rows, mask=ok_s, other=-float("inf")) - m_max), 0.0)
         part = tl.load(AccOut + rows[:, None] * D + offs_d[None, :], mask=ok_s[:, None], other=0.0)  # [BLOCK_S, D]
         o += tl.sum(part * w[:, None], 0)
-    b = bg // G
     head = (bg % G) * GROUP + h
     tl.store(O + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, (o / denom).to(O.dtype.element_ty))
 
@@ -251,8 +257,8 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
     if direct:
         return out
     _decode_merge_kernel[(B * G, H // G)](
-        m, l, acc, out, out.stride(0), out.stride(1), G, H // G, n_splits,
-        D=D, GROUP_P2=group_p2, S_P2=max(2, triton.next_power_of_2(n_splits)), BLOCK_S=16, num_warps=4)
+        m, l, acc, out, cap, pos, selected, out.stride(0), out.stride(1), G, H // G, n_splits,
+        D=D, GROUP_P2=group_p2, S_P2=max(2, triton.next_power_of_2(n_splits)), BLOCK_S=16, SPLIT=split, num_warps=4)
     return out
 
 
