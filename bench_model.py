@@ -12,7 +12,6 @@ cache slot once over the copy bandwidth measured in the same run. pytest test_be
 the CPU on a tiny model (bench_model(device="cpu")) and checks that the dense paths decode alike.
 """
 import argparse
-import os
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from attention import KVCache
 from bench import DTYPE, copy_bandwidth, cuda_device, log, sync, timeit
-from cli import command_line, fail, provenance, write_atomic
+from cli import command_line, fail, model_config, provenance, write_atomic
 from generate import CUDAGraphStep, compiled_decode_one_token, decode_one_token
 from kernel import FA
 from model import ModelConfig, Transformer, rope_inv_freq
@@ -45,14 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="bench_model_results.md", help="markdown file to write")
     parser.error = lambda message: fail(f"{message} (python bench_model.py --help lists the flags)")  # one line
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.model):
-        fail(f"--model {args.model}: no such config.json (try configs/llama-3.1-8b.json)")
-    try:
-        ModelConfig.from_json(args.model)
-    except ValueError as e:  # it names the file
-        fail(e)
-    except (KeyError, TypeError) as e:  # a field missing or of the wrong type
-        fail(f"{args.model} is not a model config this code reads: {e!r}")
+    model_config(args.model)
     if args.decode_tokens < 2:
         fail(f"--decode-tokens {args.decode_tokens}: a run times the steps after the first, so decode >= 2")
     return args

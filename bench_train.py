@@ -21,7 +21,6 @@ recipes' --answer-only) or, with --whole-sequence, every position (the paper's).
 the CPU on a tiny model.
 """
 import argparse
-import os
 import types
 from dataclasses import dataclass
 
@@ -30,10 +29,9 @@ import torch
 from attention import compiled_flex_attention, flex_block_mask, mixed_attention
 from bench import log, sync, timeit
 from bench_model import random_model
-from cli import command_line, fail, provenance, write_atomic
+from cli import command_line, fail, model_config, provenance, write_atomic
 from data import IGNORE, Batch
 from kernel import FA
-from model import ModelConfig
 from router import MODE_PAIRS, ElasticConfig, Routers, SparsityConstraint
 from train import cross_entropy, train_step
 
@@ -55,14 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="bench_train_results.md", help="markdown file to write")
     parser.error = lambda message: fail(f"{message} (python bench_train.py --help lists the flags)")  # one line
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.model):
-        fail(f"--model {args.model}: no such config.json (try configs/llama-3.1-8b.json)")
-    try:
-        ModelConfig.from_json(args.model)
-    except ValueError as e:  # it names the file
-        fail(e)
-    except (KeyError, TypeError) as e:  # a field missing or of the wrong type
-        fail(f"{args.model} is not a model config this code reads: {e!r}")
+    model_config(args.model)
     if args.answer_tokens < 1:
         fail(f"--answer-tokens {args.answer_tokens}: the loss needs at least 1 trained position")
     if min(args.seq_lens) <= args.answer_tokens:

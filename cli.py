@@ -7,6 +7,7 @@ header a results file carries. Nothing here is part of the method; a reader of t
     check_device(device)            a --device that this machine can run, or ValueError
     checkpoint_dir(model)           the dir a --model names (None: the embedded default model) and its config
     routers_dir(name)               a --routers value: a dir train.py wrote, or a set shipped under routers/
+    model_config(path)              a benchmark's --model config.json, read, or fail in one line
     load_model(dir, device, dtype)  model.Transformer.from_pretrained, or fail naming the weights file
     load_tokenizer(dir)             the checkpoint's tokenizer, or fail
     command_line(script)            the command a results file records; provenance(): GPU, versions and date
@@ -71,6 +72,19 @@ def routers_dir(name):
     raise ValueError(f"--routers {name}: " + ("holds no routers.safetensors" if path.is_dir() else "no such dir") +
                      "; pass a dir that train.py --out-dir wrote" +
                      (f", or a shipped set: {', '.join(shipped)}" if shipped else ""))
+
+
+def model_config(path):
+    """A benchmark's --model (a config.json; random weights) -> model.ModelConfig, or fail in one line."""
+    from model import ModelConfig
+    if not os.path.isfile(path):
+        fail(f"--model {path}: no such config.json (try configs/llama-3.1-8b.json)")
+    try:
+        return ModelConfig.from_json(path)
+    except ValueError as e:  # it names the file
+        fail(e)
+    except (KeyError, TypeError) as e:  # a field missing or of the wrong type
+        fail(f"{path} is not a model config this code reads: {e!r}")
 
 
 def load_model(model_dir, device=None, dtype=None):
