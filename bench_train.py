@@ -115,11 +115,12 @@ def routed_step(model, routers, batch, device, loss="ce"):
 def dense_step(model, batch):
     """The frozen model all FA, forward and a backward through every block down to the embeddings."""
     modes, trained = model.fixed_modes(FA), batch.targets != IGNORE
+    targets = batch.targets[trained]
 
     def step():
         hook = model.model.embed_tokens.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         try:
-            cross_entropy(model(batch.input_ids, modes=modes, logits_at=trained), batch.targets).backward()
+            cross_entropy(model(batch.input_ids, modes=modes, logits_at=trained), targets).backward()
         finally:
             hook.remove()
     return step

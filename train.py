@@ -197,10 +197,8 @@ def flag(name, value):
 
 
 def cross_entropy(logits, targets):
-    """Mean CE of logits [N, V] (the model's logits_at=targets != IGNORE: only trained positions get logits) or
-    [B, T, V] with every position's targets (IGNORE ones skipped)."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets[targets != IGNORE] if logits.dim() == 2 else
-                           targets.flatten(), ignore_index=IGNORE)
+    """Mean CE of the trained positions' logits [N, V] (the model's logits_at) against their targets [N]."""
+    return F.cross_entropy(logits.float(), targets)
 
 
 def distillation_loss(logits, dense_logits):
@@ -225,7 +223,7 @@ def train_step(model, micro_batches, constraint, cfg, tau, dense_modes):
         trained = batch.targets != IGNORE  # logits only where the loss is: [N, V], not [B, T, V]
         logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, tau=tau, return_routing=True,
                                 logits_at=trained)
-        ce = cross_entropy(logits, batch.targets)
+        ce = cross_entropy(logits, batch.targets[trained])
         fit = ce  # what the routers fit; the log shows CE either way
         if cfg.loss == "kl":
             with torch.no_grad():
@@ -499,11 +497,12 @@ def evaluate(model, heldout, cfg, pad_id, proc):
         batch = collate([heldout[i if weight else 0]], pad_id, answer_only=True, pad_multiple=cfg.pad_multiple)
         batch = batch.to(proc.device)
         trained = batch.targets != IGNORE
-        dense = cross_entropy(model(batch.input_ids, modes=model.fixed_modes(FA), logits_at=trained), batch.targets)
+        targets = batch.targets[trained]
+        dense = cross_entropy(model(batch.input_ids, modes=model.fixed_modes(FA), logits_at=trained), targets)
         logits, routing = model(batch.input_ids, prompt_lens=batch.prompt_lens, return_routing=True,
                                 logits_at=trained)
         c = batch.task_class.item()
-        sums[c] += weight * torch.stack([dense, cross_entropy(logits, batch.targets), routing.omega[0],
+        sums[c] += weight * torch.stack([dense, cross_entropy(logits, targets), routing.omega[0],
                                          torch.ones((), device=proc.device)])
         margin = routing.margin[0]  # [L, G]
         margins[c] += weight * torch.stack([margin, margin.abs()])
