@@ -11,20 +11,20 @@ class on task kinds the routers never saw (Elastic Attention, arXiv 2601.17367; 
     python eval.py --routers fa-ssa fa-xa xa-ssa --lengths 1024 2048 --frontier 0.5 0.8 0.9 0.95 --out eval_results.md
 
 Tasks (data.SyntheticMix): seen, passkey, multi_key, multi_value (sensitive) and continuation (robust) from the train
-split with another seed; held-out, data.HELDOUT_KINDS (split="heldout"); human, data.HUMAN_KINDS (split="human":
-written the way people write); both over held-out texts. Scores: sensitive, the share of the sample's keys found
-(case-insensitive) in a greedy answer; robust, teacher-forced top-1 agreement with the reference answer. Methods: dense FA; the static hybrid (DuoAttention / PruLong style: the top 30% of KV heads by
-retrieval score full, Omega 0.7); XAttention on every head; Elastic Attention with each routers dir (its mode pair
-from its elastic.json; the first must be FA-SSA: its sink and window serve every other SSA method), each followed by
-the static hybrid of its mode pair at its own mean Omega (the fair comparison); with --frontier, static FA-SSA
-hybrids at those sparse ratios: the accuracy-sparsity curve that elastic routing should lie above at every Omega
-(the paper's claim), with a claim per FA-SSA routers set at its mean Omega (the curve interpolated linearly there).
-Statistics: percentile-bootstrap 95% intervals (1000 resamples, fixed seed; paired differences resample the
-samples); the AUC of Omega as a score of the task class (robust positive) on the held-out and human-style kinds.
---probe fits a logistic regression on the dense model's pooled pre-RoPE keys (the first routers' input) over
-train-split samples: a probe far above the routers' AUC says the routers fail, one near it says the data does.
-Writes out-eval/eval_results.md (rewritten after every method) and, with matplotlib, the figure beside it (--out
-eval_results.md: the committed files). Every flag is checked before the model loads.
+split with another seed; held-out, data.HELDOUT_KINDS (split="heldout"); human, data.HUMAN_KINDS (split="human": written
+the way people write); both over held-out texts. Scores: sensitive, the share of the sample's keys found
+(case-insensitive) in a greedy answer; robust, teacher-forced top-1 agreement with the reference answer. Methods: dense
+FA; the static hybrid (DuoAttention / PruLong style: the top 30% of KV heads by retrieval score full, Omega 0.7);
+XAttention on every head; Elastic Attention with each routers dir (its mode pair from its elastic.json; the first must
+be FA-SSA: its sink and window serve every other SSA method), each followed by the static hybrid of its mode pair at its
+own mean Omega (the fair comparison); with --frontier, static FA-SSA hybrids at those sparse ratios: the
+accuracy-sparsity curve that elastic routing should lie above at every Omega (the paper's claim; each FA-SSA set is
+compared with the curve, linear between its points, at its mean Omega). Statistics: percentile-bootstrap 95% intervals
+(1000 resamples, fixed seed; paired differences resample the samples); the AUC of Omega as a score of the task class
+(robust positive) on the held-out and human-style kinds. --probe fits a logistic regression on the dense model's pooled
+pre-RoPE keys (the first routers' input) over train-split samples: a probe far above the routers' AUC says the routers
+fail, one near it says the data does. Writes out-eval/eval_results.md (after every method) and, with matplotlib, the
+figure beside it. Every flag is checked before the model loads.
 """
 import argparse
 import os

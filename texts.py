@@ -1,8 +1,8 @@
 """
 The texts of the built-in mix (tasks.py, human.py; docs/training.md: Data) and what is read from them. Every text
 is one that a fresh machine with Python 3.11 has offline: the documentation topics (pydoc_data.topics), the standard
-library's docstrings and its source (its top-level modules and those of the packages every install ships; tests, IDLE and the
-GUI modules, which some installs leave out, are not used).
+library's docstrings and its source (its top-level modules and those of the packages every install ships; tests,
+IDLE and the GUI modules, which some installs leave out, are not used).
 
     names(source), document(source, name)    the documents: "docs", "docstrings" (one module's, as one text), "code"
     is_heldout(name)                          the held-out documents: the names that hash into bucket 0 of 5
