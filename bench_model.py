@@ -218,15 +218,16 @@ def time_setup(model, setup, idx, args, weight_bytes, bandwidth, device):
 
 
 def router_latency(model, seq_lens, device):
-    """The routers' latency per prefill: every layer's router on its keys, eager (boundary pooling + both MLPs)
-    -> {T: ms}."""
+    """The routers' latency per prefill: every layer's router on its keys as inference runs it (frozen, no
+    autograd: on the GPU one launch per layer, router_kernel.py) -> {T: ms}."""
     cfg = model.config
-    routers = Routers(cfg.num_hidden_layers, cfg.head_dim).to(device)
+    routers = Routers(cfg.num_hidden_layers, cfg.head_dim).to(device).requires_grad_(False)
     router_ms = {}
     for T in seq_lens:
         k_pre = torch.randn(1, T, cfg.num_key_value_heads, cfg.head_dim, device=device,
                             dtype=model.output_weight().dtype)
-        router_ms[T] = timeit(lambda: [r(k_pre) for r in routers], budget_ms=300, device=device)
+        with torch.no_grad():
+            router_ms[T] = timeit(lambda: [r(k_pre) for r in routers], budget_ms=300, device=device)
         log(f"routers at T={T}: {router_ms[T]:.2f} ms per prefill, {router_ms[T] / cfg.num_hidden_layers:.3f} ms "
             "per layer")
     return router_ms
@@ -285,7 +286,7 @@ def model_report(args, res, device="cuda"):
     failed = [r for r in res.rows if r.error is not None]
     if failed:
         lines += ["", "Failed (no row above):"] + [f"- B={r.B} T={r.T} {r.setup}: {r.error}" for r in failed]
-    lines += ["", "Router latency per prefill (all layers, eager, random routers): " + ", ".join(
+    lines += ["", "Router latency per prefill (all layers, inference, random routers): " + ", ".join(
         f"T={T}: {ms:.2f} ms ({ms / L:.3f} ms per layer)" for T, ms in res.router_ms.items()) + "."]
     return "\n".join(lines) + "\n"
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from kernel import FA, KV_BLOCK, SK, SSA, XA
+from router_kernel import router_logits
 from sparsek import Scorer, candidates
 
 # Attention modes as kernel.py numbers them in its per-(batch, KV head) mode table (docs/design.md: Attention modes).
@@ -237,6 +238,9 @@ class AttentionRouter(nn.Module):
     def forward(self, k: torch.Tensor, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
         if k.ndim != 4 or k.shape[-1] != self.head_dim:
             raise ValueError(f"expected pre-RoPE keys [B, T, G, D={self.head_dim}], got {list(k.shape)}")
+        if k.is_cuda and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            # inference on the GPU: the same computation in one launch (router_kernel.py, tested against this one)
+            return router_logits(self, k, _prompt_lens(k, prompt_lens, self.boundary))
         return self.classify(router_input(k, prompt_lens, self.boundary, self.tail))  # [B, G, D or 2D] -> [B, G, 2]
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:

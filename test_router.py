@@ -391,3 +391,32 @@ def test_sk_scorers_save_load_and_shape_refusal(tmp_path):
     save_file({k: v for k, v in state.items() if "scorer" not in k}, tmp_path / "r" / "routers.safetensors")
     with pytest.raises(ValueError, match=r"lacks 0.scorer.weight, 1.scorer.weight \(FA-SK routers need them\)"):
         Routers.load(tmp_path / "r", config)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim, tail", [(16, 0), (16, 4), (24, 3)])
+def test_router_kernel_equals_the_reference(device, head_dim, tail):
+    """router_kernel.router_logits (one launch: pooling, standardisation, both MLPs) against AttentionRouter's PyTorch
+    forward, fp32: prompts longer and shorter than both pooled ends, padding after the prompt, keys with strides of a
+    fused projection, a head dim that is not a power of two; trained-looking weights and input statistics."""
+    from router_kernel import router_logits
+    torch.manual_seed(head_dim + tail)
+    B, T, G, boundary = 3, 23, 2, 5
+    router = AttentionRouter(head_dim, boundary=boundary, tail=tail).to(device)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_(0, 0.3)
+        router.in_mean.normal_(0, 1)
+        router.in_std.uniform_(0.5, 2)
+    qkv = torch.randn(B, T, 3 * G, head_dim, device=device) * 2
+    k = qkv[:, :, G:2 * G]  # a strided view, as the fused projection gives
+    for lens in (None, torch.tensor([23, 7, 1])):
+        want = router.classify(router_input(k, lens, boundary, tail))
+        got = router_logits(router, k, None if lens is None else lens.to(device))
+        assert got.shape == (B, G, 2) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():  # the forward of inference (on the GPU it is the kernel's)
+            torch.testing.assert_close(router(k, lens), want, rtol=1e-4, atol=1e-4)
