@@ -461,18 +461,23 @@ def test_gpu_training_mix_gradients_equal_the_reference(pair):
     reference of both branches, fp32, GQA 8:2, an odd length: the output and the gradients that reach the router
     (through z), the queries, keys and values, and for SK the scorer's scores."""
     import kernel
+    import torch.nn.functional as F
+
     from attention import mixed_attention
-    from router import route
     torch.manual_seed(len(pair))
     B, H, G, T, D = 2, 8, 2, 389, 64
     ec = ElasticConfig(mode_pair=pair, sink=4, window=128, sk_k=32, xa_threshold=0.6)
     q, k, v = (torch.randn(B, n, T, D, device="cuda", requires_grad=True) for n in (H, G, G))
     u = torch.randn(B, G, T, device="cuda", requires_grad=True)
     logits = torch.randn(B, G, 2, device="cuda", requires_grad=True)
-    z = route(logits, tau=1.0)  # straight-through: one-hot forward, soft backward
+
+    def z():  # straight-through, as route() gives in training (one-hot forward, soft backward); a graph per path,
+        soft = logits.softmax(-1)  # since the compiled Flex backward frees its buffers (no retain_graph)
+        return F.one_hot(soft.argmax(-1), 2).to(soft.dtype) + soft - soft.detach()
+
     scores = u if ec.uses_sk else None
-    o = mixed_attention(q, k, v, z, ec, scores)
-    w = z.repeat_interleave(H // G, dim=1)[..., None, None]
+    o = mixed_attention(q, k, v, z(), ec, scores)
+    w = z().repeat_interleave(H // G, dim=1)[..., None, None]
     ref = sum(w[:, :, c] * kernel.reference_attention(
         q, k, v, torch.full((B, G), mode, device="cuda"), sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
         xa_stride=ec.xa_stride, sk_scores=scores, sk_k=ec.sk_k) for c, mode in enumerate(ec.mode_ids))

@@ -393,7 +393,7 @@ def test_sk_scorers_save_load_and_shape_refusal(tmp_path):
         Routers.load(tmp_path / "r", config)
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # the kernel on the CPU: Triton's interpreter (conftest)
 
 
 @pytest.mark.parametrize("device", DEVICES)
