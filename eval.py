@@ -673,12 +673,13 @@ def draw_figure(res, figure):
 
 def score_panel(ax, res):
     """Mean score against mean Omega per method and task class."""
+    from matplotlib import colormaps  # 20 colours: a method each
     for i, name in enumerate(res.rows):
         if name.startswith("XAttention"):
             continue  # no Omega to place it at
         for c, marker in ((data.SENSITIVE, "o"), (data.ROBUST, "s")):
             rows = res.pick(name, cls=c)
-            ax.scatter(mean(o for _, _, o in rows), 100 * mean(s for _, s, _ in rows), color=f"C{i}",
+            ax.scatter(mean(o for _, _, o in rows), 100 * mean(s for _, s, _ in rows), color=colormaps["tab20"](i % 20),
                        marker=marker, s=60, label=name if c == data.SENSITIVE else None)
     ax.set(xlabel="Omega (share of sparse KV heads)", ylabel="score (%)")
     ax.set_title("score against sparsity (circles: sensitive tasks, squares: robust)", fontsize=10)
