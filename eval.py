@@ -8,7 +8,7 @@ class on task kinds the routers never saw (Elastic Attention, arXiv 2601.17367; 
     python eval.py --routers out-routers --limit 2 --lengths 512 1024       # a quick run, also on the CPU
     python eval.py --routers fa-ssa --probe                                 # + the linear probe's ceiling
     python eval.py --routers fa-ssa --frontier 0.5 0.6 0.7 0.8 0.9 0.95     # + the static hybrids' frontier
-    python eval.py --routers fa-ssa fa-xa xa-ssa --lengths 1024 2048 --frontier 0.5 0.8 0.9 0.95 --out eval_results.md
+    python eval.py --routers fa-ssa fa-xa xa-ssa fa-sk --lengths 1024 2048 --samples 24 --out eval_results.md
 
 Tasks (data.SyntheticMix): seen, passkey, multi_key, multi_value (sensitive) and continuation (robust) from the train
 split with another seed; held-out, data.HELDOUT_KINDS (split="heldout"); human, data.HUMAN_KINDS (split="human": written
