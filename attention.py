@@ -157,6 +157,9 @@ def routed_attention(q, k, v, modes, ec, sk_scores=None, lengths=None):
     if not q.is_cuda:
         return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
                                           xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lengths)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("the fused prefill kernel has no backward, and a gradient is asked through it: train "
+                           "through the routers' mix (a tau), or run fixed modes under torch.no_grad()")
     return kernel.elastic_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
                                     xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lengths,
                                     check_modes=False)

@@ -10,8 +10,9 @@ GPU, against a dense forward + backward of the same frozen model.
 Rows per length T, with activation checkpointing per block and without:
 - routed step: train.train_step as training runs it (Gumbel straight-through routing at tau 1, both branches of
   every KV head mixed by z, Eq. 8 with the margin penalty), forward and backward, and the router optimiser's step;
-- dense: the same frozen model with every head FA, forward and a backward that reaches the embeddings (what any
-  gradient through the frozen model costs; the routed step's extra is routing's price);
+- dense: the same frozen model with every head dense (SDPA), forward and a backward that reaches the embeddings, its
+  attention's backward included (what any gradient through the frozen model costs; the routed step's extra is
+  routing's price);
 - the split of the routed step: attention of both branches (fwd + bwd, per layer x layers), the routers (all
   layers, fwd + bwd), and the rest (projections, MLPs, norms, the head, the recompute);
 - the attention of both branches as training runs it (SDPA for FA, FlexAttention for SSA) against both branches in
@@ -113,16 +114,19 @@ def routed_step(model, routers, batch, device, loss="ce"):
 
 
 def dense_step(model, batch):
-    """The frozen model all FA, forward and a backward through every block down to the embeddings."""
-    modes, trained = model.fixed_modes(FA), batch.targets != IGNORE
+    """The frozen model without its routers (every head dense, SDPA), forward and a backward through every block,
+    attention included, down to the embeddings."""
+    trained = batch.targets != IGNORE
     targets = batch.targets[trained]
 
     def step():
+        routers, model.routers = model.routers, None
         hook = model.model.embed_tokens.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         try:
-            cross_entropy(model(batch.input_ids, modes=modes, logits_at=trained), targets).backward()
+            cross_entropy(model(batch.input_ids, logits_at=trained), targets).backward()
         finally:
             hook.remove()
+            model.routers = routers
     return step
 
 
@@ -225,7 +229,7 @@ def train_report(args, rows, device="cuda", weights_gib=float("nan")):
              f"window {args.window}; one sequence of T tokens a step; the loss on {loss} (--loss {args.loss}); the "
              f"frozen weights hold {cell(weights_gib, '{:.1f}')} GiB of each peak. Routed step: train.py's "
              "train_step (both branches of every head, Gumbel straight-through z, Eq. 8) and the router optimiser. "
-             "Dense: every head FA, forward and backward to the embeddings. Attention: both branches of every layer, "
+             "Dense: every head FA (SDPA), forward and backward to the embeddings. Attention: both branches of every layer, "
              "fwd + bwd, as training runs them (SDPA for FA, FlexAttention for the sparse mode) and in FlexAttention "
              "only. Rest: the routed step less attention and routers (projections, MLPs, norms, the head, and the "
              "recompute of every block's forward, its attention included, that checkpointing costs).", "",

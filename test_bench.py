@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+import attention
 import bench
 import bench_model
 import bench_train
@@ -157,6 +158,12 @@ def test_training_step_runs_and_trains_the_routers(tiny_config, monkeypatch, who
             moved.append(sum(not torch.equal(a, p) for a, p in zip(before, routers.parameters())))
         return checked
     monkeypatch.setattr(bench_train, "routed_step", watched)
+    fused = attention.routed_attention
+
+    def inference_only(*a, **k):  # the fused kernel has no backward on the GPU: no timed step may ask one of it
+        assert not torch.is_grad_enabled(), "a gradient through the fused kernel (no backward on the GPU)"
+        return fused(*a, **k)
+    monkeypatch.setattr(attention, "routed_attention", inference_only)
     seen = []
     rows, weights_gib = bench_train.bench_train(args, device="cpu", done=lambda rows, gib: seen.append(len(rows)))
     assert seen == [1, 2] and weights_gib > 0  # the report is rewritten after every row
