@@ -32,6 +32,7 @@ EOS. Nothing here runs on its own; `pytest test_data.py` checks it.
 
 import json
 import random
+import re
 from bisect import bisect_left
 from dataclasses import dataclass, replace
 
@@ -82,6 +83,13 @@ class Sample:
     task_class: int          # SENSITIVE or ROBUST
     keys: tuple[str, ...] = ()  # strings a correct answer contains (the built-in sensitive kinds; eval.py scores them)
     order: str = "icq"          # the user turn's parts: instruction, context, question (encode's order)
+
+
+def mentions(text: str, key: str) -> bool:
+    """Whether an answer (lowercased) states a key as a whole token: "2" is not found in "12" nor "2.5", "None" not
+    in "NoneType"."""
+    edge = r"[0-9a-z_]"
+    return re.search(rf"(?<!{edge}){re.escape(key.lower())}(?!{edge}|\.[0-9])", text) is not None
 
 # -----------------------------------------------------------------------------
 # Prompts

@@ -28,7 +28,6 @@ figure beside it. Every flag is checked before the model loads.
 """
 import argparse
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -162,13 +161,6 @@ def probe_auc(model, train_samples, test_samples, boundary=100, tail=0, batch_si
 # scoring one batch of a (task, length) cell
 
 
-def mentions(text, key):
-    """Whether text (lowercased) holds key as a whole token: "2" is not found in "12" nor "2.5", "None" not in
-    "NoneType"."""
-    edge = r"[0-9a-z_]"
-    return re.search(rf"(?<!{edge}){re.escape(key.lower())}(?!{edge}|\.[0-9])", text) is not None
-
-
 @torch.no_grad()
 def score_batch(model, tokenizer, samples, modes):
     """Scores samples of one task (all sensitive or all robust) -> [(score, omega, head modes [L, G])], each from
@@ -186,7 +178,7 @@ def score_batch(model, tokenizer, samples, modes):
         rows = []
         for s, out, limit, st in zip(samples, outs, limits, stats):
             text = tokenizer.decode(out[:limit], skip_special_tokens=True).lower()
-            rows.append((sum(mentions(text, k) for k in s.keys) / len(s.keys), st["routing"].omega.item(),
+            rows.append((sum(data.mentions(text, k) for k in s.keys) / len(s.keys), st["routing"].omega.item(),
                          st["routing"].modes[0].cpu()))
         return rows
     # teacher-forced agreement: rows of one length go through one forward, no padding
@@ -679,8 +671,8 @@ def score_panel(ax, res):
             continue  # no Omega to place it at
         for c, marker in ((data.SENSITIVE, "o"), (data.ROBUST, "s")):
             rows = res.pick(name, cls=c)
-            ax.scatter(mean(o for _, _, o in rows), 100 * mean(s for _, s, _ in rows), color=colormaps["tab20"](i % 20),
-                       marker=marker, s=60, label=name if c == data.SENSITIVE else None)
+            ax.scatter(mean(o for _, _, o in rows), 100 * mean(s for _, s, _ in rows), marker=marker, s=60,
+                       color=colormaps["tab20"](i % 20), label=name if c == data.SENSITIVE else None)
     ax.set(xlabel="Omega (share of sparse KV heads)", ylabel="score (%)")
     ax.set_title("score against sparsity (circles: sensitive tasks, squares: robust)", fontsize=10)
     ax.legend(fontsize=7, loc="lower left")

@@ -10,7 +10,7 @@ from pydoc_data.topics import topics
 import tasks
 import texts
 from data import (HELDOUT_KINDS, HUMAN_KINDS, IGNORE, KIND_CLASS, KINDS, ROBUST, SENSITIVE, TASK_CLASSES, JsonlDataset,
-                  Sample, SyntheticMix, collate, encode, task_class)
+                  Sample, SyntheticMix, collate, encode, mentions, task_class)
 
 END_OF_PROMPT = "<|im_end|>\n<|im_start|>assistant\n"  # SmolLM2's template between user turn and answer
 
@@ -343,3 +343,9 @@ def test_collate_shapes_and_targets(tok, mix):
     assert batch.to("cpu").input_ids is not None
     with pytest.raises(ValueError, match="pad_id"):
         collate(samples, pad_id=None)
+
+
+def test_a_key_counts_only_as_a_whole_token():
+    assert mentions("it occurs 2 times.", "2") and mentions("(7)", "7") and mentions("valueerror: no", "ValueError")
+    assert not mentions("it occurs 12 times", "2") and not mentions("2.5", "2") and not mentions("nonetype", "None")
+    assert mentions("see os.path.join", "os.path") and mentions("python 3.10 added it", "3.10")

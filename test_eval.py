@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from eval import auc, auc_of_pairs, bootstrap_ci, class_gap, fit_probe, interpolate, mean, mentions
+from eval import auc, auc_of_pairs, bootstrap_ci, class_gap, fit_probe, interpolate, mean
 from model import Transformer
 from router import ElasticConfig, Routers
 
@@ -39,12 +39,6 @@ def test_bootstrap_ci_covers_the_mean_and_narrows_with_n():
     assert lo < 1.0 < hi and lo > 0.7
     est, lo, hi = bootstrap_ci(pairs, auc_of_pairs)  # AUC about 0.92 for two normals one sd apart
     assert est == auc([s for s, _ in pairs], [c for _, c in pairs]) and lo < 0.92 < hi
-
-
-def test_a_key_counts_only_as_a_whole_token():
-    assert mentions("it occurs 2 times.", "2") and mentions("(7)", "7") and mentions("valueerror: no", "ValueError")
-    assert not mentions("it occurs 12 times", "2") and not mentions("2.5", "2") and not mentions("nonetype", "None")
-    assert mentions("see os.path.join", "os.path") and mentions("python 3.10 added it", "3.10")
 
 
 def test_auc():
