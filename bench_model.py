@@ -8,8 +8,9 @@ Omega 0.7 (that share of KV heads sparse, the rest full), against the bytes a de
 Setups: dense SDPA over a contiguous cache (eager; and with static shapes in a CUDA graph, gpt-fast's way), ours all
 FA, and ours FA-SSA and XA-SSA at --sparse-ratio (the KV cache of attention.py, the decode kernel of
 decode_kernel.py, one CUDA graph per step, torch.compile around it). The floor: the weights once and every filled
-cache slot once over the copy bandwidth measured in the same run. pytest test_bench.py runs every setup eagerly on
-the CPU on a tiny model (bench_model(device="cpu")) and checks that the dense paths decode alike.
+cache slot once over the copy bandwidth measured in the same run. For our setups, where a step's time goes: every
+layer's attention alone and every GEMV alone, each against its floor, and the rest. pytest test_bench.py runs every
+setup eagerly on the CPU on a tiny model (bench_model(device="cpu")) and checks that the dense paths decode alike.
 """
 import argparse
 import time
@@ -108,6 +109,9 @@ class ModelRow:
     floor: float = float("nan")  # ms a step needs at the copy bandwidth
     kv: int = 0                  # KV-cache bytes
     tokens: list | None = None   # the greedy tokens, [B][decode_tokens]: the first from the prefill
+    attn_ms: float = float("nan")     # ours: every layer's decode attention alone, and its floor (the cache bytes)
+    attn_floor: float = float("nan")
+    gemv_ms: float = float("nan")     # ours: every GEMV of the step alone (its floor: the weights)
     error: str | None = None
 
 
@@ -173,6 +177,42 @@ def step_bytes(setup, caches, T, new, weight_bytes, head_dim):
         * c.k.element_size() for c in caches)
 
 
+def replayed(fn, device):
+    """fn captured once in a CUDA graph -> its replay (on the CPU: fn itself)."""
+    if torch.device(device).type != "cuda":
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def step_split(model, caches, pos, device):
+    """Where a decode step of ours spends its time: every layer's attention over its cache alone (the decode kernel,
+    B new tokens at pos) and every GEMV of the step alone (q/k/v, o, gate/up, down, the head, for B tokens), each in
+    its own CUDA graph -> (attention ms, GEMV ms). The step less both is the rest: norms, RoPE, residuals, sampling."""
+    cfg, W = model.config, model.output_weight()
+    B, H, G, D = pos.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = torch.randn(B, H, 1, D, device=device, dtype=W.dtype)
+    k, v = (torch.randn(B, G, 1, D, device=device, dtype=W.dtype) for _ in range(2))
+    weights = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)] + [W]
+    xs = {n: torch.randn(B, n, device=device, dtype=W.dtype) for n in {w.shape[1] for w in weights}}
+
+    def attention():
+        for cache in caches:
+            cache.decode(q, k, v, pos)  # rewrites slot pos, as the warm-up steps do
+
+    def gemvs():
+        for w in weights:
+            F.linear(xs[w.shape[1]], w)
+    return tuple(timeit(replayed(fn, device), budget_ms=200, device=device) for fn in (attention, gemvs))
+
+
 def time_setup(model, setup, idx, args, weight_bytes, bandwidth, device):
     """One setup on the prompts idx [B, T]: the prefill (first token), then decode_tokens - 1 greedy steps timed
     -> ModelRow. A failure (out of memory, a compile that fails) is a row with its error: the other setups run."""
@@ -204,13 +244,15 @@ def time_setup(model, setup, idx, args, weight_bytes, bandwidth, device):
         ms = (time.perf_counter() - t0) * 1e3 / (new - 1)
         kv = sum(c.nbytes() for c in caches)
         floor = step_bytes(setup, caches, T, new, weight_bytes, model.config.head_dim) / bandwidth * 1e3
+        split = step_split(model, caches, pos, device) if setup.cache == "ours" else (float("nan"),) * 2
     except Exception as e:  # out of memory, or a compile that fails: the row says so, the others run
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         log(f"B={Bm} T={T} {setup.name}: failed: {error}")
         return ModelRow(Bm, T, setup.name, error=error)
     log(f"B={Bm} T={T} {setup.name}: first token {ttft:.0f} ms, decode {ms:.2f} ms/step "
         f"({Bm * 1e3 / ms:.0f} tokens/s), floor {floor:.2f} ms ({ms / floor:.2f}x), KV {kv / 2**30:.2f} GiB")
-    return ModelRow(Bm, T, setup.name, ttft, ms, floor, kv, torch.stack(tokens, 1).tolist())
+    return ModelRow(Bm, T, setup.name, ttft, ms, floor, kv, torch.stack(tokens, 1).tolist(), split[0],
+                    floor - weight_bytes / bandwidth * 1e3, split[1])
 
 
 # -----------------------------------------------------------------------------
@@ -283,12 +325,32 @@ def model_report(args, res, device="cuda"):
         lines.append(f"| {r.B} | {r.T} | {r.setup} | {r.ttft:.0f} | {r.ms:.2f} | {r.B * 1e3 / r.ms:.1f} | "
                      f"{r.floor:.2f} | {r.ms / r.floor:.2f} | {vs[0]:.2f}x | {vs[1]:.2f}x | {vs[2]:.2f}x | "
                      f"{r.kv / 2**30:.2f} |")
+    lines += split_table(done, wb / bw * 1e3)
     failed = [r for r in res.rows if r.error is not None]
     if failed:
         lines += ["", "Failed (no row above):"] + [f"- B={r.B} T={r.T} {r.setup}: {r.error}" for r in failed]
     lines += ["", "Router latency per prefill (all layers, inference, random routers): " + ", ".join(
         f"T={T}: {ms:.2f} ms ({ms / L:.3f} ms per layer)" for T, ms in res.router_ms.items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def split_table(rows, weights_floor):
+    """Where each of our decode steps spends its time, against the floors of its parts."""
+    lines = ["", "Where our decode step's time goes: every layer's attention alone and every GEMV alone (each in its "
+             "own CUDA graph; floors: the cache bytes and the weight bytes over the copy bandwidth), and the rest of "
+             "the step (norms, RoPE, residuals, the head's argmax, launch gaps); the share of the gap between the "
+             "step and its floor that each part holds.", "",
+             "| B | prompt | setup | step ms (floor) | attention ms (floor) | GEMVs ms (floor) | rest ms "
+             "| gap: attention / GEMVs / rest |", "|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.attn_ms != r.attn_ms:  # not one of ours
+            continue
+        rest, gap = r.ms - r.attn_ms - r.gemv_ms, r.ms - r.floor
+        shares = [r.attn_ms - r.attn_floor, r.gemv_ms - weights_floor, rest]
+        lines.append(f"| {r.B} | {r.T} | {r.setup} | {r.ms:.2f} ({r.floor:.2f}) | {r.attn_ms:.2f} ({r.attn_floor:.2f}) "
+                     f"| {r.gemv_ms:.2f} ({weights_floor:.2f}) | {rest:.2f} | "
+                     + " / ".join(f"{100 * x / gap:.0f}%" for x in shares) + " |")
+    return lines
 
 
 # -----------------------------------------------------------------------------

@@ -49,9 +49,15 @@ def test_every_model_setup_runs(model_run):
     for r in res.rows:
         assert r.ttft > 0 and r.ms > 0 and r.floor > 0 and r.kv > 0, r
         assert len(r.tokens) == r.B and all(len(row) == args.decode_tokens for row in r.tokens), r
+    dense = ("dense SDPA, eager", "dense SDPA, CUDA graph")  # the baselines' caches are not ours: no split
+    for r in res.rows:  # ours: attention alone and the GEMVs alone were timed, and the attention has its floor
+        assert (r.setup in dense) == (r.attn_ms != r.attn_ms), r
+        assert r.setup in dense or (r.attn_ms > 0 and r.gemv_ms > 0 and 0 < r.attn_floor < r.floor), r
     report = bench_model.model_report(args, res, device="cpu")
+    table, split = report.split("Where our decode step's time goes")
     for name in SETUPS:
-        assert report.count(f"| {name} |") == 2, name
+        assert table.count(f"| {name} |") == 2, name
+        assert split.count(f"| {name} |") == (0 if name in dense else 2), name
     assert "Failed" not in report and "nan" not in report
 
 
