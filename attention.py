@@ -157,12 +157,27 @@ def routed_attention(q, k, v, modes, ec, sk_scores=None, lengths=None):
     if not q.is_cuda:
         return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
                                           xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lengths)
+    def run(q, k, v):
+        return kernel.elastic_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
+                                        xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lengths,
+                                        check_modes=False)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise RuntimeError("the fused prefill kernel has no backward, and a gradient is asked through it: train "
-                           "through the routers' mix (a tau), or run fixed modes under torch.no_grad()")
-    return kernel.elastic_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
-                                    xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lengths,
-                                    check_modes=False)
+        return ForwardOnly.apply(q, k, v, run)  # a backward through it is an error, not a gradient silently lost
+    return run(q, k, v)
+
+
+class ForwardOnly(torch.autograd.Function):
+    """The fused prefill kernel where autograd is on: its output as it is, and a clear error if a backward reaches
+    it (the kernel has none; training runs mixed_attention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, run):
+        return run(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("the fused prefill kernel has no backward: train through the routers' mix (a Gumbel "
+                           "tau, attention.mixed_attention), or run fixed modes under torch.no_grad()")
 
 
 def mixed_attention(q, k, v, z, ec, sk_scores=None):

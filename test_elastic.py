@@ -487,3 +487,15 @@ def test_gpu_training_mix_gradients_equal_the_reference(pair):
     assert (o - ref).abs().max() < 1e-3 * ref.abs().max()
     for name, a, b in zip(["router logits", "q", "k", "v", "scores"], grads, ref_grads):
         assert (a - b).abs().max() < 2e-3 * b.abs().max(), name
+
+
+def test_a_backward_through_the_fused_kernel_is_an_error():
+    """attention.ForwardOnly, which wraps the fused prefill kernel on the GPU where autograd is on: the forward is the
+    kernel's output (a forward without no_grad works), a backward that reaches it raises instead of losing the
+    gradient of attention without a word."""
+    from attention import ForwardOnly
+    q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(3))
+    y = ForwardOnly.apply(q, k, v, lambda q, k, v: q + k * v)
+    assert y.requires_grad and torch.equal(y, (q + k * v).detach())
+    with pytest.raises(RuntimeError, match="no backward"):
+        y.sum().backward()
