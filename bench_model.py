@@ -244,7 +244,12 @@ def time_setup(model, setup, idx, args, weight_bytes, bandwidth, device):
         ms = (time.perf_counter() - t0) * 1e3 / (new - 1)
         kv = sum(c.nbytes() for c in caches)
         floor = step_bytes(setup, caches, T, new, weight_bytes, model.config.head_dim) / bandwidth * 1e3
-        split = step_split(model, caches, pos, device) if setup.cache == "ours" else (float("nan"),) * 2
+        split = (float("nan"),) * 2
+        if setup.cache == "ours":
+            try:
+                split = step_split(model, caches, pos, device)
+            except Exception as e:  # the row keeps its timings without the split
+                log(f"B={Bm} T={T} {setup.name}: no split of the step: {type(e).__name__}: {e}")
     except Exception as e:  # out of memory, or a compile that fails: the row says so, the others run
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         log(f"B={Bm} T={T} {setup.name}: failed: {error}")
@@ -349,7 +354,7 @@ def split_table(rows, weights_floor):
         shares = [r.attn_ms - r.attn_floor, r.gemv_ms - weights_floor, rest]
         lines.append(f"| {r.B} | {r.T} | {r.setup} | {r.ms:.2f} ({r.floor:.2f}) | {r.attn_ms:.2f} ({r.attn_floor:.2f}) "
                      f"| {r.gemv_ms:.2f} ({weights_floor:.2f}) | {rest:.2f} | "
-                     + " / ".join(f"{100 * x / gap:.0f}%" for x in shares) + " |")
+                     + (" / ".join(f"{100 * x / gap:.0f}%" for x in shares) if gap > 0 else "at the floor") + " |")
     return lines
 
 

@@ -86,10 +86,11 @@ class Sample:
 
 
 def mentions(text: str, key: str) -> bool:
-    """Whether an answer (lowercased) states a key as a whole token: "2" is not found in "12" nor "2.5", "None" not
-    in "NoneType"."""
+    """Whether an answer states a key as a whole token, case aside: "2" is not found in "12", "2.5", "0.2" or "-2",
+    "None" not in "NoneType"."""
     edge = r"[0-9a-z_]"
-    return re.search(rf"(?<!{edge}){re.escape(key.lower())}(?!{edge}|\.[0-9])", text) is not None
+    number = r"(?<![0-9]\.)(?<!-)" if key[:1].isdigit() else ""  # a digit key inside a decimal or a negative
+    return re.search(rf"(?<!{edge}){number}{re.escape(key.lower())}(?!{edge}|\.[0-9])", text.lower()) is not None
 
 # -----------------------------------------------------------------------------
 # Prompts

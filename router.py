@@ -238,7 +238,8 @@ class AttentionRouter(nn.Module):
     def forward(self, k: torch.Tensor, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
         if k.ndim != 4 or k.shape[-1] != self.head_dim:
             raise ValueError(f"expected pre-RoPE keys [B, T, G, D={self.head_dim}], got {list(k.shape)}")
-        if k.is_cuda and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+        wants_grad = torch.is_grad_enabled() and (k.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if k.is_cuda and not wants_grad:
             # inference on the GPU: the same computation in one launch (router_kernel.py, tested against this one)
             return router_logits(self, k, _prompt_lens(k, prompt_lens, self.boundary))
         return self.classify(router_input(k, prompt_lens, self.boundary, self.tail))  # [B, G, D or 2D] -> [B, G, 2]

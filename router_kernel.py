@@ -23,7 +23,7 @@ def _end_sum(K, b_off, g_off, stride_t, n_len, n, last, d, D_PAD: tl.constexpr, 
     fp32 [D_PAD]; and m."""
     m = tl.minimum(n, n_len)
     pos = tl.arange(0, N_PAD)
-    t = tl.where(last == 1, n_len - 1 - pos, pos)
+    t = tl.where(last == 1, n_len - 1 - pos, pos).to(tl.int64)  # token offsets past 2^31 elements: fused qkv at 350K
     mask = (pos < m)[:, None] & (d < D)[None, :]
     x = tl.load(K + b_off + g_off + t[:, None] * stride_t + d[None, :], mask=mask, other=0.0)
     return tl.sum(x.to(tl.float32), 0), m
@@ -63,7 +63,7 @@ def _router_fwd(K, Lens, Mean, Std, W1, B1, W2, B2, W3, B3, W4, B4, W5, B5, Scra
     first, m = _end_sum(K, b_off, g_off, stride_t, n_len, BOUNDARY, 0, d, D_PAD, NB_PAD, D)
     last, _ = _end_sum(K, b_off, g_off, stride_t, n_len, BOUNDARY, 1, d, D_PAD, NB_PAD, D)
     pooled = (first / m + last / m) / 2
-    x0, x1 = Scratch + pid * 2 * S, Scratch + pid * 2 * S + S  # two scratch rows: each layer reads one, writes the other
+    x0, x1 = Scratch + pid * 2 * S, Scratch + pid * 2 * S + S  # scratch rows: each layer reads one, writes the other
     tl.store(x0 + d, (pooled - tl.load(Mean + d, mask=d < D)) / tl.load(Std + d, mask=d < D, other=1.0), mask=d < D)
     if TAIL > 0:
         tail, mt = _end_sum(K, b_off, g_off, stride_t, n_len, TAIL, 1, d, D_PAD, NT_PAD, D)

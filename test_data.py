@@ -348,4 +348,6 @@ def test_collate_shapes_and_targets(tok, mix):
 def test_a_key_counts_only_as_a_whole_token():
     assert mentions("it occurs 2 times.", "2") and mentions("(7)", "7") and mentions("valueerror: no", "ValueError")
     assert not mentions("it occurs 12 times", "2") and not mentions("2.5", "2") and not mentions("nonetype", "None")
+    assert not mentions("0.5 of them", "5") and not mentions("python 3.10", "10") and not mentions("it is -1", "1")
+    assert mentions("It Is NONE.", "None") and mentions("between 1-2", "1")
     assert mentions("see os.path.join", "os.path") and mentions("python 3.10 added it", "3.10")

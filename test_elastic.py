@@ -469,7 +469,8 @@ def test_gpu_training_mix_gradients_equal_the_reference(pair):
     ec = ElasticConfig(mode_pair=pair, sink=4, window=128, sk_k=32, xa_threshold=0.6)
     q, k, v = (torch.randn(B, n, T, D, device="cuda", requires_grad=True) for n in (H, G, G))
     u = torch.randn(B, G, T, device="cuda", requires_grad=True)
-    logits = torch.randn(B, G, 2, device="cuda", requires_grad=True)
+    logits = torch.tensor([[[1.0, -0.5], [-0.3, 0.8]], [[0.2, 0.9], [0.7, -0.4]]], device="cuda",
+                          requires_grad=True)  # each branch taken by some head, so both backwards are checked
 
     def z():  # straight-through, as route() gives in training (one-hot forward, soft backward); a graph per path,
         soft = logits.softmax(-1)  # since the compiled Flex backward frees its buffers (no retain_graph)
@@ -478,9 +479,11 @@ def test_gpu_training_mix_gradients_equal_the_reference(pair):
     scores = u if ec.uses_sk else None
     o = mixed_attention(q, k, v, z(), ec, scores)
     w = z().repeat_interleave(H // G, dim=1)[..., None, None]
+    # XA: the block selection the training path made (a block on the threshold's edge must not flip between the two)
+    xa = kernel.xattn_block_mask(q.detach(), k.detach(), stride=ec.xa_stride, threshold=ec.xa_threshold)
     ref = sum(w[:, :, c] * kernel.reference_attention(
-        q, k, v, torch.full((B, G), mode, device="cuda"), sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
-        xa_stride=ec.xa_stride, sk_scores=scores, sk_k=ec.sk_k) for c, mode in enumerate(ec.mode_ids))
+        q, k, v, torch.full((B, G), mode, device="cuda"), sink=ec.sink, window=ec.window, xa_blocks=xa,
+        sk_scores=scores, sk_k=ec.sk_k) for c, mode in enumerate(ec.mode_ids))
     go = torch.randn_like(o)
     inputs = (logits, q, k, v) + ((u,) if ec.uses_sk else ())
     grads, ref_grads = torch.autograd.grad(o, inputs, go), torch.autograd.grad(ref, inputs, go)
