@@ -161,8 +161,8 @@ def routed_attention(q, k, v, modes, ec, sk_scores=None, lengths=None):
         return kernel.elastic_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
                                         xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lengths,
                                         check_modes=False)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return ForwardOnly.apply(q, k, v, run)  # a backward through it is an error, not a gradient silently lost
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sk_scores)):
+        return ForwardOnly.apply(q, k, v, sk_scores, run)  # a backward through it raises: no gradient silently lost
     return run(q, k, v)
 
 
@@ -171,7 +171,7 @@ class ForwardOnly(torch.autograd.Function):
     it (the kernel has none; training runs mixed_attention)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, run):
+    def forward(ctx, q, k, v, sk_scores, run):  # sk_scores: only so that a gradient asked of them reaches backward
         return run(q, k, v)
 
     @staticmethod

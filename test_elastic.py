@@ -498,7 +498,11 @@ def test_a_backward_through_the_fused_kernel_is_an_error():
     gradient of attention without a word."""
     from attention import ForwardOnly
     q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(3))
-    y = ForwardOnly.apply(q, k, v, lambda q, k, v: q + k * v)
+    y = ForwardOnly.apply(q, k, v, None, lambda q, k, v: q + k * v)
     assert y.requires_grad and torch.equal(y, (q + k * v).detach())
+    with pytest.raises(RuntimeError, match="no backward"):
+        y.sum().backward()
+    u = torch.randn(1, 2, 5, requires_grad=True)  # only the SK scores ask for a gradient
+    y = ForwardOnly.apply(q.detach(), k.detach(), v.detach(), u, lambda q, k, v: q + k * v)
     with pytest.raises(RuntimeError, match="no backward"):
         y.sum().backward()
