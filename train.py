@@ -436,9 +436,17 @@ def batch_stream(cfg, dataset, pad_id, start, accum, proc):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=indices, num_workers=cfg.workers,
                                          collate_fn=functools.partial(collate, pad_id=pad_id,
                                                                       answer_only=cfg.answer_only,
-                                                                      pad_multiple=cfg.pad_multiple))
+                                                                      pad_multiple=cfg.pad_multiple),
+                                         worker_init_fn=quiet_worker)
     batches = iter(loader)  # the workers start now, ahead of the routers' preparation
     return ((batch.to(proc.device), int(batch.lengths.sum()), first) for batch, first in zip(batches, firsts))
+
+
+def quiet_worker(_):
+    """A data worker hands each batch over by file descriptor, from a thread of its own; when the main process stops
+    (Ctrl-C, SIGTERM) in the middle of a handover, that thread's broken connection is no news, and the main process
+    has said in one line what happened. (Errors of the dataset or collate go to the main process, not through this.)"""
+    sys.excepthook = lambda *exc: None
 
 
 def first_samples(cfg, dataset, pad_id, count, proc, desc):
