@@ -86,7 +86,7 @@ def router_logits(router, k: torch.Tensor, prompt_lens: torch.Tensor | None = No
     if k.stride(-1) != 1:
         k = k.contiguous()
     lens = (torch.full((B,), T, dtype=torch.int32, device=k.device) if prompt_lens is None
-            else prompt_lens.to(device=k.device, dtype=torch.int32))
+            else prompt_lens.to(k.device))  # any integer dtype: the kernel reads it as it is (no cast launch)
     t, r = router.task_mlp, router.router_mlp
     H = t[0].out_features
     S = max(2 * D, H)
