@@ -12,6 +12,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           Qwen2Config, Qwen3Config)
@@ -188,7 +189,10 @@ def test_disable_restores_the_model(smollm2_hf, tokenizer, prompts):
     before, its weights and config are untouched, and its logits are the ones from before, bit for bit. (A forward
     with right padding.)"""
     model = smollm2_hf
-    idx = tokenizer.pad({"input_ids": [prompts[1].tolist(), prompts[0][:40].tolist()]}, return_tensors="pt")
+    long, short = prompts[1], prompts[0][:40]  # right padding by hand: some transformers' GGUF tokenizer has no pad
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    idx = {"input_ids": torch.stack([long, F.pad(short, (0, len(long) - len(short)), value=pad)]),
+           "attention_mask": torch.stack([torch.ones_like(long), (torch.arange(len(long)) < len(short)).long()])}
     with torch.no_grad():
         dense = model(**idx).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
