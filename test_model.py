@@ -16,6 +16,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 from default_model import default_model_dir
 from generate import generate
+import model as model_module
 from model import ModelConfig, Transformer
 
 HERE = Path(__file__).parent
@@ -83,6 +84,28 @@ def test_fused_matrices_hold_the_checkpoint_exactly(tmp_path, kind):
         assert torch.equal(attn.qkv_proj.bias, torch.cat([q.bias, k.bias, v.bias]))
     hf_mlp = hf.model.layers[0].mlp
     assert torch.equal(mlp.gate_up_proj.weight, torch.cat([hf_mlp.gate_proj.weight, hf_mlp.up_proj.weight]))
+
+
+def test_long_prefill_mlp_goes_in_row_chunks(tmp_path, monkeypatch):
+    """Past MLP_ROWS tokens a no-grad forward runs the MLP a chunk of rows at a time (a batched 8 x 32K prefill of an
+    8B model would hold 14 GiB of gate/up otherwise): the logits are those of the whole MLP, and a forward with
+    autograd keeps one call for its backward."""
+    path, hf = tiny_checkpoint(tmp_path, "llama3")
+    model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 37))
+    with torch.no_grad():
+        whole = model(idx)
+    calls = []
+    mlp = model.model.layers[0].mlp
+    monkeypatch.setattr(model_module, "MLP_ROWS", 16)
+    monkeypatch.setattr(mlp, "mlp", lambda x, f=mlp.mlp: calls.append(len(x)) or f(x))
+    with torch.no_grad():
+        chunked = model(idx)
+    assert calls == [16, 16, 16, 16, 10]  # 74 rows
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    model(idx)
+    assert calls == [2]  # one call on [B, T, hidden]
 
 
 def test_config_reads_both_rope_layouts(tmp_path):
