@@ -174,7 +174,7 @@ class Attention(nn.Module):
         return self.o_proj(y), routed
 
 
-MLP_ROWS = 16384  # tokens per MLP call in a prefill (no autograd); training keeps every row for its backward
+MLP_ROWS = 16384  # tokens per MLP call in a long prefill; training keeps every row for its backward
 
 
 class MLP(nn.Module):
@@ -186,12 +186,15 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """A long prefill goes MLP_ROWS tokens at a time: at 8 x 32K tokens of an 8B model, [tokens, 2 x intermediate]
-        alone would take 14 GiB beside the cache."""
+        alone would take 14 GiB beside the cache. A forward that autograd records (training) keeps one call."""
         rows = x.shape[:-1].numel()
-        if rows > MLP_ROWS and not torch.is_grad_enabled():
-            flat = x.reshape(rows, -1)
-            return torch.cat([self.mlp(c) for c in flat.split(MLP_ROWS)]).view(*x.shape[:-1], -1)
-        return self.mlp(x)
+        recorded = torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.weight.requires_grad)
+        if rows <= MLP_ROWS or recorded:
+            return self.mlp(x)
+        flat, out = x.reshape(rows, -1), x.new_empty(rows, self.down_proj.out_features)
+        for i in range(0, rows, MLP_ROWS):
+            out[i:i + MLP_ROWS] = self.mlp(flat[i:i + MLP_ROWS])
+        return out.view(*x.shape[:-1], -1)
 
     def mlp(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

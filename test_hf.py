@@ -190,7 +190,7 @@ def test_disable_restores_the_model(smollm2_hf, tokenizer, prompts):
     with right padding.)"""
     model = smollm2_hf
     long, short = prompts[1], prompts[0][:40]  # right padding by hand: some transformers' GGUF tokenizer has no pad
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)  # masked anyway
     idx = {"input_ids": torch.stack([long, F.pad(short, (0, len(long) - len(short)), value=pad)]),
            "attention_mask": torch.stack([torch.ones_like(long), (torch.arange(len(long)) < len(short)).long()])}
     with torch.no_grad():

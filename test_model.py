@@ -87,9 +87,9 @@ def test_fused_matrices_hold_the_checkpoint_exactly(tmp_path, kind):
 
 
 def test_long_prefill_mlp_goes_in_row_chunks(tmp_path, monkeypatch):
-    """Past MLP_ROWS tokens a no-grad forward runs the MLP a chunk of rows at a time (a batched 8 x 32K prefill of an
-    8B model would hold 14 GiB of gate/up otherwise): the logits are those of the whole MLP, and a forward with
-    autograd keeps one call for its backward."""
+    """Past MLP_ROWS tokens a forward that autograd does not record runs the MLP a chunk of rows at a time (a batched
+    8 x 32K prefill of an 8B model would hold 14 GiB of gate/up otherwise): the logits are those of the whole MLP,
+    and a recorded forward keeps one call for its backward."""
     path, hf = tiny_checkpoint(tmp_path, "llama3")
     model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32)
     idx = torch.randint(0, TINY["vocab_size"], (2, 37))
@@ -104,8 +104,13 @@ def test_long_prefill_mlp_goes_in_row_chunks(tmp_path, monkeypatch):
     assert calls == [16, 16, 16, 16, 10]  # 74 rows
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     calls.clear()
+    model.requires_grad_(False)  # frozen weights, autograd on (bench_model's prefill): nothing recorded, chunks
+    torch.testing.assert_close(model(idx), whole, rtol=1e-5, atol=1e-5)
+    assert calls == [16, 16, 16, 16, 10]
+    calls.clear()
+    mlp.gate_up_proj.weight.requires_grad_(True)  # a recorded forward keeps one call on [B, T, hidden]
     model(idx)
-    assert calls == [2]  # one call on [B, T, hidden]
+    assert calls == [2]
 
 
 def test_config_reads_both_rope_layouts(tmp_path):
