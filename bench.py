@@ -575,7 +575,10 @@ def decode_rows(args, q, k_new, v_new, pos, T, share, bandwidth):
     kc, vc = (torch.randn(int(caps.sum()), D, device=q.device, dtype=DTYPE) for _ in range(2))
     floor = 2 * int(torch.minimum(caps, pos.repeat_interleave(G) + 1).sum()) * D * 2 / bandwidth * 1e3
     lines = []
-    for split, bn, warps, stages in [(512, 64, 4, 2), (256, 64, 4, 2), (1024, 64, 4, 3)]:
+    # slots per program from 128 to 2048: at B = 1 few segments are long, and the best split balances the programs
+    # over the multiprocessors (attention.DECODE_SPLIT is 1024)
+    for split, bn, warps, stages in [(128, 64, 4, 2), (256, 64, 4, 2), (512, 64, 4, 2), (1024, 64, 4, 3),
+                                     (2048, 64, 4, 3), (2048, 128, 8, 3)]:
         n_splits = decode_splits(int(caps.max()), split)
         ms = graphed_ms(lambda: decode_attention(q, k_new, v_new, kc, vc, base, caps, pos, sink=args.sink,
                                                  window=args.window, n_splits=n_splits, split=split,
