@@ -19,12 +19,13 @@ softmax; the mode is only in `cap`.
 
 At B = 1 with GQA there are only a handful of (row, KV head) pairs: one program each would leave an H200's
 132 multiprocessors idle and read the cache at a quarter of its bandwidth. So each segment is split along its
-length into chunks of SPLIT slots (flash-decoding), one program per (row, KV head, chunk); each keeps an online
-softmax over its chunk and writes (max, sum, partial output); a second kernel merges the chunks (when one chunk
-covers every segment, the first writes the output itself and the second is not launched). A group's query heads
-share each K/V tile (GQA native, one tl.dot of [GROUP, D] x [D, BLOCK_N]). Positions and cache lengths are
-read on the device, the grid depends only on the largest segment: a step has no host sync and static shapes,
-so it can be captured once in a CUDA graph and replayed (generate.py).
+length into chunks of SPLIT slots (flash-decoding), one program per (row, KV head, chunk) from a work list that
+names each segment's own chunks (decode_work: an SSA ring of 2K slots beside 32K-token FA heads gets its few, not
+the FA heads' many); each keeps an online softmax over its chunk and writes (max, sum, partial output); a second
+kernel merges the chunks (when one chunk covers every segment, the first writes the output itself and the second
+is not launched). A group's query heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x
+[D, BLOCK_N]). Positions are read on the device and the work list is fixed at prefill: a step has no host sync
+and static shapes, so it can be captured once in a CUDA graph and replayed (generate.py).
 
     pytest test_kernel.py -k decode      # CPU (Triton's interpreter, which the tests turn on) and, with CUDA, GPU
     python bench.py --model configs/llama-3.1-8b.json   # decode speed against dense SDPA, on the GPU
@@ -92,14 +93,20 @@ def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, base, cap, pos
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KNew, VNew, KC, VC, Base, Cap, Pos, Selected, Logp, MOut, LOut, AccOut, O,
+    Q, KNew, VNew, KC, VC, Base, Cap, Pos, Selected, Logp, Work, MOut, LOut, AccOut, O,
     stride_qb, stride_qh, stride_nb, stride_ng, stride_ob, stride_oh,
     G, GROUP, N_SPLITS, sink, window, qk_scale,
     D: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
+    LISTED: tl.constexpr,
 ):
-    # program -> (row b and KV head g, chunk s of the segment)
-    bg = tl.program_id(0)
-    s = tl.program_id(1)
+    # program -> (row b and KV head g, chunk s of the segment): from the work list (the chunks each segment can
+    # fill, no program for chunks past a short ring), or every (b, g) with every chunk of the longest segment
+    if LISTED:
+        item = tl.load(Work + tl.program_id(0))
+    else:
+        item = tl.program_id(0)
+    bg = item // N_SPLITS
+    s = item % N_SPLITS
     b = bg // G
     g = bg % G
     pos = tl.load(Pos + b)
@@ -112,8 +119,9 @@ def _decode_split_kernel(
     offs_h = tl.arange(0, GROUP_P2)                                    # the group's query heads (padded)
     offs_d = tl.arange(0, D)
     h_ok = offs_h < GROUP
-    # a chunk past the end of a short segment (an SSA ring beside long FA ones) reads and writes nothing: the
-    # merge counts each segment's own chunks (chunk 0, with the new token, always has work)
+    # a chunk past the filled slots (an SSA ring beside long FA ones, without a work list; an FA segment's slots
+    # for tokens still to come) reads and writes nothing: the merge counts each segment's own chunks (chunk 0,
+    # with the new token, always has work)
     busy = tl.zeros([GROUP_P2], tl.int32) + s * SPLIT < n + n_sel     # [GROUP_P2], all alike
     q = tl.load(Q + b.to(tl.int64) * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
                 mask=(h_ok & busy)[:, None], other=0.0)                # [GROUP_P2, D]
@@ -205,13 +213,23 @@ def decode_splits(max_cap, split):
     return triton.cdiv(max_cap, split)
 
 
+def decode_work(sizes, n_splits, split):
+    """The work list of a cache whose segments (b * G + g in order) have these sizes (cap + selected slots, Python
+    ints): every chunk a segment can fill, each as b * G * n_splits + g * n_splits + chunk. At B = 1, 32K tokens and
+    Omega 0.7 most KV heads are rings of sink + window slots: a grid over the longest segment would be mostly
+    programs with nothing to do."""
+    return [i * n_splits + s for i, size in enumerate(sizes) for s in range(triton.cdiv(size, split))]
+
+
 def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink, window, n_splits, split=None,
-                     sm_scale=None, out=None, selected=None, logp=None, _config=None):
+                     sm_scale=None, out=None, selected=None, logp=None, work=None, _config=None):
     """The kernel version of decode_attention_reference (same arguments, same result), in two launches (one when
     a single chunk covers every segment: n_splits == 1).
     n_splits: chunks per segment, decode_splits(max(cap + selected), split), passed in so that the launch needs nothing
     from the device (CUDA graphs); split: slots per chunk (default 512 on the GPU, 64 in the interpreter).
-    fp16 / bf16 (fp32 for the CPU tests); D a power of two >= 16."""
+    work: int32 [n] on the device, the programs to run, each b * G * n_splits + g * n_splits + chunk (decode_work):
+    with it a short segment beside long ones gets no program for chunks it never fills; None: every chunk of every
+    segment, B * G * n_splits programs. fp16 / bf16 (fp32 for the CPU tests); D a power of two >= 16."""
     B, H, D = q.shape
     G = k_new.shape[1]
     if k_new.shape != (B, G, D) or v_new.shape != (B, G, D) or H % G:
@@ -247,13 +265,17 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
     elif logp is None or logp.shape != (k_cache.shape[0],) or logp.dtype != torch.float32 \
             or selected.shape != cap.shape:
         raise ValueError(f"with selected [B*G] (SK segments) pass logp, fp32 [N={k_cache.shape[0]}]")
+    listed = work is not None
+    if listed and (work.dtype != torch.int32 or work.dim() != 1 or work.device != q.device):
+        raise ValueError(f"work must be int32 [n] on {q.device} (decode_work); got {work.dtype} "
+                         f"{tuple(work.shape)} on {work.device}")
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    _decode_split_kernel[(B * G, n_splits)](
-        q, k_new, v_new, k_cache, v_cache, base, cap, pos, selected, logp, m, l, acc, out,
+    _decode_split_kernel[(work.numel() if listed else B * G * n_splits,)](
+        q, k_new, v_new, k_cache, v_cache, base, cap, pos, selected, logp, work if listed else base, m, l, acc, out,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), out.stride(0), out.stride(1),
         G, H // G, n_splits, sink, window, scale,
-        D=D, GROUP_P2=group_p2, SPLIT=split, BLOCK_N=block_n, DIRECT=direct, num_warps=cfg["NUM_WARPS"],
-        num_stages=cfg["NUM_STAGES"])
+        D=D, GROUP_P2=group_p2, SPLIT=split, BLOCK_N=block_n, DIRECT=direct, LISTED=listed,
+        num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if direct:
         return out
     _decode_merge_kernel[(B * G, H // G)](
@@ -270,12 +292,13 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
 def decode_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, base: torch.Tensor, cap: torch.Tensor, pos: torch.Tensor,
                         sink: int, window: int, n_splits: int, split: int, selected: torch.Tensor | None = None,
-                        logp: torch.Tensor | None = None) -> torch.Tensor:
+                        logp: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     return decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink=sink, window=window,
-                            n_splits=n_splits, split=split, selected=selected, logp=logp)
+                            n_splits=n_splits, split=split, selected=selected, logp=logp, work=work)
 
 
 @decode_attention_op.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink, window, n_splits, split, selected=None, logp=None):
+def _(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink, window, n_splits, split, selected=None, logp=None,
+      work=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 

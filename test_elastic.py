@@ -195,6 +195,37 @@ def test_forward_checks_fixed_modes_and_lengths_once(tiny_dir):
             model(idx, lengths=lengths)
 
 
+def test_decode_work_lists_only_the_chunks_each_segment_fills(monkeypatch):
+    """The decode kernel's programs (KVCache.work): every chunk of DECODE_SPLIT slots that a segment can fill, for
+    a long FA segment, SSA rings and an SK segment, and none past a short ring; KVCache.cat renumbers each cache's
+    (segment, chunk) for the rows it joins and the larger chunk count."""
+    import attention
+    monkeypatch.setattr(attention, "DECODE_SPLIT", 16)
+
+    def chunks(cache):
+        items = cache.work.tolist()
+        assert len(set(items)) == len(items)
+        got = {}
+        for item in items:
+            got.setdefault(item // cache.n_splits, []).append(item % cache.n_splits)
+        return got
+
+    D, new = 8, 6
+    caches = []
+    for T, modes in ((100, [[FA, SSA, SK]]), (30, [[SSA, FA, SSA]])):
+        cache = KVCache(new, sink=4, window=16, sk_k=8)
+        k, v = torch.randn(2, 1, 3, T, D)
+        cache.prefill(k, v, torch.tensor(modes), sk_scores=torch.randn(1, 3, T))
+        sizes = (cache.cap + cache.selected).tolist()
+        assert chunks(cache) == {i: list(range(-(-size // 16))) for i, size in enumerate(sizes)}
+        caches.append(cache)
+    assert caches[0].n_splits == 8 and chunks(caches[0])[1] == [0, 1]  # the FA segment's 106 slots; a ring of 20
+    both = KVCache.cat(caches)
+    assert both.n_splits == 8
+    expected = {**chunks(caches[0]), **{3 + i: c for i, c in chunks(caches[1]).items()}}
+    assert chunks(both) == expected
+
+
 def test_ssa_cache_is_constant(tiny_dir):
     model = load(tiny_dir, ElasticConfig(sink=8, window=32))
     L, G, D = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim

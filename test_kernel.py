@@ -477,11 +477,13 @@ def test_gpu_xa_selection_large():
 # -----------------------------------------------------------------------------
 # the decode kernel (decode_kernel.py) against its reference: every mode is a segment of `cap` slots
 
-def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, window, split, extras=None):
+def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, window, split, extras=None,
+                                    listed=True):
     """A decode step of B rows over segments of the given caps (FA: prompt + new; SSA: sink + window), at the
     given positions; compares output and written caches with the reference. extras: SK segments' selected slots
-    after their rings (a random log p bias each, some slots empty: -inf)."""
-    from decode_kernel import decode_attention, decode_attention_reference, decode_splits
+    after their rings (a random log p bias each, some slots empty: -inf). listed: the programs from the work list
+    (decode_work, as KVCache runs them), else every chunk of every segment."""
+    from decode_kernel import decode_attention, decode_attention_reference, decode_splits, decode_work
     caps_t = torch.tensor(caps, dtype=torch.int32, device=DEV)
     sizes = [c + e for c, e in zip(caps, extras or [0] * len(caps))]
     base = torch.cat([torch.zeros(1, dtype=torch.int32, device=DEV), torch.tensor(sizes, device=DEV).cumsum(0)[:-1].int()])
@@ -497,8 +499,10 @@ def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, wi
     kc2, vc2 = kc.clone(), vc.clone()
     ref = decode_attention_reference(q, k_new, v_new, kc, vc, base, caps_t, pos, sink=sink, window=window, **sk)
     out = torch.full_like(q, float("nan"))  # poison
+    n_splits = decode_splits(max(sizes), split)
+    work = torch.tensor(decode_work(sizes, n_splits, split), dtype=torch.int32, device=DEV) if listed else None
     o = decode_attention(q, k_new, v_new, kc2, vc2, base, caps_t, pos, sink=sink, window=window,
-                         n_splits=decode_splits(max(sizes), split), split=split, out=out, **sk)
+                         n_splits=n_splits, split=split, out=out, work=work, **sk)
     assert not o.isnan().any(), f"{int(o.isnan().sum())} outputs unwritten (seed {seed})"
     err, max_abs = rel_err(o, ref)
     assert err < TOL[dtype], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed}, caps {caps}, pos {positions})"
@@ -521,9 +525,12 @@ def test_decode_every_mode_gqa(group, dtype):
 
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
 def test_decode_splits_and_odd_lengths(dtype):
-    # one chunk, a position on a chunk's edge, an odd one, and the first decode step after a 1-token prompt
+    # one chunk, a position on a chunk's edge, an odd one, and the first decode step after a 1-token prompt;
+    # every chunk of every segment, and the work list
     for pos in (0, 1, 63, 64, 127, 200):
-        assert_decode_matches_reference(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64)
+        assert_decode_matches_reference(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64, listed=False)
+    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64, listed=False)
+    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64)
 
 
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
