@@ -40,7 +40,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 import kernel
 from attention import flex_block_mask
 from cli import command_line, fail, provenance, write_atomic
-from decode_kernel import decode_attention, decode_splits
+from decode_kernel import decode_attention, decode_splits, decode_work
 from kernel import FA, SK, SSA, XA
 from sparsek import candidates, sk_flex_attention, sk_select, span_start
 
@@ -580,11 +580,14 @@ def decode_rows(args, q, k_new, v_new, pos, T, share, bandwidth):
     for split, bn, warps, stages in [(128, 64, 4, 2), (256, 64, 4, 2), (512, 64, 4, 2), (1024, 64, 4, 3),
                                      (2048, 64, 4, 3), (2048, 128, 8, 3)]:
         n_splits = decode_splits(int(caps.max()), split)
-        ms = graphed_ms(lambda: decode_attention(q, k_new, v_new, kc, vc, base, caps, pos, sink=args.sink,
-                                                 window=args.window, n_splits=n_splits, split=split,
-                                                 _config=dict(BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages)))
+        work = torch.tensor(decode_work(caps.tolist(), n_splits, split), dtype=torch.int32, device=q.device)
+        ms, ms_grid = (graphed_ms(lambda: decode_attention(
+            q, k_new, v_new, kc, vc, base, caps, pos, sink=args.sink, window=args.window, n_splits=n_splits,
+            split=split, work=w, _config=dict(BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages))) for w in (work, None))
         lines.append(f"- B={Bm} T={T} SSA share {share}: split {split} BLOCK_N {bn} warps {warps} stages "
-                     f"{stages}: {ms * 1e3:.1f} us, floor {floor * 1e3:.1f} us ({floor / ms:.0%} of bandwidth)")
+                     f"{stages}: {ms * 1e3:.1f} us with the work list ({work.numel()} programs; every chunk of every "
+                     f"segment: {ms_grid * 1e3:.1f} us, {Bm * G * n_splits}), floor {floor * 1e3:.1f} us "
+                     f"({floor / ms:.0%} of bandwidth)")
         log(lines[-1])
     if share == 0.0:  # SDPA flash decode over the same dense cache, the group's query heads as query rows
         kd = kc.view(Bm, G, T + 64, D)[:, :, :T + 1]
