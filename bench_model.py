@@ -9,7 +9,9 @@ Setups: dense SDPA over a contiguous cache (eager; and with static shapes in a C
 FA, and ours FA-SSA and XA-SSA at --sparse-ratio (the KV cache of attention.py, the decode kernel of
 decode_kernel.py, one CUDA graph per step, torch.compile around it). The floor: the weights once and every filled
 cache slot once over the copy bandwidth measured in the same run. For our setups, where a step's time goes: every
-layer's attention alone and every GEMV alone, each against its floor, and the rest. pytest test_bench.py runs every
+layer's attention alone and every GEMV alone, each against its floor, and the rest. FA-SSA's first token against
+Amdahl's ideal: the dense prefill with a share Omega of the attention at the SSA speed, from one layer's prefill
+attention timed in each mode. pytest test_bench.py runs every
 setup eagerly on the CPU on a tiny model (bench_model(device="cpu")) and checks that the dense paths decode alike.
 """
 import argparse
@@ -20,11 +22,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from attention import KVCache
+from attention import KVCache, dense_attention, routed_attention
 from bench import DTYPE, copy_bandwidth, cuda_device, log, sync, timeit
 from cli import command_line, fail, model_config, provenance, write_atomic
 from generate import CUDAGraphStep, compiled_decode_one_token, decode_one_token
-from kernel import FA
+from kernel import FA, SSA
 from model import ModelConfig, Transformer, rope_inv_freq
 from router import ElasticConfig, Routers
 from static_hybrid import static_modes
@@ -119,6 +121,7 @@ class ModelRow:
 class ModelResults:
     rows: list          # ModelRow of every (B, T, setup), failed ones included
     router_ms: dict     # T -> ms of every layer's router on one prompt's keys
+    prefill_attn: dict  # T -> ms of one layer's prefill attention (B = 1): dense SDPA, ours all FA, ours all SSA
     layers: int
     weight_bytes: int   # what a decode step reads of the weights
     bandwidth: float    # copy bandwidth, bytes/s
@@ -280,6 +283,26 @@ def router_latency(model, seq_lens, device):
     return router_ms
 
 
+def prefill_attention(model, args, seq_lens, device):
+    """One layer's prefill attention at B = 1, every KV head in one mode, as the model runs it: dense SDPA (the dense
+    setups), and the fused kernel with every head FA or every head SSA -> {T: (dense, FA, SSA) ms}: the per-mode
+    times that Amdahl's ideal first token is built from."""
+    cfg, dtype = model.config, model.output_weight().dtype
+    H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    ec = ElasticConfig(mode_pair="FA-SSA", sink=args.sink, window=args.window)
+    times = {}
+    for T in seq_lens:
+        q = torch.randn(1, H, T, D, device=device, dtype=dtype)
+        k, v = (torch.randn(1, G, T, D, device=device, dtype=dtype) for _ in range(2))
+        with torch.no_grad():
+            times[T] = (timeit(lambda: dense_attention(q, k, v), budget_ms=300, device=device),
+                        *(timeit(lambda m=m: routed_attention(q, k, v, torch.full((1, G), m, device=device), ec),
+                                 budget_ms=300, device=device) for m in (FA, SSA)))
+        log(f"prefill attention at T={T}, one layer: dense SDPA {times[T][0]:.2f} ms, ours FA {times[T][1]:.2f} ms, "
+            f"SSA {times[T][2]:.2f} ms")
+    return times
+
+
 def bench_model(args, device="cuda"):
     """A model of random weights from --model, every setup at B = 1 and each of --seq-lens, and at B = --batch and
     the first length -> ModelResults. device "cpu": every setup runs eagerly (the tests)."""
@@ -299,7 +322,8 @@ def bench_model(args, device="cuda"):
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
     router_ms = router_latency(model, args.seq_lens, device)
-    return ModelResults(rows, router_ms, cfg.num_hidden_layers, weight_bytes, bandwidth)
+    prefill_attn = prefill_attention(model, args, args.seq_lens, device)
+    return ModelResults(rows, router_ms, prefill_attn, cfg.num_hidden_layers, weight_bytes, bandwidth)
 
 
 def model_report(args, res, device="cuda"):
@@ -331,12 +355,34 @@ def model_report(args, res, device="cuda"):
                      f"{r.floor:.2f} | {r.ms / r.floor:.2f} | {vs[0]:.2f}x | {vs[1]:.2f}x | {vs[2]:.2f}x | "
                      f"{r.kv / 2**30:.2f} |")
     lines += split_table(done, wb / bw * 1e3)
+    lines += ideal_table(done, res.prefill_attn, L, args.sparse_ratio)
     failed = [r for r in res.rows if r.error is not None]
     if failed:
         lines += ["", "Failed (no row above):"] + [f"- B={r.B} T={r.T} {r.setup}: {r.error}" for r in failed]
     lines += ["", "Router latency per prefill (all layers, inference, random routers): " + ", ".join(
         f"T={T}: {ms:.2f} ms ({ms / L:.3f} ms per layer)" for T, ms in res.router_ms.items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def ideal_table(rows, prefill_attn, layers, ratio):
+    """The FA-SSA first tokens at B = 1 against Amdahl's ideal: the dense SDPA prefill with the attention of a share
+    Omega of its KV heads at the SSA speed instead, ideal = dense - L * Omega * (dense attention - SSA attention) per
+    layer, every other part as dense runs it (the routers excluded: these setups fix the modes)."""
+    lines = ["", f"First token at B = 1 against Amdahl's ideal at Omega {ratio}: the dense SDPA prefill with that share "
+             "of every layer's attention at the SSA speed instead (one layer's prefill attention alone, every head in "
+             "one mode: dense SDPA / ours FA / ours SSA); the ratio: ideal over measured.", "",
+             "| prompt | attention per layer ms: SDPA / FA / SSA | dense SDPA first token ms | setup | first token ms "
+             "| ideal ms | ideal / measured | speed-up over dense SDPA: measured / ideal |",
+             "|---:|---|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        dense = next((o for o in rows if (o.B, o.T, o.setup) == (1, r.T, "dense SDPA, eager")), None)
+        if r.B != 1 or not r.setup.startswith("FA-SSA") or dense is None or r.T not in prefill_attn:
+            continue
+        sdpa, fa, ssa = prefill_attn[r.T]
+        ideal = dense.ttft - layers * ratio * (sdpa - ssa)
+        lines.append(f"| {r.T} | {sdpa:.2f} / {fa:.2f} / {ssa:.2f} | {dense.ttft:.0f} | {r.setup} | {r.ttft:.0f} | "
+                     f"{ideal:.0f} | {ideal / r.ttft:.2f} | {dense.ttft / r.ttft:.2f}x / {dense.ttft / ideal:.2f}x |")
+    return lines
 
 
 def split_table(rows, weights_floor):

@@ -55,10 +55,17 @@ def test_every_model_setup_runs(model_run):
         assert r.setup in dense or (r.attn_ms > 0 and r.gemv_ms > 0 and 0 < r.attn_floor < r.floor), r
     report = bench_model.model_report(args, res, device="cpu")
     table, split = report.split("Where our decode step's time goes")
+    split, ideal = split.split("against Amdahl's ideal")
     for name in SETUPS:
         assert table.count(f"| {name} |") == 2, name
         assert split.count(f"| {name} |") == (0 if name in dense else 2), name
     assert "Failed" not in report and "nan" not in report
+    # the FA-SSA first tokens against Amdahl's ideal, built from the measured per-mode attention times
+    sdpa, fa, ssa = res.prefill_attn[160]
+    assert sdpa > 0 and fa > 0 and ssa > 0
+    assert ideal.count("| FA-SSA, Omega 0.7 |") == 1 and ideal.count("| FA-SSA, Omega 0.7, not compiled |") == 1
+    dense = next(r.ttft for r in res.rows if (r.B, r.setup) == (1, "dense SDPA, eager"))
+    assert f"| {dense - 2 * 0.7 * (sdpa - ssa):.0f} |" in ideal  # L = 2 layers
 
 
 def test_dense_paths_decode_alike(model_run):
@@ -99,7 +106,7 @@ def test_a_failing_setup_is_a_row_with_its_error(tiny_config, monkeypatch):
     idx = torch.randint(0, TINY["vocab_size"], (1, 160))
     row = bench_model.time_setup(model, setup, idx, args, weight_bytes=1, bandwidth=1.0, device="cpu")
     assert row.error is not None and row.error.startswith("TypeError"), row
-    res = bench_model.ModelResults([row], {160: 1.0}, TINY["num_hidden_layers"], 1, 1.0)
+    res = bench_model.ModelResults([row], {160: 1.0}, {160: (1.0, 1.0, 0.5)}, TINY["num_hidden_layers"], 1, 1.0)
     assert f"- B=1 T=160 {setup.name}: TypeError" in bench_model.model_report(args, res, device="cpu")
 
 
