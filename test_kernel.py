@@ -551,6 +551,35 @@ def test_decode_sk_segments(dtype):
         assert_decode_matches_reference(1, 4, 4, 32, caps, [pos], dtype, sink, window, split=64, extras=extras)
 
 
+def test_decode_on_concatenated_caches(monkeypatch):
+    # the kernel on the tables of two prefilled caches joined by KVCache.cat (rows of 2 and 1, chunk counts 32 and
+    # 4: the work list renumbered), FA segments, SSA and SK rings that have wrapped (sink 4, window 128) and short
+    # ones, against the reference on the same tables
+    import attention
+    from decode_kernel import decode_attention, decode_attention_reference
+    monkeypatch.setattr(attention, "DECODE_SPLIT", 16)
+    G, D, new, dtype = 3, 32, 6, torch.float32
+    caches = []
+    for T, modes in ((300, [[FA, SSA, SK], [SSA, SK, FA]]), (30, [[SSA, FA, SSA]])):
+        B = len(modes)
+        (k, v, u), seed = rand((B, G, T, D), (B, G, T, D), (B, G, T), dtype=dtype)
+        cache = attention.KVCache(new, sink=4, window=128, sk_k=8)
+        cache.prefill(k, v, torch.tensor(modes, device=DEV), sk_scores=u)
+        caches.append(cache)
+    c = attention.KVCache.cat(caches)
+    assert c.n_splits == 32 and len(set(c.work.tolist())) == c.work.numel()
+    (q, k_new, v_new), seed = rand((3, 2 * G, D), (3, G, D), (3, G, D), dtype=dtype)
+    pos = torch.tensor([303, 300, 33], dtype=torch.int32, device=DEV)
+    kc, vc = c.k.clone(), c.v.clone()
+    ref = decode_attention_reference(q, k_new, v_new, kc, vc, c.base, c.cap, pos, sink=4, window=128,
+                                     selected=c.selected, logp=c.sk.logp)
+    o = decode_attention(q, k_new, v_new, c.k, c.v, c.base, c.cap, pos, sink=4, window=128, n_splits=c.n_splits,
+                         split=16, selected=c.selected, logp=c.sk.logp, work=c.work, out=torch.full_like(q, float("nan")))
+    err, max_abs = rel_err(o, ref)
+    assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed})"
+    assert torch.equal(kc, c.k) and torch.equal(vc, c.v)
+
+
 @gpu_only
 def test_gpu_decode_sk_large():
     caps, extras = [4100] * 4 + [128 + 2048] * 4, [0] * 4 + [256] * 4
