@@ -574,7 +574,8 @@ def test_decode_on_concatenated_caches(monkeypatch):
     ref = decode_attention_reference(q, k_new, v_new, kc, vc, c.base, c.cap, pos, sink=4, window=128,
                                      selected=c.selected, logp=c.sk.logp)
     o = decode_attention(q, k_new, v_new, c.k, c.v, c.base, c.cap, pos, sink=4, window=128, n_splits=c.n_splits,
-                         split=16, selected=c.selected, logp=c.sk.logp, work=c.work, out=torch.full_like(q, float("nan")))
+                         split=16, selected=c.selected, logp=c.sk.logp, work=c.work,
+                         out=torch.full_like(q, float("nan")))  # poison: a program that did not run shows
     err, max_abs = rel_err(o, ref)
     assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed})"
     assert torch.equal(kc, c.k) and torch.equal(vc, c.v)
