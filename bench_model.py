@@ -11,8 +11,8 @@ decode_kernel.py, one CUDA graph per step, torch.compile around it). The floor: 
 cache slot once over the copy bandwidth measured in the same run. For our setups, where a step's time goes: every
 layer's attention alone and every GEMV alone, each against its floor, and the rest. FA-SSA's first token against
 Amdahl's ideal: the dense prefill with a share Omega of the attention at the SSA speed, from one layer's prefill
-attention timed in each mode. pytest test_bench.py runs every
-setup eagerly on the CPU on a tiny model (bench_model(device="cpu")) and checks that the dense paths decode alike.
+attention timed in each mode. pytest test_bench.py runs every setup eagerly on the CPU on a tiny model
+(bench_model(device="cpu")) and checks that the dense paths decode alike.
 """
 import argparse
 import time
@@ -378,14 +378,14 @@ def ideal_table(rows, prefill_attn, layers, ring):
              "FA heads at its speed) and from ours all FA; the ratios: ideal over measured.", "",
              "| prompt | setup | Omega | attention per layer ms: SDPA / ours FA / ours SSA | first token ms | ideal "
              "from SDPA ms (ratio) | ideal from ours all FA ms (ratio) |", "|---:|---|---:|---|---:|---:|---:|"]
+    dense = {(o.T, o.setup): o.ttft for o in rows if o.B == 1}
     for r in rows:
-        dense = {o.setup: o.ttft for o in rows if (o.B, o.T) == (1, r.T)}
         if r.B != 1 or not r.setup.startswith("FA-SSA") or r.T not in prefill_attn or r.T <= ring \
-                or "dense SDPA, eager" not in dense or "dense, ours (all FA)" not in dense:
+                or (r.T, "dense SDPA, eager") not in dense or (r.T, "dense, ours (all FA)") not in dense:
             continue
         sdpa, fa, ssa = prefill_attn[r.T]
-        ideal = dense["dense SDPA, eager"] - layers * r.omega * (sdpa - ssa)
-        ideal_ours = dense["dense, ours (all FA)"] - layers * r.omega * (fa - ssa)
+        ideal = dense[r.T, "dense SDPA, eager"] - layers * r.omega * (sdpa - ssa)
+        ideal_ours = dense[r.T, "dense, ours (all FA)"] - layers * r.omega * (fa - ssa)
         lines.append(f"| {r.T} | {r.setup} | {r.omega:.3f} | {sdpa:.2f} / {fa:.2f} / {ssa:.2f} | {r.ttft:.0f} | "
                      f"{ideal:.0f} ({ideal / r.ttft:.2f}) | {ideal_ours:.0f} ({ideal_ours / r.ttft:.2f}) |")
     return lines
