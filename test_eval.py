@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from eval import auc, auc_of_pairs, bootstrap_ci, class_gap, fit_probe, interpolate, mean
+from eval import fit_probe
+from eval_report import auc, auc_of_pairs, bootstrap_ci, class_gap, interpolate, mean
 from model import Transformer
 from router import ElasticConfig, Routers
 
