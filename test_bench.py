@@ -24,7 +24,7 @@ TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_siz
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5)
 # T = 160 past the window (rings wrap) and over two XA blocks; B = 1 and B = 2 (the masked SDPA path)
 ARGS = ["--seq-lens", "160", "--batch", "2", "--decode-tokens", "4", "--sink", "8", "--window", "32"]
-SETUPS = ["dense SDPA, eager", "dense SDPA, CUDA graph", "dense, ours (all FA)", "FA-SSA, Omega 0.7",
+SETUPS = ["dense SDPA, eager", "dense SDPA, CUDA graph", bench_model.FLASH, "dense, ours (all FA)", "FA-SSA, Omega 0.7",
           "XA-SSA, Omega 0.7", "FA-SSA, Omega 0.7, not compiled"]
 
 
@@ -49,7 +49,7 @@ def test_every_model_setup_runs(model_run):
     for r in res.rows:
         assert r.ttft > 0 and r.ms > 0 and r.floor > 0 and r.kv > 0, r
         assert len(r.tokens) == r.B and all(len(row) == args.decode_tokens for row in r.tokens), r
-    dense = ("dense SDPA, eager", "dense SDPA, CUDA graph")  # the baselines' caches are not ours: no split
+    dense = ("dense SDPA, eager", "dense SDPA, CUDA graph", bench_model.FLASH)  # not our cache: no split
     for r in res.rows:  # ours: attention alone and the GEMVs alone were timed, and the attention has its floor
         assert (r.setup in dense) == (r.attn_ms != r.attn_ms), r
         assert r.setup in dense or (r.attn_ms > 0 and r.gemv_ms > 0 and 0 < r.attn_floor < r.floor), r
@@ -85,26 +85,33 @@ def test_dense_paths_decode_alike(model_run):
         ours = tokens[(B, "dense, ours (all FA)")]
         assert tokens[(B, "dense SDPA, eager")] == ours, B
         assert tokens[(B, "dense SDPA, CUDA graph")] == ours, B
+        assert tokens[(B, bench_model.FLASH)] == ours, B
         # on the CPU nothing is compiled: the compiled setup and the other are one path
         assert tokens[(B, "FA-SSA, Omega 0.7")] == tokens[(B, "FA-SSA, Omega 0.7, not compiled")], B
 
 
-@pytest.mark.parametrize("graphed", [False, True])
-def test_sdpa_cache_decodes_as_ours(graphed):
-    """The dense baseline's cache against attention.KVCache with every head FA, step by step on the same keys: a
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the flash kernel needs CUDA"))])
+@pytest.mark.parametrize("kind", ["eager", "graph", "flash"])
+def test_sdpa_cache_decodes_as_ours(kind, device):
+    """The dense baselines' cache against attention.KVCache with every head FA, step by step on the same keys: a
     wrong mask or a key in the wrong slot shows here, where a tiny random model's greedy tokens may not notice (its
-    residual stream is mostly the token's own embedding)."""
+    residual stream is mostly the token's own embedding). On the GPU (bf16) "flash" is FlashAttention's kernel."""
     torch.manual_seed(0)
     B, H, G, T, D, new = 2, 4, 2, 40, 16, 5
-    k, v = torch.randn(B, G, T, D), torch.randn(B, G, T, D)
-    ours, dense = KVCache(new, sink=8, window=32), bench_model.SdpaCache(new, graphed)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    k, v = rand(B, G, T, D), rand(B, G, T, D)
+    ours, dense = KVCache(new, sink=8, window=32), bench_model.SdpaCache(new, kind)
     ours.prefill(k, v, None)
     dense.prefill(k, v, None)
     assert dense.nbytes() == ours.nbytes()
     for i in range(new):
-        q, k_new, v_new = torch.randn(B, H, 1, D), torch.randn(B, G, 1, D), torch.randn(B, G, 1, D)
-        pos = torch.full((B,), T + i, dtype=torch.int32)
-        torch.testing.assert_close(dense.decode(q, k_new, v_new, pos, None), ours.decode(q, k_new, v_new, pos, None))
+        q, k_new, v_new = rand(B, H, 1, D), rand(B, G, 1, D), rand(B, G, 1, D)
+        pos = torch.tensor([T + i, T - 3 + i], dtype=torch.int32, device=device)  # rows at different positions
+        tol = dict(atol=1e-5, rtol=1e-4) if device == "cpu" else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(dense.decode(q, k_new, v_new, pos, None), ours.decode(q, k_new, v_new, pos, None),
+                                   **tol)
 
 
 def test_a_failing_setup_is_a_row_with_its_error(tiny_config, monkeypatch):
