@@ -330,30 +330,33 @@ def prefill_attention(model, args, seq_lens, device):
     return times
 
 
-def bench_model(args, device="cuda"):
+def bench_model(args, device="cuda", progress=None):
     """A model of random weights from --model, every setup at B = 1 and each of --seq-lens, and at B = --batch and
-    the first length -> ModelResults. device "cpu": every setup runs eagerly (the tests)."""
+    the first length -> ModelResults. progress(results so far) after each (B, T), so that a run cut short keeps
+    what it measured. device "cpu": every setup runs eagerly (the tests)."""
     model = random_model(args.model, device)
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                        if "embed_tokens" not in name or cfg.tie_word_embeddings)  # a step reads B embedding rows
     bandwidth = copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights read per step {weight_bytes / 1e9:.2f} GB")
+    res = ModelResults([], router_latency(model, args.seq_lens, device),
+                       prefill_attention(model, args, args.seq_lens, device), cfg.num_hidden_layers, weight_bytes,
+                       bandwidth)
     setups = model_setups(model, args)
     runs = [(1, T) for T in args.seq_lens] + ([(args.batch, args.seq_lens[0])] if args.batch > 1 else [])
-    rows = []
     for Bm, T in runs:
         idx = torch.randint(0, cfg.vocab_size, (Bm, T), device=device)
         warm = set()  # the prefills run so far at (B, T): dense SDPA, or our kernels of a mode pair
         for setup in setups:
             prefill = (setup.pair, setup.cache == "ours")
-            rows.append(time_setup(model, setup, idx, args, weight_bytes, bandwidth, device, prefill not in warm))
+            res.rows.append(time_setup(model, setup, idx, args, weight_bytes, bandwidth, device, prefill not in warm))
             warm.add(prefill)
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
-    router_ms = router_latency(model, args.seq_lens, device)
-    prefill_attn = prefill_attention(model, args, args.seq_lens, device)
-    return ModelResults(rows, router_ms, prefill_attn, cfg.num_hidden_layers, weight_bytes, bandwidth)
+        if progress is not None:
+            progress(res)
+    return res
 
 
 def model_report(args, res, device="cuda"):
@@ -446,9 +449,10 @@ def main(argv=None):
     args = parse_args(argv)
     device = cuda_device()
     torch.backends.cuda.matmul.allow_tf32 = True
-    report = model_report(args, bench_model(args, device), device)
-    write_atomic(args.out, report)
-    log(report)
+    save = lambda res: write_atomic(args.out, model_report(args, res, device))  # noqa: E731
+    res = bench_model(args, device, progress=save)
+    save(res)
+    log(model_report(args, res, device))
 
 
 if __name__ == "__main__":

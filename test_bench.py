@@ -38,11 +38,15 @@ def tiny_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_run(tiny_config):
     args = bench_model.parse_args(["--model", str(tiny_config), *ARGS])
-    return args, bench_model.bench_model(args, device="cpu")
+    saved = []  # the rows each progress call held: a run cut short keeps what it measured
+    res = bench_model.bench_model(args, device="cpu", progress=lambda r: saved.append(list(r.rows)))
+    return args, res, saved
 
 
 def test_every_model_setup_runs(model_run):
-    args, res = model_run
+    args, res, saved = model_run
+    assert [len(rows) for rows in saved] == [len(SETUPS), 2 * len(SETUPS)]  # after B = 1, then after B = 2
+    assert saved[-1] == res.rows
     assert [(r.B, r.T, r.setup) for r in res.rows] == [(B, 160, name) for B in (1, 2) for name in SETUPS]
     failed = [f"B={r.B} {r.setup}: {r.error}" for r in res.rows if r.error is not None]
     assert not failed, failed
@@ -79,7 +83,7 @@ def test_ideal_first_token():
 
 
 def test_dense_paths_decode_alike(model_run):
-    _, res = model_run
+    _, res, _ = model_run
     tokens = {(r.B, r.setup): r.tokens for r in res.rows}
     for B in (1, 2):
         ours = tokens[(B, "dense, ours (all FA)")]
