@@ -449,10 +449,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = cuda_device()
     torch.backends.cuda.matmul.allow_tf32 = True
-    save = lambda res: write_atomic(args.out, model_report(args, res, device))  # noqa: E731
-    res = bench_model(args, device, progress=save)
-    save(res)
-    log(model_report(args, res, device))
+    res = bench_model(args, device, progress=lambda r: write_atomic(args.out, model_report(args, r, device)))
+    log(model_report(args, res, device))  # the last progress call wrote the whole report
 
 
 if __name__ == "__main__":
