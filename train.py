@@ -537,7 +537,10 @@ def save_checkpoint(step, cfg, model, routers, constraint, optimizer, lambda_opt
     whenever the run dies, the dir holds a checkpoint that --resume loads."""
     out_dir = Path(cfg.out_dir)
     state_file = out_dir / "train_state.pt"
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
+    # a stop that comes meanwhile is only noted, then raised once both files and the step they hold are recorded
+    # (a mask alone is not enough: another thread may take the signal, and Python runs its handler here anyway)
+    pending = []
+    handlers = {sig: signal.signal(sig, lambda s, f: pending.append(s)) for sig in STOP}
     try:
         extra = dict(step=step, lambda1=constraint.lambda1.tolist(), lambda2=constraint.lambda2.tolist(),
                      targets=list(cfg.targets), args=asdict(cfg))
@@ -549,7 +552,10 @@ def save_checkpoint(step, cfg, model, routers, constraint, optimizer, lambda_opt
         os.replace(tmp, state_file)
         progress["saved"] = step
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)  # a signal that came meanwhile is raised now
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if pending:
+        raise KeyboardInterrupt
     print(f"{'final' if final else 'checkpoint'}: routers at step {step} saved to {out_dir}")
 
 
