@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import kernel
+import xattn
 from decode_kernel import cache_slot, decode_attention_op, decode_splits, decode_work
 from kernel import FA, KV_BLOCK, SK, SSA, XA
 from router import ElasticConfig, route, sparsity_ratio
@@ -207,7 +208,7 @@ def branch_attention(q, k, v, mode, ec, sk_scores=None):
             raise ValueError("SK heads need scores: routers with a scorer (an SK mode pair such as FA-SK)")
         return sk_flex_attention(q, k, v, sk_scores, sk_k=ec.sk_k, sink=ec.sink, window=ec.window)
     if mode == XA:  # the selection is a discrete choice: no gradient flows through it
-        xa_blocks = kernel.xattn_block_mask(q.detach(), k.detach(), stride=ec.xa_stride, threshold=ec.xa_threshold)
+        xa_blocks = xattn.xattn_block_mask(q.detach(), k.detach(), stride=ec.xa_stride, threshold=ec.xa_threshold)
         mask = flex_block_mask(modes, H, T, sink=ec.sink, window=ec.window, xa_blocks=xa_blocks)
     else:  # SSA: the same mask in every layer, built once per shape
         mask = ssa_block_mask(B, H, k.shape[1], T, ec.sink, ec.window, q.device)

@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import kernel
+import xattn
 from attention import flex_block_mask
 from cli import command_line, fail, provenance, write_atomic
 from decode_kernel import decode_attention, decode_splits, decode_work
@@ -344,14 +345,14 @@ def bench_xa(res, args, T, q, k, v, config, flex):
     all_xa = torch.full((B, G), XA, device=q.device, dtype=torch.int32)
     kw = xa_kw(args)
     for label, (qx, kx) in [("random", (q, k)), ("structured", structured_qk(T, args.xa_topics, H, G, D, q.device))]:
-        xa_blocks = kernel.xattn_block_mask(qx, kx, _config=config, **kw)
+        xa_blocks = xattn.xattn_block_mask(qx, kx, _config=config, **kw)
         nb = xa_blocks.shape[-1]
         share = xa_blocks.float().sum().item() / (B * H * nb * (nb + 1) / 2)
         pairs = pairs_per_head(head_modes(all_xa, H), T, args.sink, args.window, xa_blocks[0]).sum().item()
         case = f"XA-only, {label} q/k"
         note = f"{100 * share:.1f}% of causal blocks kept"
         res.record(T, case, "XA estimate alone (xattn_block_mask)",
-                   lambda: kernel.xattn_block_mask(qx, kx, _config=config, **kw), 0, note)
+                   lambda: xattn.xattn_block_mask(qx, kx, _config=config, **kw), 0, note)
         res.record(T, case, "elastic_attention (estimate + attention)", fused(qx, kx, v, all_xa, args, config), pairs,
                    note)
         if flex:
@@ -510,14 +511,14 @@ def sweep_tiles(args, q, k, v, ref, base, lines):
 def sweep_xa(args, q, k, best, base, lines):
     """XA estimate tile configs on top of the best attention config -> the config to bench with."""
     kw = xa_kw(args)
-    ref_mask = kernel.xattn_block_mask(q, k, _config=base, **kw)
+    ref_mask = xattn.xattn_block_mask(q, k, _config=base, **kw)
     xbest, xbest_t = None, float("inf")
     for bi, bj, warps, stages in [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 8, 3)]:
         cfg = dict(best or base, XA_BLOCK_I=bi, XA_BLOCK_J=bj, XA_WARPS=warps, XA_STAGES=stages)
         name = f"XA_BLOCK_I={bi} XA_BLOCK_J={bj} warps={warps} stages={stages}"
         try:
-            mask = kernel.xattn_block_mask(q, k, _config=cfg, **kw)
-            t = timeit(lambda: kernel.xattn_block_mask(q, k, _config=cfg, **kw))
+            mask = xattn.xattn_block_mask(q, k, _config=cfg, **kw)
+            t = timeit(lambda: xattn.xattn_block_mask(q, k, _config=cfg, **kw))
             same = (mask == ref_mask).float().mean().item()
             slog(lines, f"  {name}: estimate {t:.3f} ms, mask agreement {same:.6f}")
             if same > 0.999 and t < xbest_t:

@@ -491,8 +491,10 @@ def test_gpu_training_mix_gradients_equal_the_reference(pair):
     """The training path on the GPU (SDPA and FlexAttention branches, attention.mixed_attention) against the PyTorch
     reference of both branches, fp32, GQA 8:2, an odd length: the output and the gradients that reach the router
     (through z), the queries, keys and values, and for SK the scorer's scores."""
-    import kernel
     import torch.nn.functional as F
+
+    import kernel
+    import xattn
 
     from attention import mixed_attention
     torch.manual_seed(len(pair))
@@ -511,7 +513,7 @@ def test_gpu_training_mix_gradients_equal_the_reference(pair):
     o = mixed_attention(q, k, v, z(), ec, scores)
     w = z().repeat_interleave(H // G, dim=1)[..., None, None]
     # XA: the block selection the training path made (a block on the threshold's edge must not flip between the two)
-    xa = kernel.xattn_block_mask(q.detach(), k.detach(), stride=ec.xa_stride, threshold=ec.xa_threshold)
+    xa = xattn.xattn_block_mask(q.detach(), k.detach(), stride=ec.xa_stride, threshold=ec.xa_threshold)
     ref = sum(w[:, :, c] * kernel.reference_attention(
         q, k, v, torch.full((B, G), mode, device="cuda"), sink=ec.sink, window=ec.window, xa_blocks=xa,
         sk_scores=scores, sk_k=ec.sk_k) for c, mode in enumerate(ec.mode_ids))

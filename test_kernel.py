@@ -1,5 +1,6 @@
 """
-Tests of kernel.py against its PyTorch reference (docs/design.md: attention modes, the fused kernels).
+Tests of kernel.py and xattn.py (the XA estimate) against their PyTorch references (docs/design.md: attention
+modes, the fused kernels).
 
 On a CPU machine the Triton kernels run in Triton's interpreter (small shapes, fp32); with CUDA they
 run on the GPU (bf16 and fp16, plus larger shapes). Every run draws fresh random inputs (the seed is
@@ -15,9 +16,11 @@ import pytest
 import torch
 
 import kernel
+import xattn
 from attention import flex_block_mask
-from kernel import FA, SK, SSA, XA, elastic_attention, reference_attention, xattn_block_mask
+from kernel import FA, SK, SSA, XA, elastic_attention, reference_attention
 from sparsek import sk_logp, sk_pool, sk_pools, sk_select
+from xattn import xattn_block_mask
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -227,7 +230,7 @@ def test_xa_threshold_one_equals_fa():
 
 
 # -----------------------------------------------------------------------------
-# the XA estimate
+# the XA estimate (xattn.py)
 
 @pytest.mark.parametrize("T,stride,threshold", [(1, 16, 0.9), (40, 16, 0.9), (1000, 16, 0.9),
                                                 (1000, 16, 0.3), (700, 8, 0.6), (555, 32, 0.5)])
@@ -237,10 +240,10 @@ def test_xa_selection_matches_reference(T, stride, threshold):
     # exactly, to the reference rule applied to the scores the kernel used.
     (q, k), seed = rand((2, 3, T, 64), (2, 1, T, 64), dtype=DTYPES[0])
     mask, scores = xattn_block_mask(q, k, stride=stride, threshold=threshold, return_scores=True)
-    ref_scores = kernel.xattn_block_scores_reference(q, k, stride=stride)
+    ref_scores = xattn.xattn_block_scores_reference(q, k, stride=stride)
     err = (scores - ref_scores).abs().max().item()
     assert err < 1e-4 * (128 // stride), f"block scores differ by {err:.2e} (seed {seed})"
-    ref_mask = kernel.xattn_select_reference(scores, threshold)
+    ref_mask = xattn.xattn_select_reference(scores, threshold)
     assert mask.equal(ref_mask), f"{int((mask != ref_mask).sum())} blocks differ (seed {seed})"
     # the row masses: every causal cell row of a block row adds 1
     nb, nc = scores.shape[-1], math.ceil(T / stride)
@@ -258,7 +261,7 @@ def test_xa_selection_clear_margins():
     x[torch.arange(nb), :, topics] = 12.0  # same-topic cells score ~18 above the rest: e^18 >> 56 cells
     x = (x + 0.1 * torch.randn(nb, 128, D)).reshape(1, 1, T, D).to(DEV, DTYPES[0])
     mask = xattn_block_mask(x, x, threshold=0.9)
-    ref = kernel.xattn_block_mask_reference(x, x, threshold=0.9)
+    ref = xattn.xattn_block_mask_reference(x, x, threshold=0.9)
     m, n = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
     expected = (n <= m) & ((n == 0) | (n == m) | (topics[n] == topics[m]))
     assert mask[0, 0].cpu().equal(expected), f"kernel kept\n{mask[0, 0].int()}\nexpected\n{expected.int()}"
@@ -284,7 +287,10 @@ def test_xa_right_padded_rows_equal_rows_alone():
     modes = torch.full((2, 1), XA, dtype=torch.int32, device=DEV)
     lens = torch.tensor([T, n], device=DEV)
     cfg = kernel._default_config(q)
-    mask = lambda q_, k_, lens_=None: kernel._xattn(q_, k_, modes[:len(q_)], 16, 0.9, cfg, lens_)[1]  # noqa: E731
+
+    def mask(q_, k_, lens_=None):
+        return xattn.xattn_estimate(q_, k_, modes[:len(q_)], 16, 0.9, cfg, lens_, xa=XA)[1]
+
     alone = mask(q[1:, :, :n], k[1:, :, :n])[0]                    # [H, 3, 3]
     assert alone[:, 2].tolist() == [[True, False, True]] * 2        # the planted selection
     assert mask(q, k, lens.int())[1, :, :3, :3].equal(alone)
@@ -309,7 +315,7 @@ def test_schedule_costs_are_tiles_visited_heaviest_first(BM, BN):
     (q, k), seed = rand((B, H, T, D), (B, G, T, D), dtype=DTYPES[0])
     modes = torch.tensor([[FA, SSA], [XA, SSA]], device=DEV, dtype=torch.int32)
     xa = xattn_block_mask(q, k)
-    _, _, count, _ = kernel._xattn(q, k, modes, 16, 0.9, kernel._default_config(q))
+    _, _, count, _ = xattn.xattn_estimate(q, k, modes, 16, 0.9, kernel._default_config(q), xa=XA)
     order, cost = kernel._schedule(modes, count, B, H, T, sink, window, BM, BN)
     assert sorted(order.tolist()) == list(range(B * H * math.ceil(T / BM)))
     assert (cost[order][1:] <= cost[order][:-1]).all(), "the work list must be sorted heaviest first"
@@ -469,9 +475,9 @@ def test_gpu_sk_matches_flex_at_16k():
 def test_gpu_xa_selection_large():
     (q, k), seed = rand((1, 4, 8192, 128), (1, 2, 8192, 128), dtype=torch.bfloat16)
     mask, scores = xattn_block_mask(q, k, threshold=0.5, return_scores=True)
-    ref_scores = kernel.xattn_block_scores_reference(q, k)
+    ref_scores = xattn.xattn_block_scores_reference(q, k)
     assert (scores - ref_scores).abs().max() < 1e-3, f"seed {seed}"
-    assert mask.equal(kernel.xattn_select_reference(scores, 0.5)), f"seed {seed}"
+    assert mask.equal(xattn.xattn_select_reference(scores, 0.5)), f"seed {seed}"
 
 
 # -----------------------------------------------------------------------------
