@@ -564,7 +564,7 @@ def test_decode_on_concatenated_caches(monkeypatch):
     import attention
     from decode_kernel import decode_attention, decode_attention_reference
     monkeypatch.setattr(attention, "DECODE_SPLIT", 16)
-    G, D, new, dtype = 3, 32, 6, torch.float32
+    G, D, new, dtype = 3, 32, 6, DTYPES[0]  # on the GPU bf16 (fp32 dots there run in tf32)
     caches = []
     for T, modes in ((300, [[FA, SSA, SK], [SSA, SK, FA]]), (30, [[SSA, FA, SSA]])):
         B = len(modes)
