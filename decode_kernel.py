@@ -170,9 +170,10 @@ def _decode_split_kernel(
         tl.store(O + rows + offs_d[None, :], o.to(O.dtype.element_ty), mask=h_ok[:, None])
     else:
         out = bg.to(tl.int64) * N_SPLITS + s                           # this chunk's partial results
-        tl.store(MOut + out * GROUP_P2 + offs_h, m_i, mask=busy)
-        tl.store(LOut + out * GROUP_P2 + offs_h, l_i, mask=busy)
-        tl.store(AccOut + (out * GROUP_P2 + offs_h)[:, None] * D + offs_d[None, :], acc, mask=busy[:, None])
+        written = busy & h_ok                                          # the real heads, the ones the merge reads
+        tl.store(MOut + out * GROUP_P2 + offs_h, m_i, mask=written)
+        tl.store(LOut + out * GROUP_P2 + offs_h, l_i, mask=written)
+        tl.store(AccOut + (out * GROUP_P2 + offs_h)[:, None] * D + offs_d[None, :], acc, mask=written[:, None])
 
 
 @triton.jit
