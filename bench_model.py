@@ -384,10 +384,10 @@ def model_report(args, res, device="cuda"):
     done = [r for r in res.rows if r.error is None]
     for r in done:
         base = {o.setup: o.ms for o in done if (o.B, o.T) == (r.B, r.T)}
-        vs = [base.get(n, float("nan")) / r.ms for n in ("dense SDPA, eager", FLASH, "dense, ours (all FA)")]
+        vs = [f"{base[n] / r.ms:.2f}x" if n in base else "-"  # a baseline that failed (out of memory): no ratio
+              for n in ("dense SDPA, eager", FLASH, "dense, ours (all FA)")]
         lines.append(f"| {r.B} | {r.T} | {r.setup} | {r.ttft:.0f} | {r.ms:.2f} | {r.B * 1e3 / r.ms:.1f} | "
-                     f"{r.floor:.2f} | {r.ms / r.floor:.2f} | {vs[0]:.2f}x | {vs[1]:.2f}x | {vs[2]:.2f}x | "
-                     f"{r.kv / 2**30:.2f} |")
+                     f"{r.floor:.2f} | {r.ms / r.floor:.2f} | {' | '.join(vs)} | {r.kv / 2**30:.2f} |")
     lines += split_table(done, wb / bw * 1e3)
     lines += ideal_table(done, res.prefill_attn, L, args.sink + args.window)
     failed = [r for r in res.rows if r.error is not None]
