@@ -9,9 +9,9 @@ its XA heads. An XA head's query i sees key j <= i iff the 128 x 128 block (i //
   the kept mass reaches `threshold` (0.9) of the row's.
 
 Read top to bottom: 1. the reference (plain PyTorch, fp32: the definition), 2. the estimate in Triton, two kernels
-(the cell rows' log-sum-exps, then the block scores and the selection), launched by kernel.elastic_attention for
-its XA heads (xattn_estimate, which also hands the kernel the kept blocks as compact lists) or alone for every
-head (xattn_block_mask). The input checks here (check_qk, check_xa_args) are kernel.elastic_attention's too.
+(the cell rows' log-sum-exps, then the block scores and the selection), 3. the wrappers: xattn_estimate, which
+kernel.elastic_attention launches for its XA heads (it also hands the kernel the kept blocks as compact lists), and
+xattn_block_mask, the selection of every head alone. The input checks here (check_qk, check_xa_args) are kernel.elastic_attention's too.
 This file imports no other file of the project: kernel.py imports it, and passes its mode number XA in.
 
     pytest test_kernel.py -k xa     # the estimate against its reference (CPU: Triton's interpreter; GPU too)
@@ -211,7 +211,7 @@ def _xattn_select_kernel(
 
 
 # -----------------------------------------------------------------------------
-# The wrappers: tile sizes, input checks (kernel.elastic_attention's too), the launch.
+# 3. The wrappers: tile sizes, input checks (kernel.elastic_attention's too), the launch.
 
 def default_config(q):
     """The estimate's tile sizes and launch settings: the XA_ keys of kernel._default_config, which holds them
@@ -254,6 +254,7 @@ def check_qk(q, k):
 
 
 def check_xa_args(stride, threshold):
+    """The estimate's own arguments: a cell size dividing the block, a threshold >= 0 (1 keeps every block)."""
     if not (isinstance(stride, int) and 1 <= stride <= BLOCK and BLOCK % stride == 0):
         raise ValueError(f"xa_stride must be a power of two dividing {BLOCK}; got {stride}")
     if not (0.0 <= float(threshold)):
@@ -299,6 +300,7 @@ def xattn_block_mask(q, k, *, stride=16, threshold=0.9, return_scores=False, _co
     With return_scores=True also the block scores [B, H, nb, nb] (fp32) the selection used."""
     B, H, T, D, G = check_qk(q, k)
     check_xa_args(stride, threshold)
-    every = torch.zeros((B, G), dtype=torch.int32, device=q.device)  # one mark, 0, on every head; xa=0: all
-    scores, mask, _, _ = xattn_estimate(q, k, every, stride, threshold, _config or default_config(q), xa=0)
+    # the kernels estimate the heads whose mode equals xa: here every head, each marked 0 (any number would do)
+    marks = torch.zeros((B, G), dtype=torch.int32, device=q.device)
+    scores, mask, _, _ = xattn_estimate(q, k, marks, stride, threshold, _config or default_config(q), xa=0)
     return (mask, scores) if return_scores else mask
