@@ -570,7 +570,7 @@ def test_decode_on_concatenated_caches(monkeypatch):
         B = len(modes)
         (k, v, u), seed = rand((B, G, T, D), (B, G, T, D), (B, G, T), dtype=dtype)
         cache = attention.KVCache(new, sink=4, window=128, sk_k=8)
-        cache.prefill(k, v, torch.tensor(modes, device=DEV), sk_scores=u)
+        cache.prefill(k, v, torch.tensor(modes, device=DEV), sk_scores=u.float())  # scores in fp32
         caches.append(cache)
     c = attention.KVCache.cat(caches)
     assert c.n_splits == 32 and len(set(c.work.tolist())) == c.work.numel()
