@@ -555,7 +555,7 @@ def save_checkpoint(step, cfg, model, routers, constraint, optimizer, lambda_opt
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if pending:
-        raise KeyboardInterrupt
+        signal.raise_signal(pending[0])  # now to the handler it was held back from (Ctrl-C's: KeyboardInterrupt)
     print(f"{'final' if final else 'checkpoint'}: routers at step {step} saved to {out_dir}")
 
 
