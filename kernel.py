@@ -41,7 +41,7 @@ import triton.language as tl
 import sparsek
 import xattn
 from sparsek import sk_bias_reference, sk_select, tl_candidates, tl_span_start
-from xattn import check_qk, check_xa_args, xattn_block_mask, xattn_block_mask_reference, xattn_estimate
+from xattn import NEG, check_qk, check_xa_args, xattn_block_mask, xattn_block_mask_reference, xattn_estimate
 
 FA, SSA, XA, SK = 0, 1, 2, 3  # the modes' numbers; xattn.py gets XA from here (xattn_estimate's xa)
 KV_BLOCK = 128  # the method's block: XA selects 128 x 128 blocks; SK selects per block of 128 queries
@@ -52,7 +52,6 @@ _SSA = tl.constexpr(SSA)
 _XA = tl.constexpr(XA)
 _SK = tl.constexpr(SK)
 _KV_BLOCK = tl.constexpr(KV_BLOCK)
-_NEG = tl.constexpr(-1.0e30)  # "minus infinity" that stays finite, so that NEG - NEG is 0, not NaN
 _LOG2E = tl.constexpr(1.4426950408889634)  # log p in the kernel's log2 units
 
 def _expand_kv(x, H):
@@ -222,7 +221,7 @@ def _elastic_attn_fwd(
     v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
     q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
 
-    m_i = tl.full([BLOCK_M], _NEG, tl.float32)  # running row max (log2 units); finite: no NaN
+    m_i = tl.full([BLOCK_M], NEG, tl.float32)  # running row max (log2 units); finite: no NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)       # running row sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, D], tl.float32)    # running p @ v
 

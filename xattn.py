@@ -11,8 +11,9 @@ its XA heads. An XA head's query i sees key j <= i iff the 128 x 128 block (i //
 Read top to bottom: 1. the reference (plain PyTorch, fp32: the definition), 2. the estimate in Triton, two kernels
 (the cell rows' log-sum-exps, then the block scores and the selection), 3. the wrappers: xattn_estimate, which
 kernel.elastic_attention launches for its XA heads (it also hands the kernel the kept blocks as compact lists), and
-xattn_block_mask, the selection of every head alone. The input checks here (check_qk, check_xa_args) are kernel.elastic_attention's too.
-This file imports no other file of the project: kernel.py imports it, and passes its mode number XA in.
+xattn_block_mask, the selection of every head alone. The input checks here (check_qk, check_xa_args) are
+kernel.elastic_attention's too. This file imports no other file of the project: kernel.py imports it, and passes
+its mode number XA in.
 
     pytest test_kernel.py -k xa     # the estimate against its reference (CPU: Triton's interpreter; GPU too)
     pytest test_kernel.py           # all of the prefill kernel, XA mode included
@@ -32,11 +33,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 128  # XA selects 128 x 128 blocks (kernel.KV_BLOCK and sparsek.BLOCK are the same number; kernel.py checks)
-_NEG = tl.constexpr(-1.0e30)  # "minus infinity" that stays finite, so that NEG - NEG is 0, not NaN
-
-def _expand_kv(x, H):
-    """[B, G, T, D] -> [B, H, T, D]: each KV head repeated for its H // G query heads (reference only)."""
-    return x.repeat_interleave(H // x.shape[1], dim=1)
+NEG = tl.constexpr(-1.0e30)  # "minus infinity" that stays finite, so that NEG - NEG is 0, not NaN (kernel.py's too)
 
 
 # -----------------------------------------------------------------------------
@@ -57,7 +54,7 @@ def xattn_block_scores_reference(q, k, *, stride=16):
     nc, nb, cpb = triton.cdiv(T, S), triton.cdiv(T, BLOCK), BLOCK // S
     pad = nc * S - T
     qc = F.pad(q.float(), (0, 0, 0, pad)).view(B, H, nc, S, D)
-    kc = F.pad(_expand_kv(k, H).float(), (0, 0, 0, pad)).view(B, H, nc, S, D)
+    kc = F.pad(k.repeat_interleave(H // k.shape[1], dim=1).float(), (0, 0, 0, pad)).view(B, H, nc, S, D)
     qc = qc.flip(3).reshape(B, H, nc, S * D)  # cell i: query rows i*S + S-1-t, t = 0..S-1
     kc = kc.reshape(B, H, nc, S * D)          # cell j: key rows j*S + t
     s = qc @ kc.transpose(-1, -2) / (math.sqrt(D) * S)  # [B, H, nc, nc]
@@ -134,7 +131,7 @@ def _xattn_rows_kernel(
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
         seg_base = SegLse + pid_bh.to(tl.int64) * NC * NB
-        m_i = tl.full([BLOCK_I], _NEG, tl.float32)  # running max of the row (log2 units)
+        m_i = tl.full([BLOCK_I], NEG, tl.float32)  # running max of the row (log2 units)
         l_i = tl.zeros([BLOCK_I], tl.float32)       # running sum of exp2(score - m_i)
         # visit key cells 0 .. the last row's own cell (causal at the cell level)
         hi = tl.minimum((pid_i + 1) * BLOCK_I, NC_b)
@@ -151,7 +148,7 @@ def _xattn_rows_kernel(
                              mask=k_rows[None, :] < T_b, other=0.0)  # [D, BLOCK_J]
                 s = tl.dot(qt, kt, s)
             valid = (offs_j[None, :] <= offs_i[:, None]) & (offs_i[:, None] < NC_b)
-            s = tl.where(valid, s * qk_scale, _NEG)
+            s = tl.where(valid, s * qk_scale, NEG)
             # log-sum-exp of each segment: CELLS consecutive key cells = one 128-token key block
             s3 = tl.reshape(s, [BLOCK_I, BLOCK_J // CELLS, CELLS])
             seg_max = tl.max(s3, 2)
@@ -188,7 +185,7 @@ def _xattn_select_kernel(
         for r in range(tl.minimum(CELLS, NC_b - m * CELLS)):  # the last block row may have fewer cells
             row = m * CELLS + r
             row_lse = tl.load(RowLse + pid_bh.to(tl.int64) * NC + row)
-            seg = tl.load(SegLse + (pid_bh.to(tl.int64) * NC + row) * NB + offs_n, mask=causal, other=_NEG)
+            seg = tl.load(SegLse + (pid_bh.to(tl.int64) * NC + row) * NB + offs_n, mask=causal, other=NEG)
             score += tl.math.exp2(seg - row_lse)
         tl.store(Scores + row_out + offs_n, score, mask=offs_n < NB)
         # Phase 2: the selection rule of xattn_select_reference (sums in fp64)
