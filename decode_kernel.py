@@ -95,8 +95,8 @@ def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, base, cap, pos
 def _decode_split_kernel(
     Q, KNew, VNew, KC, VC, Base, Cap, Pos, Selected, Logp, Work, MOut, LOut, AccOut, O,
     stride_qb, stride_qh, stride_nb, stride_ng, stride_ob, stride_oh,
-    G, GROUP, N_SPLITS, sink, window, qk_scale,
-    D: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
+    G, GROUP, N_SPLITS, SPLIT, sink, window, qk_scale,
+    D: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
     LISTED: tl.constexpr,
 ):
     # program -> (row b and KV head g, chunk s of the segment): from the work list (the chunks each segment can
@@ -177,9 +177,8 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_merge_kernel(MOut, LOut, AccOut, O, Cap, Pos, Selected, stride_ob, stride_oh, G, GROUP, N_SPLITS,
-                         D: tl.constexpr, GROUP_P2: tl.constexpr, S_P2: tl.constexpr, BLOCK_S: tl.constexpr,
-                         SPLIT: tl.constexpr):
+def _decode_merge_kernel(MOut, LOut, AccOut, O, Cap, Pos, Selected, stride_ob, stride_oh, G, GROUP, N_SPLITS, SPLIT,
+                         D: tl.constexpr, GROUP_P2: tl.constexpr, S_P2: tl.constexpr, BLOCK_S: tl.constexpr):
     # program -> one query head: merge its chunks' (max, sum, partial output) into softmax(q K^T) V
     bg = tl.program_id(0)
     h = tl.program_id(1)
@@ -195,7 +194,7 @@ def _decode_merge_kernel(MOut, LOut, AccOut, O, Cap, Pos, Selected, stride_ob, s
     m_max = tl.max(m, 0)                                               # finite: chunk 0 holds the new token
     denom = tl.sum(tl.where(ok, tl.math.exp2(m - m_max), 0.0) * l, 0)
     o = tl.zeros([D], tl.float32)
-    for s0 in range(0, N_SPLITS, BLOCK_S):  # the partial outputs, BLOCK_S chunks at a time (registers)
+    for s0 in range(0, chunks, BLOCK_S):  # the partial outputs, BLOCK_S chunks at a time (registers)
         offs = s0 + tl.arange(0, BLOCK_S)
         ok_s = offs < chunks
         rows = (first + offs) * GROUP_P2 + h
@@ -207,6 +206,16 @@ def _decode_merge_kernel(MOut, LOut, AccOut, O, Cap, Pos, Selected, stride_ob, s
 
 # -----------------------------------------------------------------------------
 # 3. The wrapper
+
+
+def decode_split(sizes, programs, multiple=64):
+    """Slots per chunk for segments of these sizes (cap + selected slots, Python ints) so that their work list comes
+    to about `programs` chunks of one length (a multiple of `multiple`, the kernel's tile): every program reads about
+    as much, so a launch ends when its programs do. A fixed length does not: at B = 1 and Omega 0.7, 1024 slots make
+    94 programs at 32K tokens for 132 multiprocessors, and at 128K 330, two waves of which the second is a quarter
+    full."""
+    per = triton.cdiv(sum(sizes), programs)
+    return max(multiple, triton.cdiv(per, multiple) * multiple)
 
 
 def decode_splits(max_cap, split):
@@ -274,14 +283,14 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
     _decode_split_kernel[(work.numel() if listed else B * G * n_splits,)](
         q, k_new, v_new, k_cache, v_cache, base, cap, pos, selected, logp, work if listed else base, m, l, acc, out,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), out.stride(0), out.stride(1),
-        G, H // G, n_splits, sink, window, scale,
-        D=D, GROUP_P2=group_p2, SPLIT=split, BLOCK_N=block_n, DIRECT=direct, LISTED=listed,
+        G, H // G, n_splits, split, sink, window, scale,
+        D=D, GROUP_P2=group_p2, BLOCK_N=block_n, DIRECT=direct, LISTED=listed,
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if direct:
         return out
     _decode_merge_kernel[(B * G, H // G)](
-        m, l, acc, out, cap, pos, selected, out.stride(0), out.stride(1), G, H // G, n_splits,
-        D=D, GROUP_P2=group_p2, S_P2=max(2, triton.next_power_of_2(n_splits)), BLOCK_S=16, SPLIT=split, num_warps=4)
+        m, l, acc, out, cap, pos, selected, out.stride(0), out.stride(1), G, H // G, n_splits, split,
+        D=D, GROUP_P2=group_p2, S_P2=max(2, triton.next_power_of_2(n_splits)), BLOCK_S=16, num_warps=4)
     return out
 
 
@@ -303,3 +312,48 @@ def _(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink, window, n_splits,
       work=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+
+
+# -----------------------------------------------------------------------------
+# 5. The rest of a decode step's bytes: its weights. At B = 1 every projection is a matrix-vector product that
+# reads the whole weight once, 15 GiB a step for an 8B model against 1-3 GiB of cache. cuBLAS reads the Llama-3.1-8B
+# shapes at 62-94% of the copy bandwidth on an H100; this plain loop reads them at 78-104% (RESULTS.md). model.Linear
+# sends a product with one row on the GPU (a decode step at B = 1, outside autograd) here, everything else to cuBLAS.
+
+@triton.jit
+def _gemv_kernel(W, X, Bias, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """y[n] = sum_k W[n, k] x[k] (+ bias[n]) for BLOCK_N rows of W, in fp32, BLOCK_K columns a step."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = W + rows[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # reduced once at the end: one sum, not one per step
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_rows + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)
+        x = tl.load(X + cols, mask=cols < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(Bias + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
+
+
+@torch.library.custom_op("elastic::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., K] of one row: weight [N, K] (unit stride along K), bias [N] or None
+    -> [..., N] in x's dtype. A torch operator, so that torch.compile keeps it as one call (generate.py)."""
+    N, K = weight.shape
+    if x.shape[:-1].numel() != 1 or x.shape[-1] != K or weight.stride(1) != 1:
+        raise ValueError(f"gemv needs x [..., K={K}] of one row and weight [N, K] with unit stride along K; got x "
+                         f"{tuple(x.shape)}, weight strides {weight.stride()}")
+    y = torch.empty(N, device=x.device, dtype=x.dtype)
+    block_k = min(1024, triton.next_power_of_2(K))
+    _gemv_kernel[(triton.cdiv(N, 8),)](weight, x.reshape(K).contiguous(), weight if bias is None else bias, y, N, K,
+                                      weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=8, BLOCK_K=block_k,
+                                      num_warps=8, num_stages=3 if x.is_cuda else 1)
+    return y.view(*x.shape[:-1], N)
+
+
+@gemv.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
