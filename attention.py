@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 import kernel
 import xattn
-from decode_kernel import cache_slot, decode_attention_op, decode_splits, decode_work
+from decode_kernel import cache_slot, decode_attention_op, decode_split, decode_splits, decode_work
 from kernel import FA, KV_BLOCK, SK, SSA, XA
 from router import ElasticConfig, route, sparsity_ratio
 from sparsek import SKCache, sk_flex_attention
 
-DECODE_SPLIT = 1024  # cache slots per program of the decode kernel on the GPU (decode_kernel.py)
+DECODE_PROGRAMS = 2  # programs of the decode kernel per multiprocessor, over chunks of one length (decode_split)
 
 # -----------------------------------------------------------------------------
 # what a forward is, and what a layer reports back
@@ -316,14 +316,11 @@ class KVCache:
         if sk and sk_scores is None:
             raise ValueError("SK heads need their scores at prefill (sk_scores [B, G, T], from the routers' scorer)")
         bases, N = self._layout(B, G, (full, ssa, sk), caps, selected)
-        sizes = [c + e for c, e in zip(caps, selected)]
-        self.n_splits = decode_splits(1 << (max(sizes) - 1).bit_length(), DECODE_SPLIT)
-        work = decode_work(sizes, self.n_splits, DECODE_SPLIT)  # the decode kernel's programs
+        self.sizes = [c + e for c, e in zip(caps, selected)]
         dev = k.device
-        # one copy to the device: the segments' first slots, caps, selected slots, tokens, the full, SSA, SK ones,
-        # and the work list
-        meta = torch.tensor(bases + caps + selected + n + full + ssa + sk + work).to(dev, non_blocking=True)
-        base, cap, sel, tokens, order, work = meta.split([B * G] * 5 + [len(work)])
+        # one copy to the device: the segments' first slots, caps, selected slots, tokens, the full, SSA, SK ones
+        meta = torch.tensor(bases + caps + selected + n + full + ssa + sk).to(dev, non_blocking=True)
+        base, cap, sel, tokens, order = meta.split([B * G] * 5)
         self.k, self.v = k.new_zeros(N, D), v.new_zeros(N, D)
         k, v = k.reshape(B * G, T, D), v.reshape(B * G, T, D)
         # positions past a segment's tokens are read as its last token: the same slot, written the same value
@@ -338,8 +335,8 @@ class KVCache:
         at = base[r] + cache_slot(j, cap[r], self.sink, self.window)
         self.k[at], self.v[at] = k[r, j], v[r, j]
         self.base, self.cap, self.selected = base.int(), cap.int(), sel.int()  # int32: [B*G] tables the kernel reads
-        self.work = work.int()
         self.rows, self.G = B, G
+        self._plan(dev)
         self.sk = SKCache(N, order[len(full) + len(ssa):], self.sk_k, self.sink, self.window, dev)
         self.sk.prefill(self, None if sk_scores is None else sk_scores.reshape(B * G, T).float(), k, v, tokens,
                         at[len(ssa):], j[len(ssa):])
@@ -356,6 +353,14 @@ class KVCache:
                 for i in segments:
                     bases[i], at = at, at + caps[i] + selected[i]
         return bases, at
+
+    def _plan(self, dev):
+        """The decode kernel's chunks, fixed for the generation: `split` slots each, about DECODE_PROGRAMS per
+        multiprocessor over all segments, and the work list of the chunks each segment can fill."""
+        n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+        self.split = decode_split(self.sizes, DECODE_PROGRAMS * n_sm)
+        self.n_splits = decode_splits(max(self.sizes), self.split)
+        self.work = torch.tensor(decode_work(self.sizes, self.n_splits, self.split), dtype=torch.int32, device=dev)
 
     def slots(self, j, segments=None):
         """The flat slots of positions j in the segments (b * G + g; all B * G when None), broadcast against j."""
@@ -380,10 +385,9 @@ class KVCache:
         out.groups = [(b + r, [i + r * c.G for i in segments], at + o, cap, sel)
                       for c, o, r in zip(caches, offsets, rows) for b, segments, at, cap, sel in c.groups]
         out.sk = SKCache.cat([c.sk for c in caches], rows, c0.G)
-        out.n_splits = max(c.n_splits for c in caches)
-        out.work = torch.cat([((c.work // c.n_splits + r * c.G) * out.n_splits + c.work % c.n_splits).int()
-                              for c, r in zip(caches, rows)])  # each cache's (segment, chunk), renumbered
+        out.sizes = [size for c in caches for size in c.sizes]
         out.rows, out.G = sum(c.rows for c in caches), c0.G
+        out._plan(c0.k.device)  # chunks for all the rows together
         return out
 
     def decode(self, q, k, v, pos, u=None):
@@ -397,7 +401,7 @@ class KVCache:
             self.sk.update(self, pos, u)  # before the new key overwrites the ring slot of position pos - window
         if q.is_cuda:
             y = decode_attention_op(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k, self.v, self.base, self.cap, pos,
-                                    self.sink, self.window, self.n_splits, DECODE_SPLIT, self.selected, self.sk.logp,
+                                    self.sink, self.window, self.n_splits, self.split, self.selected, self.sk.logp,
                                     self.work)
             return y[:, :, None]
         B, H, _, D = q.shape

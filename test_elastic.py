@@ -196,11 +196,13 @@ def test_forward_checks_fixed_modes_and_lengths_once(tiny_dir):
 
 
 def test_decode_work_lists_only_the_chunks_each_segment_fills(monkeypatch):
-    """The decode kernel's programs (KVCache.work): every chunk of DECODE_SPLIT slots that a segment can fill, for
-    a long FA segment, SSA rings and an SK segment, and none past a short ring; KVCache.cat renumbers each cache's
-    (segment, chunk) for the rows it joins and the larger chunk count."""
+    """The decode kernel's programs (KVCache.work): every chunk of `split` slots that a segment can fill, for a long
+    FA segment, SSA rings and an SK segment, and none past a short ring; KVCache.cat plans the chunks of the rows it
+    joins anew, over all their segments. decode_split: chunks of one length, about as many as asked for."""
     import attention
-    monkeypatch.setattr(attention, "DECODE_SPLIT", 16)
+    from decode_kernel import decode_split
+    assert decode_split([1000, 24], 16) == 64 and decode_split([4096] * 8, 64) == 512  # a multiple of 64
+    monkeypatch.setattr(attention, "decode_split", lambda sizes, programs: 16)
 
     def chunks(cache):
         items = cache.work.tolist()
@@ -217,11 +219,11 @@ def test_decode_work_lists_only_the_chunks_each_segment_fills(monkeypatch):
         k, v = torch.randn(2, 1, 3, T, D)
         cache.prefill(k, v, torch.tensor(modes), sk_scores=torch.randn(1, 3, T))
         sizes = (cache.cap + cache.selected).tolist()
-        assert chunks(cache) == {i: list(range(-(-size // 16))) for i, size in enumerate(sizes)}
+        assert sizes == cache.sizes and chunks(cache) == {i: list(range(-(-size // 16))) for i, size in enumerate(sizes)}
         caches.append(cache)
-    assert caches[0].n_splits == 8 and chunks(caches[0])[1] == [0, 1]  # the FA segment's 106 slots; a ring of 20
+    assert caches[0].n_splits == 7 and chunks(caches[0])[1] == [0, 1]  # the FA segment's 106 slots; a ring of 20
     both = KVCache.cat(caches)
-    assert both.n_splits == 8
+    assert both.n_splits == 7 and both.sizes == caches[0].sizes + caches[1].sizes
     expected = {**chunks(caches[0]), **{3 + i: c for i, c in chunks(caches[1]).items()}}
     assert chunks(both) == expected
 

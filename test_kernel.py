@@ -558,12 +558,12 @@ def test_decode_sk_segments(dtype):
 
 
 def test_decode_on_concatenated_caches(monkeypatch):
-    # the kernel on the tables of two prefilled caches joined by KVCache.cat (rows of 2 and 1, chunk counts 32 and
-    # 4: the work list renumbered), FA segments, SSA and SK rings that have wrapped (sink 4, window 128) and short
+    # the kernel on the tables of two prefilled caches joined by KVCache.cat (rows of 2 and 1: the chunks planned
+    # anew), FA segments, SSA and SK rings that have wrapped (sink 4, window 128) and short
     # ones, against the reference on the same tables
     import attention
     from decode_kernel import decode_attention, decode_attention_reference
-    monkeypatch.setattr(attention, "DECODE_SPLIT", 16)
+    monkeypatch.setattr(attention, "decode_split", lambda sizes, programs: 16)
     G, D, new, dtype = 3, 32, 6, DTYPES[0]  # on the GPU bf16 (fp32 dots there run in tf32)
     caches = []
     for T, modes in ((300, [[FA, SSA, SK], [SSA, SK, FA]]), (30, [[SSA, FA, SSA]])):
@@ -573,7 +573,7 @@ def test_decode_on_concatenated_caches(monkeypatch):
         cache.prefill(k, v, torch.tensor(modes, device=DEV), sk_scores=u.float())  # scores in fp32
         caches.append(cache)
     c = attention.KVCache.cat(caches)
-    assert c.n_splits == 32 and len(set(c.work.tolist())) == c.work.numel()
+    assert c.split == 16 and c.n_splits == 20 and len(set(c.work.tolist())) == c.work.numel()
     (q, k_new, v_new), seed = rand((3, 2 * G, D), (3, G, D), (3, G, D), dtype=dtype)
     pos = torch.tensor([303, 300, 33], dtype=torch.int32, device=DEV)
     kc, vc = c.k.clone(), c.v.clone()
@@ -602,3 +602,30 @@ def test_gpu_decode_large(T):
     caps = [T + 8] * 5 + [128 + 2048] * 3
     assert_decode_matches_reference(1, 32, 8, 128, caps, [T + 3], torch.bfloat16, 128, 2048, split=512)
     assert_decode_matches_reference(2, 32, 8, 128, caps * 2, [T + 3, T - 1], torch.bfloat16, 128, 2048, split=512)
+
+
+# -----------------------------------------------------------------------------
+# the GEMV of a decode step at B = 1 (decode_kernel.gemv, which model.Linear runs there) against F.linear
+
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
+@pytest.mark.parametrize("N, K, bias", [(37, 100, False), (24, 1500, True)])  # odd sizes; K over one block of 1024
+def test_gemv_matches_linear(N, K, bias, dtype):
+    from decode_kernel import gemv
+    (x, w, b), seed = rand((1, 1, K), (N, K), (N,), dtype=dtype)
+    y = gemv(x, w, b if bias else None)
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float() if bias else None)
+    assert y.shape == (1, 1, N) and y.dtype == dtype
+    err, max_abs = rel_err(y, ref)
+    assert err < TOL[dtype], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed}, N={N}, K={K})"
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.cat([x, x], 1), w)
+
+
+@gpu_only
+@pytest.mark.parametrize("N, K", [(6144, 4096), (4096, 14336), (128256, 4096)])  # Llama-3.1-8B: q/k/v, down, head
+def test_gpu_gemv_large(N, K):
+    from model import linear  # what model.Linear runs: the GEMV for one row outside autograd
+    (x, w), seed = rand((1, K), (N, K), dtype=torch.bfloat16)
+    with torch.no_grad():
+        err, max_abs = rel_err(linear(x, w), torch.nn.functional.linear(x.float(), w.float()))
+    assert err < TOL[torch.bfloat16], f"rel err {err:.2e} (seed {seed}, N={N}, K={K})"
