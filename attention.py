@@ -30,7 +30,7 @@ from kernel import FA, KV_BLOCK, SK, SSA, XA
 from router import ElasticConfig, route, sparsity_ratio
 from sparsek import SKCache, sk_flex_attention
 
-DECODE_PROGRAMS = 2  # programs of the decode kernel per multiprocessor, over chunks of one length (decode_split)
+DECODE_PROGRAMS = 2  # decode kernel programs a multiprocessor runs at once (its default tile): decode_split
 
 # -----------------------------------------------------------------------------
 # what a forward is, and what a layer reports back
@@ -355,8 +355,8 @@ class KVCache:
         return bases, at
 
     def _plan(self, dev):
-        """The decode kernel's chunks, fixed for the generation: `split` slots each, about DECODE_PROGRAMS per
-        multiprocessor over all segments, and the work list of the chunks each segment can fill."""
+        """The decode kernel's chunks, fixed for the generation: `split` slots each, at most DECODE_PROGRAMS per
+        multiprocessor over all segments (one wave), and the work list of the chunks each segment can fill."""
         n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
         self.split = decode_split(self.sizes, DECODE_PROGRAMS * n_sm)
         self.n_splits = decode_splits(max(self.sizes), self.split)

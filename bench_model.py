@@ -27,7 +27,7 @@ from bench import DTYPE, copy_bandwidth, cuda_device, log, sync, timeit
 from cli import command_line, fail, model_config, provenance, write_atomic
 from generate import CUDAGraphStep, compiled_decode_one_token, decode_one_token
 from kernel import FA, SSA
-from model import ModelConfig, Transformer, linear, rope_inv_freq
+from model import ModelConfig, Transformer, rope_inv_freq
 from router import ElasticConfig, Routers
 from static_hybrid import static_modes
 
@@ -236,7 +236,7 @@ def step_split(model, caches, pos, device):
 
     def gemvs():
         for w in weights:
-            linear(xs[w.shape[1]], w)  # as the step runs them
+            F.linear(xs[w.shape[1]], w)
     return tuple(timeit(replayed(fn, device), budget_ms=200, device=device) for fn in (attention, gemvs))
 
 

@@ -209,13 +209,20 @@ def _decode_merge_kernel(MOut, LOut, AccOut, O, Cap, Pos, Selected, stride_ob, s
 
 
 def decode_split(sizes, programs, multiple=64):
-    """Slots per chunk for segments of these sizes (cap + selected slots, Python ints) so that their work list comes
-    to about `programs` chunks of one length (a multiple of `multiple`, the kernel's tile): every program reads about
-    as much, so a launch ends when its programs do. A fixed length does not: at B = 1 and Omega 0.7, 1024 slots make
-    94 programs at 32K tokens for 132 multiprocessors, and at 128K 330, two waves of which the second is a quarter
-    full."""
-    per = triton.cdiv(sum(sizes), programs)
-    return max(multiple, triton.cdiv(per, multiple) * multiple)
+    """Slots per chunk for segments of these sizes (cap + selected slots, Python ints): the shortest length, a
+    multiple of `multiple` (the kernel's tile), whose chunks number at most `programs` (whole rounds of it when the
+    segments alone outnumber it). With `programs` what the GPU runs at once, every program reads about as much and
+    all run in one wave. A fixed length does not fit: at B = 1 and Omega 0.7 1024 slots make 84 programs at 32K tokens
+    for an H100's 264 (132 multiprocessors, 2 each), and 276 at 128K, a second wave of 12."""
+    programs *= triton.cdiv(len(sizes), programs)
+
+    def chunks(split):
+        return sum(triton.cdiv(size, split) for size in sizes)
+    lo, hi = triton.cdiv(sum(sizes), programs * multiple), triton.cdiv(max(sizes), multiple)  # in tiles
+    while lo < hi:  # the fewest tiles per chunk with chunks(.) <= programs; chunks(hi) = len(sizes) fits
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if chunks(mid * multiple) > programs else (lo, mid)
+    return lo * multiple
 
 
 def decode_splits(max_cap, split):
@@ -313,47 +320,3 @@ def _(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink, window, n_splits,
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-
-# -----------------------------------------------------------------------------
-# 5. The rest of a decode step's bytes: its weights. At B = 1 every projection is a matrix-vector product that
-# reads the whole weight once, 15 GiB a step for an 8B model against 1-3 GiB of cache. cuBLAS reads the Llama-3.1-8B
-# shapes at 62-94% of the copy bandwidth on an H100; this plain loop reads them at 78-104% (RESULTS.md). model.Linear
-# sends a product with one row on the GPU (a decode step at B = 1, outside autograd) here, everything else to cuBLAS.
-
-@triton.jit
-def _gemv_kernel(W, X, Bias, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """y[n] = sum_k W[n, k] x[k] (+ bias[n]) for BLOCK_N rows of W, in fp32, BLOCK_K columns a step."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_rows = W + rows[:, None].to(tl.int64) * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # reduced once at the end: one sum, not one per step
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)
-        x = tl.load(X + cols, mask=cols < K, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, 1)
-    if HAS_BIAS:
-        y += tl.load(Bias + rows, mask=rows < N, other=0.0).to(tl.float32)
-    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
-
-
-@torch.library.custom_op("elastic::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., K] of one row: weight [N, K] (unit stride along K), bias [N] or None
-    -> [..., N] in x's dtype. A torch operator, so that torch.compile keeps it as one call (generate.py)."""
-    N, K = weight.shape
-    if x.shape[:-1].numel() != 1 or x.shape[-1] != K or weight.stride(1) != 1:
-        raise ValueError(f"gemv needs x [..., K={K}] of one row and weight [N, K] with unit stride along K; got x "
-                         f"{tuple(x.shape)}, weight strides {weight.stride()}")
-    y = torch.empty(N, device=x.device, dtype=x.dtype)
-    block_k = min(1024, triton.next_power_of_2(K))
-    _gemv_kernel[(triton.cdiv(N, 8),)](weight, x.reshape(K).contiguous(), weight if bias is None else bias, y, N, K,
-                                      weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=8, BLOCK_K=block_k,
-                                      num_warps=8, num_stages=3 if x.is_cuda else 1)
-    return y.view(*x.shape[:-1], N)
-
-
-@gemv.register_fake
-def _(x, weight, bias=None):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -28,7 +28,6 @@ from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
 import attention
-from decode_kernel import gemv
 from router import ElasticConfig, check_prompt_lens
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -121,20 +120,6 @@ def apply_rope(x, cos, sin):
 # -----------------------------------------------------------------------------
 # the decoder
 
-def linear(x, weight, bias=None):
-    """F.linear, except a product with one row on the GPU that autograd does not record (a decode step at B = 1),
-    which is decode_kernel.gemv: it reads the weight closer to the memory bandwidth than cuBLAS does (RESULTS.md)."""
-    recorded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if x.is_cuda and x.shape[:-1].numel() == 1 and not recorded:
-        return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -164,8 +149,8 @@ class Attention(nn.Module):
         H, G, D, C = self.n_head, self.n_kv_head, self.head_dim, cfg.hidden_size
         # q, k and v in one matrix: one GEMM at prefill, one GEMV a decode step (gpt-fast's wqkv). The checkpoint's
         # q_proj, k_proj and v_proj load into its rows (Transformer.checkpoint_tensors)
-        self.qkv_proj = Linear(C, (H + 2 * G) * D, bias=cfg.attention_bias)
-        self.o_proj = Linear(H * D, C, bias=False)
+        self.qkv_proj = nn.Linear(C, (H + 2 * G) * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -196,8 +181,8 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         # gate and up in one matrix (the checkpoint's gate_proj and up_proj, stacked by rows)
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         """A long prefill goes MLP_ROWS tokens at a time: at 8 x 32K tokens of an 8B model, [tokens, 2 x intermediate]
@@ -246,7 +231,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.elastic = ElasticConfig()  # how heads run when routers or fixed modes send them off FA
         self.routers = None               # router.Routers: each layer routes its KV heads at prefill
@@ -299,7 +284,7 @@ class Transformer(nn.Module):
             x = x[:, -1:] if last is None else x[torch.arange(B, device=x.device), last.long() - 1][:, None]
         elif logits_at is not None:
             x = x[logits_at]
-        logits = linear(self.model.norm(x), self.output_weight())
+        logits = F.linear(self.model.norm(x), self.output_weight())
         if not return_routing:
             return logits
         return logits, None if routed[0] is None else attention.Routing.stack(routed, self.elastic)

@@ -201,7 +201,10 @@ def test_decode_work_lists_only_the_chunks_each_segment_fills(monkeypatch):
     joins anew, over all their segments. decode_split: chunks of one length, about as many as asked for."""
     import attention
     from decode_kernel import decode_split
-    assert decode_split([1000, 24], 16) == 64 and decode_split([4096] * 8, 64) == 512  # a multiple of 64
+    # the shortest multiple of 64 whose chunks fit the programs (64 slots: 16 + 1 chunks), whole rounds of programs
+    # when the segments outnumber them
+    assert decode_split([1000, 24], 16) == 128 and decode_split([4096] * 8, 64) == 512
+    assert decode_split([100] * 20, 8) == 128
     monkeypatch.setattr(attention, "decode_split", lambda sizes, programs: 16)
 
     def chunks(cache):

@@ -603,29 +603,3 @@ def test_gpu_decode_large(T):
     assert_decode_matches_reference(1, 32, 8, 128, caps, [T + 3], torch.bfloat16, 128, 2048, split=512)
     assert_decode_matches_reference(2, 32, 8, 128, caps * 2, [T + 3, T - 1], torch.bfloat16, 128, 2048, split=512)
 
-
-# -----------------------------------------------------------------------------
-# the GEMV of a decode step at B = 1 (decode_kernel.gemv, which model.Linear runs there) against F.linear
-
-@pytest.mark.parametrize("dtype", DECODE_DTYPES)
-@pytest.mark.parametrize("N, K, bias", [(37, 100, False), (24, 1500, True)])  # odd sizes; K over one block of 1024
-def test_gemv_matches_linear(N, K, bias, dtype):
-    from decode_kernel import gemv
-    (x, w, b), seed = rand((1, 1, K), (N, K), (N,), dtype=dtype)
-    y = gemv(x, w, b if bias else None)
-    ref = torch.nn.functional.linear(x.float(), w.float(), b.float() if bias else None)
-    assert y.shape == (1, 1, N) and y.dtype == dtype
-    err, max_abs = rel_err(y, ref)
-    assert err < TOL[dtype], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed}, N={N}, K={K})"
-    with pytest.raises(ValueError, match="one row"):
-        gemv(torch.cat([x, x], 1), w)
-
-
-@gpu_only
-@pytest.mark.parametrize("N, K", [(6144, 4096), (4096, 14336), (128256, 4096)])  # Llama-3.1-8B: q/k/v, down, head
-def test_gpu_gemv_large(N, K):
-    from model import linear  # what model.Linear runs: the GEMV for one row outside autograd
-    (x, w), seed = rand((1, K), (N, K), dtype=torch.bfloat16)
-    with torch.no_grad():
-        err, max_abs = rel_err(linear(x, w), torch.nn.functional.linear(x.float(), w.float()))
-    assert err < TOL[torch.bfloat16], f"rel err {err:.2e} (seed {seed}, N={N}, K={K})"
