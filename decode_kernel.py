@@ -19,9 +19,10 @@ softmax; the mode is only in `cap`.
 
 At B = 1 with GQA there are only a handful of (row, KV head) pairs: one program each would leave an H200's
 132 multiprocessors idle and read the cache at a quarter of its bandwidth. So each segment is split along its
-length into chunks of SPLIT slots (flash-decoding), one program per (row, KV head, chunk) from a work list that
+length into chunks of `split` slots (flash-decoding), one program per (row, KV head, chunk) from a work list that
 names each segment's own chunks (decode_work: an SSA ring of 2K slots beside 32K-token FA heads gets its few, not
-as many as the longest); each keeps an online softmax over its chunk and writes (max, sum, partial output); a second
+as many as the longest). The length is chosen per cache (decode_split) so that all chunks run in one wave of
+programs of about equal work; each keeps an online softmax over its chunk and writes (max, sum, partial output); a second
 kernel merges the chunks (when one chunk covers every segment, the first writes the output itself and the second
 is not launched). A group's query heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x
 [D, BLOCK_N]). Positions are read on the device and the work list is fixed at prefill: a step has no host sync
