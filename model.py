@@ -120,6 +120,25 @@ def apply_rope(x, cos, sin):
 # -----------------------------------------------------------------------------
 # the decoder
 
+CHUNK = 1 << 26  # input elements per call of a norm or the MLP in a long prefill (16K tokens of a 4096-wide model)
+
+
+def in_chunks(fn, x, weight):
+    """fn(x) for x [..., C], CHUNK elements of x at a time when there are more and autograd does not record the call
+    (training keeps every row for its backward): at 8 x 32K tokens of an 8B model the MLP's [tokens, 2 x
+    intermediate] alone would take 14 GiB beside the cache, and a norm's fp32 copies of its input 4 GiB each."""
+    rows = x.shape[:-1].numel()
+    step = max(1, CHUNK // x.shape[-1])
+    if rows <= step or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return fn(x)
+    flat, out = x.reshape(rows, -1), None
+    for i in range(0, rows, step):
+        y = fn(flat[i:i + step])
+        out = y.new_empty(rows, y.shape[-1]) if out is None else out
+        out[i:i + step] = y
+    return out.view(*x.shape[:-1], -1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -127,6 +146,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        return in_chunks(self.norm, x, self.weight)
+
+    def norm(self, x):
         # normalise in fp32, scale in the input dtype, as HuggingFace does (logits match bit for bit in fp32)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -174,9 +196,6 @@ class Attention(nn.Module):
         return self.o_proj(y), routed
 
 
-MLP_ROWS = 16384  # tokens per MLP call in a long prefill; training keeps every row for its backward
-
-
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -185,16 +204,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        """A long prefill goes MLP_ROWS tokens at a time: at 8 x 32K tokens of an 8B model, [tokens, 2 x intermediate]
-        alone would take 14 GiB beside the cache. A forward that autograd records (training) keeps one call."""
-        rows = x.shape[:-1].numel()
-        recorded = torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.weight.requires_grad)
-        if rows <= MLP_ROWS or recorded:
-            return self.mlp(x)
-        flat, out = x.reshape(rows, -1), x.new_empty(rows, self.down_proj.out_features)
-        for i in range(0, rows, MLP_ROWS):
-            out[i:i + MLP_ROWS] = self.mlp(flat[i:i + MLP_ROWS])
-        return out.view(*x.shape[:-1], -1)
+        return in_chunks(self.mlp, x, self.gate_up_proj.weight)
 
     def mlp(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -86,31 +86,33 @@ def test_fused_matrices_hold_the_checkpoint_exactly(tmp_path, kind):
     assert torch.equal(mlp.gate_up_proj.weight, torch.cat([hf_mlp.gate_proj.weight, hf_mlp.up_proj.weight]))
 
 
-def test_long_prefill_mlp_goes_in_row_chunks(tmp_path, monkeypatch):
-    """Past MLP_ROWS tokens a forward that autograd does not record runs the MLP a chunk of rows at a time (a batched
-    8 x 32K prefill of an 8B model would hold 14 GiB of gate/up otherwise): the logits are those of the whole MLP,
-    and a recorded forward keeps one call for its backward."""
+def test_long_prefill_goes_in_chunks(tmp_path, monkeypatch):
+    """Past CHUNK elements a forward that autograd does not record runs the MLP and the norms a chunk of rows at a
+    time (a batched 8 x 32K prefill of an 8B model would hold 14 GiB of gate/up, and 4 GiB for each fp32 copy a norm
+    makes): the logits are those of the whole calls, and a recorded forward keeps one call for its backward."""
     path, hf = tiny_checkpoint(tmp_path, "llama3")
     model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32)
     idx = torch.randint(0, TINY["vocab_size"], (2, 37))
     with torch.no_grad():
         whole = model(idx)
     calls = []
-    mlp = model.model.layers[0].mlp
-    monkeypatch.setattr(model_module, "MLP_ROWS", 16)
-    monkeypatch.setattr(mlp, "mlp", lambda x, f=mlp.mlp: calls.append(len(x)) or f(x))
+    layer = model.model.layers[0]
+    monkeypatch.setattr(model_module, "CHUNK", 16 * TINY["hidden_size"])  # 16 rows a call
+    for module, name in ((layer.mlp, "mlp"), (layer.input_layernorm, "norm")):
+        monkeypatch.setattr(module, name, lambda x, f=getattr(module, name), n=name: calls.append((n, len(x))) or f(x))
+    chunks = [(name, n) for name in ("norm", "mlp") for n in (16, 16, 16, 16, 10)]  # 74 rows, the norm first
     with torch.no_grad():
         chunked = model(idx)
-    assert calls == [16, 16, 16, 16, 10]  # 74 rows
+    assert sorted(calls, key=lambda c: c[0] == "mlp") == chunks
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     calls.clear()
     model.requires_grad_(False)  # frozen weights, autograd on (bench_model's prefill): nothing recorded, chunks
     torch.testing.assert_close(model(idx), whole, rtol=1e-5, atol=1e-5)
-    assert calls == [16, 16, 16, 16, 10]
+    assert sorted(calls, key=lambda c: c[0] == "mlp") == chunks
     calls.clear()
-    mlp.gate_up_proj.weight.requires_grad_(True)  # a recorded forward keeps one call on [B, T, hidden]
+    model.requires_grad_(True)  # a recorded forward keeps one call on [B, T, hidden]
     model(idx)
-    assert calls == [2]
+    assert calls == [("norm", 2), ("mlp", 2)]
 
 
 def test_config_reads_both_rope_layouts(tmp_path):
