@@ -17,19 +17,20 @@ softmax; the mode is only in `cap`.
                      positions old is read iff age <= p - c_m, c_m = sparsek.span_start(p // 128). sparsek.SKCache
                      keeps the selected slots.
 
-At B = 1 with GQA there are only a handful of (row, KV head) pairs: one program each would leave an H200's
-132 multiprocessors idle and read the cache at a quarter of its bandwidth. So each segment is split along its
-length into chunks of `split` slots (flash-decoding), one program per (row, KV head, chunk) from a work list that
-names each segment's own chunks (decode_work: an SSA ring of 2K slots beside 32K-token FA heads gets its few, not
-as many as the longest). The length is chosen per cache (decode_split) so that all chunks run in one wave of
-programs of about equal work; each keeps an online softmax over its chunk and writes (max, sum, partial output); a second
-kernel merges the chunks (when one chunk covers every segment, the first writes the output itself and the second
-is not launched). A group's query heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x
-[D, BLOCK_N]). Positions are read on the device and the work list is fixed at prefill: a step has no host sync
-and static shapes, so it can be captured once in a CUDA graph and replayed (generate.py).
+At B = 1 with GQA there are only a handful of (row, KV head) pairs: one program each would leave an H200's 132
+multiprocessors idle and read the cache at a quarter of its bandwidth. So each segment is split along its length
+into chunks of `split` slots (flash-decoding), one program per (row, KV head, chunk) from a work list that names
+each segment's own chunks (decode_work: an SSA ring of 2K slots beside 32K-token FA heads gets its few, not as many
+as the longest). The length is chosen per cache (decode_split) so that all chunks run in one wave of programs of
+about equal work. Each program keeps an online softmax over its chunk and writes (max, sum, partial output); a
+second kernel merges the chunks (when one chunk covers every segment, the first writes the output itself and the
+second is not launched). A group's query heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x
+[D, BLOCK_N]). Positions are read on the device and the work list is fixed at prefill: a step has no host sync and
+static shapes, so it can be captured once in a CUDA graph and replayed (generate.py).
 
     pytest test_kernel.py -k decode      # CPU (Triton's interpreter, which the tests turn on) and, with CUDA, GPU
-    python bench.py --model configs/llama-3.1-8b.json   # decode speed against dense SDPA, on the GPU
+    python bench.py --decode             # the kernel alone against SDPA's flash decode, on the GPU
+    python bench_model.py --model configs/llama-3.1-8b.json   # a whole decode step against dense ones, on the GPU
 """
 import math
 
@@ -319,5 +320,3 @@ def decode_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tenso
 def _(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink, window, n_splits, split, selected=None, logp=None,
       work=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-

@@ -222,7 +222,8 @@ def test_decode_work_lists_only_the_chunks_each_segment_fills(monkeypatch):
         k, v = torch.randn(2, 1, 3, T, D)
         cache.prefill(k, v, torch.tensor(modes), sk_scores=torch.randn(1, 3, T))
         sizes = (cache.cap + cache.selected).tolist()
-        assert sizes == cache.sizes and chunks(cache) == {i: list(range(-(-size // 16))) for i, size in enumerate(sizes)}
+        assert sizes == cache.sizes
+        assert chunks(cache) == {i: list(range(-(-size // 16))) for i, size in enumerate(sizes)}
         caches.append(cache)
     assert caches[0].n_splits == 7 and chunks(caches[0])[1] == [0, 1]  # the FA segment's 106 slots; a ring of 20
     both = KVCache.cat(caches)

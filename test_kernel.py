@@ -602,4 +602,3 @@ def test_gpu_decode_large(T):
     caps = [T + 8] * 5 + [128 + 2048] * 3
     assert_decode_matches_reference(1, 32, 8, 128, caps, [T + 3], torch.bfloat16, 128, 2048, split=512)
     assert_decode_matches_reference(2, 32, 8, 128, caps * 2, [T + 3, T - 1], torch.bfloat16, 128, 2048, split=512)
-
