@@ -4,15 +4,17 @@ first token (the prefill), its decode step and its KV cache, dense against Elast
 Omega 0.7 (that share of KV heads sparse, the rest full), against the bytes a decode step must read.
 
     python bench_model.py --model configs/llama-3.1-8b.json --seq-lens 32768 130944   # -> bench_model_results.md
+    python bench_model.py --model configs/llama-3.1-8b.json --batch 1 --setups flash ours-dense fa-ssa  # the anchors
 
-Setups: dense SDPA over a contiguous cache (eager; and with static shapes in a CUDA graph, gpt-fast's way), ours all
-FA, and ours FA-SSA and XA-SSA at --sparse-ratio (the KV cache of attention.py, the decode kernel of
-decode_kernel.py, one CUDA graph per step, torch.compile around it). The floor: the weights once and every filled
-cache slot once over the copy bandwidth measured in the same run. For our setups, where a step's time goes: every
-layer's attention alone and every GEMV alone, each against its floor, and the rest. FA-SSA's first token against
-Amdahl's ideal: the dense prefill with a share Omega of the attention at the SSA speed, from one layer's prefill
-attention timed in each mode. pytest test_bench.py runs every setup eagerly on the CPU on a tiny model
-(bench_model(device="cpu")) and checks that the dense paths decode alike.
+Setups (--setups picks some): dense SDPA over a contiguous cache (eager; and with static shapes in a CUDA graph,
+gpt-fast's way), dense flash decoding over it (the fair dense anchor), ours all FA, and ours FA-SSA and XA-SSA at
+--sparse-ratio (the KV cache of attention.py, the decode kernel of decode_kernel.py, one CUDA graph per step,
+torch.compile around it). The floor: the weights once and every filled cache slot once over the copy bandwidth
+measured in the same run. For our setups, where a step's time goes: every layer's attention alone and every GEMV
+alone, each against its floor, and the rest. FA-SSA's first token against Amdahl's ideal: the dense prefill with a
+share Omega of the attention at the SSA speed, from one layer's prefill attention timed in each mode. pytest
+test_bench.py runs every setup eagerly on the CPU on a tiny model (bench_model(device="cpu")) and checks that the
+dense paths decode alike.
 """
 import argparse
 import time
@@ -44,6 +46,9 @@ def parse_args(argv=None):
                         "too (gpt-fast's way; a minute of compiling per length, little gain)")
     parser.add_argument("--batch", type=int, default=8, help="also decode this many prompts of the first length "
                         "together (1: skip)")
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS), metavar="SETUP",
+                        help=f"which setups run (default all: {' '.join(SETUPS)}); flash, ours-dense and fa-ssa are "
+                        "the fair anchor, our dense path and the method")
     parser.add_argument("--out", default="bench_model_results.md", help="markdown file to write")
     parser.error = lambda message: fail(f"{message} (python bench_model.py --help lists the flags)")  # one line
     args = parser.parse_args(argv)
@@ -163,6 +168,10 @@ def random_model(path, device):
 
 
 FLASH = "dense flash decoding, CUDA graph"  # the fair dense anchor: the speed-ups are stated against it and ours
+SDPA_PREFILLED = ("dense SDPA, eager", "dense SDPA, CUDA graph", FLASH)  # prefilled by dense SDPA alike
+
+
+SETUPS = ("sdpa-eager", "sdpa-graph", "flash", "ours-dense", "fa-ssa", "xa-ssa", "fa-ssa-eager")  # model_setups order
 
 
 def model_setups(model, args):
@@ -180,7 +189,7 @@ def model_setups(model, args):
         setups.append(Setup(f"{pair}, Omega {args.sparse_ratio}", pair, static_modes(scores, args.sparse_ratio, ec),
                             "ours", True))
     setups.append(setups[-2]._replace(name=setups[-2].name + ", not compiled", compiled=False))
-    return setups
+    return [setup for key, setup in zip(SETUPS, setups) if key in args.setups]
 
 
 def decode_step(model, setup, token, pos, caches, device):
@@ -411,12 +420,15 @@ def ideal_table(rows, prefill_attn, layers, ring):
              "| prompt | setup | Omega | attention per layer ms: SDPA / ours FA / ours SSA | first token ms | ideal "
              "from SDPA ms (ratio) | ideal from ours all FA ms (ratio) |", "|---:|---|---:|---|---:|---:|---:|"]
     dense = {(o.T, o.setup): o.ttft for o in rows if o.B == 1}
+    for o in rows:  # the dense SDPA prefill: the first token of any setup that decodes from SdpaCache
+        if o.B == 1 and o.setup in SDPA_PREFILLED:
+            dense.setdefault((o.T, "dense SDPA"), o.ttft)
     for r in rows:
         if r.B != 1 or not r.setup.startswith("FA-SSA") or r.T not in prefill_attn or r.T <= ring \
-                or (r.T, "dense SDPA, eager") not in dense or (r.T, "dense, ours (all FA)") not in dense:
+                or (r.T, "dense SDPA") not in dense or (r.T, "dense, ours (all FA)") not in dense:
             continue
         sdpa, fa, ssa = prefill_attn[r.T]
-        ideal = dense[r.T, "dense SDPA, eager"] - layers * r.omega * (sdpa - ssa)
+        ideal = dense[r.T, "dense SDPA"] - layers * r.omega * (sdpa - ssa)
         ideal_ours = dense[r.T, "dense, ours (all FA)"] - layers * r.omega * (fa - ssa)
         lines.append(f"| {r.T} | {r.setup} | {r.omega:.3f} | {sdpa:.2f} / {fa:.2f} / {ssa:.2f} | {r.ttft:.0f} | "
                      f"{ideal:.0f} ({ideal / r.ttft:.2f}) | {ideal_ours:.0f} ({ideal_ours / r.ttft:.2f}) |")

@@ -80,6 +80,20 @@ def test_ideal_first_token():
     assert len(lines) == 6 and "| FA-SSA, Omega 0.7 | 0.750 |" in lines[-1]
     assert lines[-1].endswith("| 700 | 808 (1.15) | 860 (1.23) |"), lines[-1]  # 1000 - 32 * 0.75 * 8; 1100 - 240
     assert len(bench_model.ideal_table(rows, {4096: (10.0, 12.0, 2.0)}, layers=32, ring=4096)) == 5  # SSA is FA
+    # without the eager row, the dense SDPA prefill of flash decoding's setup: the same first token, the same ideal
+    rows[0].setup = bench_model.FLASH
+    assert bench_model.ideal_table(rows, {4096: (10.0, 12.0, 2.0)}, layers=32, ring=2176)[-1] == lines[-1]
+
+
+def test_setups_flag(tiny_config):
+    args = bench_model.parse_args(["--model", str(tiny_config), "--setups", "flash", "fa-ssa", "ours-dense"])
+    model = bench_model.random_model(args.model, "cpu")
+    names = [s.name for s in bench_model.model_setups(model, args)]
+    assert names == [bench_model.FLASH, "dense, ours (all FA)", "FA-SSA, Omega 0.7"]  # in the table's order
+    with pytest.raises(SystemExit) as e:
+        bench_model.parse_args(["--model", str(tiny_config), "--setups", "flash-decoding"])
+    err = str(e.value.code)  # cli.fail: the one line Python prints on exit, status 1
+    assert len(err.splitlines()) == 1 and "'flash-decoding'" in err and "fa-ssa" in err, err
 
 
 def test_dense_paths_decode_alike(model_run):
