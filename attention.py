@@ -30,8 +30,8 @@ from kernel import FA, KV_BLOCK, SK, SSA, XA
 from router import ElasticConfig, route, sparsity_ratio
 from sparsek import SKCache, sk_flex_attention
 
-# decode kernel programs per multiprocessor in the one wave KVCache plans (decode_split): two of the default tile run
-# at once on a Hopper multiprocessor, and 2 beat 1, 3, 4 and 8 over five cases on an H100 (RESULTS.md)
+# decode kernel programs per multiprocessor in the one wave KVCache plans (decode_split): with the default tile 2
+# beat 1, 3, 4 and 8 over five cases on an H100 (RESULTS.md)
 DECODE_PROGRAMS = 2
 
 # -----------------------------------------------------------------------------
