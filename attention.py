@@ -25,14 +25,11 @@ import torch.nn.functional as F
 
 import kernel
 import xattn
-from decode_kernel import cache_slot, decode_attention_op, decode_split, decode_splits, decode_work
+from decode_kernel import cache_slot, decode_attention_op, decode_split, decode_splits, decode_wave, decode_work
 from kernel import FA, KV_BLOCK, SK, SSA, XA
 from router import ElasticConfig, route, sparsity_ratio
 from sparsek import SKCache, sk_flex_attention
 
-# decode kernel programs per multiprocessor in the one wave KVCache plans (decode_split): with the default tile 2
-# beat 1, 3, 4 and 8 over five cases on an H100 (RESULTS.md)
-DECODE_PROGRAMS = 2
 
 # -----------------------------------------------------------------------------
 # what a forward is, and what a layer reports back
@@ -357,10 +354,9 @@ class KVCache:
         return bases, at
 
     def _plan(self, dev):
-        """The decode kernel's chunks, fixed for the generation: `split` slots each, at most DECODE_PROGRAMS per
-        multiprocessor over all segments (one wave), and the work list of the chunks each segment can fill."""
-        n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-        self.split = decode_split(self.sizes, DECODE_PROGRAMS * n_sm)
+        """The decode kernel's chunks, fixed for the generation: `split` slots each, at most one wave of programs
+        over all segments (decode_wave), and the work list of the chunks each segment can fill."""
+        self.split = decode_split(self.sizes, decode_wave(dev))
         self.n_splits = decode_splits(max(self.sizes), self.split)
         self.work = torch.tensor(decode_work(self.sizes, self.n_splits, self.split), dtype=torch.int32, device=dev)
 

@@ -39,9 +39,9 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import kernel
 import xattn
-from attention import DECODE_PROGRAMS, flex_block_mask
+from attention import flex_block_mask
 from cli import command_line, fail, provenance, write_atomic
-from decode_kernel import decode_attention, decode_split, decode_splits, decode_work
+from decode_kernel import decode_attention, decode_split, decode_splits, decode_wave, decode_work
 from kernel import FA, SK, SSA, XA
 from sparsek import candidates, sk_flex_attention, sk_select, span_start
 
@@ -578,8 +578,7 @@ def decode_rows(args, q, k_new, v_new, pos, T, share, bandwidth):
     lines = []
     # slots per program from 128 to 2048, and the length KVCache fits to one wave (decode_kernel.decode_split): at
     # B = 1 few segments are long, and the best split balances the programs over the multiprocessors
-    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
-    fit = decode_split(caps.tolist(), DECODE_PROGRAMS * n_sm)
+    fit = decode_split(caps.tolist(), decode_wave(q.device))
     for split, bn, warps, stages in [(fit, 64, 4, 3), (128, 64, 4, 2), (256, 64, 4, 2), (512, 64, 4, 2),
                                      (1024, 64, 4, 3), (2048, 64, 4, 3), (2048, 128, 8, 3)]:
         n_splits = decode_splits(int(caps.max()), split)

@@ -210,10 +210,21 @@ def _decode_merge_kernel(MOut, LOut, AccOut, O, Cap, Pos, Selected, stride_ob, s
 # 3. The wrapper
 
 
+DECODE_PROGRAMS = 2  # per multiprocessor in a wave: with the default tile, 2 beat 1, 3, 4 and 8 on an H100
+
+
+def decode_wave(device):
+    """The programs of one wave on this device: DECODE_PROGRAMS per multiprocessor (1 multiprocessor off the GPU,
+    where KVCache decodes through the reference and the plan only feeds the tests)."""
+    device = torch.device(device)
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return DECODE_PROGRAMS * n_sm
+
+
 def decode_split(sizes, programs, multiple=64):
     """Slots per chunk for segments of these sizes (cap + selected slots, Python ints): the shortest length, a
     multiple of `multiple` (the kernel's tile), whose chunks number at most `programs` (whole rounds of it when the
-    segments alone outnumber it). With `programs` one wave (attention.DECODE_PROGRAMS per multiprocessor), every
+    segments alone outnumber it). With `programs` one wave (decode_wave), every
     program reads about as much and all run together. A fixed length does not fit: at B = 1 and Omega 0.7, 1024
     slots make 84 programs at 32K tokens for an H100's 264 (132 multiprocessors, 2 each), and 276 at 128K, a
     second wave of 12."""
