@@ -335,8 +335,9 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     (None: every row has T). Causal attention never lets a query see the padding after it; only XA's estimate,
     which pools the queries of a 128-block, must leave the padded ones out: row b's first lengths[b] outputs then
     equal those of the row alone, cut to its length. Padded rows' outputs are finite and meaningless.
-    out: an optional [B, H, T, D] tensor to write into. check_modes: raise if a mode is not FA, SSA, XA or SK
-    (or is SK without scores), read back after the launches: the host waits for the check, not for the kernel.
+    out: an optional [B, H, T, D] tensor to write into (default: new, head-major or token-major as q is).
+    check_modes: raise if a mode is not FA, SSA, XA or SK (or is SK without scores), read back after the launches:
+    the host waits for the check, not for the kernel.
     """
     B, H, T, D, G = check_qk(q, k)
     if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
@@ -367,8 +368,11 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
             checked = torch.cuda.Event()
             checked.record()
     sink, window = min(sink, T), min(window, T + KV_BLOCK)  # beyond, nothing changes; keeps them in int32
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out is None:  # token-major q (the model's [B, T, H, D] seen as [B, H, T, D]) gets a token-major output, as
+        # SDPA returns it: the model's o_proj then reads it without a copy
+        token_major = T > 1 and q.stride(2) > q.stride(1)
+        out = q.new_empty(B, T, H, D).transpose(1, 2) if token_major else torch.empty_like(
+            q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, last dim contiguous")
     cfg = _config or _default_config(q)
