@@ -281,6 +281,12 @@ def flex_block_mask(modes, H, T, *, sink=128, window=2048, xa_blocks=None):
 # decode: the KV cache
 
 
+def _runs(segments):
+    """[(i, j)]: the runs segments[i:j] of consecutive numbers in an ascending list."""
+    ends = [i for i in range(1, len(segments)) if segments[i] != segments[i - 1] + 1]
+    return list(zip([0] + ends, ends + [len(segments)]))
+
+
 class KVCache:
     """One layer's keys and values (after RoPE) while generating B rows: every (row, KV head) owns a segment of
     one flat buffer, k and v [N, D], of `cap` slots starting at `base` (decode_kernel.py says how a segment is
@@ -322,11 +328,15 @@ class KVCache:
         base, cap, sel, tokens, order = meta.split([B * G] * 5)
         self.k, self.v = k.new_zeros(N, D), v.new_zeros(N, D)
         k, v = k.reshape(B * G, T, D), v.reshape(B * G, T, D)
-        # positions past a segment's tokens are read as its last token: the same slot, written the same value
-        if full:  # positions 0 .. n - 1 in slots 0 .. n - 1
-            f = order[:len(full), None]
-            j = torch.minimum(torch.arange(T, device=dev), tokens[f] - 1)                   # [n_full, T]
-            self.k[base[f] + j], self.v[base[f] + j] = k[f, j], v[f, j]
+        for b, segments, first, size, _ in self.groups:
+            if kinds[segments[0]] in (SSA, SK):
+                continue
+            # full segments: positions 0 .. n - 1 in slots 0 .. n - 1, a row's neighbouring heads in one strided copy
+            for r0, r1 in _runs(segments):
+                seg = slice(segments[r0], segments[r0] + r1 - r0)
+                for cache, x in ((self.k, k), (self.v, v)):
+                    cache[first + r0 * size:first + r1 * size].view(r1 - r0, size, D)[:, :lengths[b]] = \
+                        x[seg, :lengths[b]]
         r = order[len(full):, None]  # the rings (SSA, then SK): what the next query sees under SSA, the sinks
         p, last = torch.arange(self.sink + self.window, device=dev), tokens[r] - 1  # and the last `window` positions
         j = torch.where(p < self.sink, p, last + 1 - self.window + (p - self.sink)).clamp(min=0)
