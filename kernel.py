@@ -325,8 +325,8 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
                       check_modes=True, _config=None):
     """Causal attention where every KV head runs its own mode, one launch for all heads -> o [B, H, T, D].
 
-    q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA: a KV head is never repeated); modes [B, G] of FA, SSA, XA, SK.
-    fp16 or bf16 (fp32 too; on the GPU its products run in tf32). Any T >= 1; D in 16, 32, 64, 128.
+    q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA: a KV head is never repeated); modes [B, G] of FA, SSA,
+    XA, SK. fp16 or bf16 (fp32 too; on the GPU its products run in tf32). Any T >= 1; D in 16, 32, 64, 128.
     Tensors may be strided views (e.g. [B, T, H, D].transpose(1, 2)) with the last dim contiguous (token-major k and v
     are copied head-major first: faster).
     SK heads need sk_scores [B, G, T] (the scorer's u) and their budget sk_k; the selection (sk_select) then
