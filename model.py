@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
@@ -146,6 +148,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        # on the GPU, where autograd does not record it and torch.compile does not fuse it: one Triton pass (a
+        # prefill; the eager norm below makes six passes over fp32 copies of x)
+        if x.is_cuda and not torch.compiler.is_compiling() and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return rms_norm(x, self.weight, self.eps)
         return in_chunks(self.norm, x, self.weight)
 
     def norm(self, x):
@@ -153,6 +160,32 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, Y, N, C, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """ROWS rows of X [N, C] a program: RMSNorm.norm's arithmetic (fp32, then the input dtype times the weight)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    ok = (rows[:, None] < N) & (cols[None, :] < C)
+    x = tl.load(X + rows[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    r = tl.math.rsqrt(tl.sum(xf * xf, 1) / C + eps)
+    w = tl.load(W + cols, mask=cols < C, other=0.0)
+    y = (xf * r[:, None]).to(x.dtype) * w[None, :]
+    tl.store(Y + rows[:, None] * C + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm.norm(x) in one pass of a Triton kernel, x [..., C] (any rows; a strided x is copied first)."""
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C).contiguous()
+    y = torch.empty(x2.shape, dtype=torch.result_type(x, weight), device=x.device)
+    block = triton.next_power_of_2(C)
+    rows = max(1, min(16, 4096 // block))
+    _rms_norm_kernel[(triton.cdiv(x2.shape[0], rows),)](x2, weight, y, x2.shape[0], C, eps, ROWS=rows, BLOCK=block,
+                                                         num_warps=8 if block >= 2048 else 4)
+    return y.view(x.shape)
 
 
 class Tap(nn.Module):

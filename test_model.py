@@ -115,6 +115,28 @@ def test_long_prefill_goes_in_chunks(tmp_path, monkeypatch):
     assert calls == [("norm", 2), ("mlp", 2)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_rms_norm_equals_the_eager_one(dtype):
+    """model.rms_norm (one Triton pass, what a GPU prefill runs; here Triton's interpreter) against RMSNorm.norm:
+    odd widths and row counts, a strided input (Qwen3's q_norm reads a view of the q/k/v projection), a weight of
+    another dtype."""
+    torch.manual_seed(0)
+    for C, rows in ((96, 37), (32, 5), (100, 3)):
+        norm = model_module.RMSNorm(C, 1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(C))
+        norm = norm.to(dtype)
+        x = torch.randn(rows, 3 * C, dtype=dtype)[:, C:2 * C]  # strided rows
+        torch.testing.assert_close(model_module.rms_norm(x, norm.weight, norm.eps), norm.norm(x),
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-5)
+    x = torch.randn(2, 7, 64, dtype=torch.float16)
+    w = torch.randn(64)  # an fp32 weight: an fp32 result, as the eager product
+    y = model_module.rms_norm(x, w, 1e-6)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    ref = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_config_reads_both_rope_layouts(tmp_path):
     """transformers 4 wrote rope_theta / rope_scaling at the top level, transformers 5 writes rope_parameters."""
     old = dict(model_type="llama", vocab_size=10, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
