@@ -119,18 +119,21 @@ def test_long_prefill_goes_in_chunks(tmp_path, monkeypatch):
 def test_fused_rms_norm_equals_the_eager_one(dtype):
     """model.rms_norm (one Triton pass, what a GPU prefill runs; here Triton's interpreter) against RMSNorm.norm:
     odd widths and row counts, a strided input (Qwen3's q_norm reads a view of the q/k/v projection), a weight of
-    another dtype."""
+    another dtype. On a GPU the same, and RMSNorm's forward takes this path there."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     for C, rows in ((96, 37), (32, 5), (100, 3)):
         norm = model_module.RMSNorm(C, 1e-5)
         with torch.no_grad():
             norm.weight.copy_(torch.randn(C))
-        norm = norm.to(dtype)
-        x = torch.randn(rows, 3 * C, dtype=dtype)[:, C:2 * C]  # strided rows
+        norm = norm.to(dev, dtype)
+        x = torch.randn(rows, 3 * C, dtype=dtype, device=dev)[:, C:2 * C]  # strided rows
         torch.testing.assert_close(model_module.rms_norm(x, norm.weight, norm.eps), norm.norm(x),
                                    rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-5)
-    x = torch.randn(2, 7, 64, dtype=torch.float16)
-    w = torch.randn(64)  # an fp32 weight: an fp32 result, as the eager product
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x), norm.norm(x), rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-5)
+    x = torch.randn(2, 7, 64, dtype=torch.float16, device=dev)
+    w = torch.randn(64, device=dev)  # an fp32 weight: an fp32 result, as the eager product
     y = model_module.rms_norm(x, w, 1e-6)
     assert y.dtype == torch.float32 and y.shape == x.shape
     ref = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
