@@ -114,9 +114,105 @@ def rope_inv_freq(cfg):
 
 def apply_rope(x, cos, sin):
     """x [B, T, heads, D]; cos, sin [B or 1, T, D]. Rotates the two halves of each head (HuggingFace's layout)."""
+    if one_pass(x):
+        return rope(x, cos, sin)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B|1, T, 1, D], broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# one-pass kernels: a GPU prefill's norms, RoPE and SiLU-times-up, each one read and one write (eager PyTorch makes
+# two to six passes, with fp32 copies). Only where autograd does not record the call and torch.compile does not fuse
+# it (a prefill, an eager decode step); the same roundings as the eager code, which stays the definition.
+
+
+def one_pass(x, weight=None):
+    """Whether x's norm, RoPE or SiLU-times-up runs as one Triton pass."""
+    recorded = torch.is_grad_enabled() and (x.requires_grad or weight is not None and weight.requires_grad)
+    return x.is_cuda and not recorded and not torch.compiler.is_compiling()
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, Y, N, C, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """ROWS rows of X [N, C] a program: RMSNorm.norm's arithmetic (fp32, then the input dtype times the weight)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    ok = (rows[:, None] < N) & (cols[None, :] < C)
+    x = tl.load(X + rows[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    r = tl.math.rsqrt(tl.sum(xf * xf, 1) / C + eps)
+    w = tl.load(W + cols, mask=cols < C, other=0.0)
+    y = (xf * r[:, None]).to(x.dtype) * w[None, :]
+    tl.store(Y + rows[:, None] * C + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm.norm(x) in one pass, x [..., C] (any rows; a strided x is copied first)."""
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C).contiguous()
+    y = torch.empty(x2.shape, dtype=torch.result_type(x, weight), device=x.device)
+    block = triton.next_power_of_2(C)
+    rows = max(1, min(16, 4096 // block))
+    _rms_norm_kernel[(triton.cdiv(x2.shape[0], rows),)](x2, weight, y, x2.shape[0], C, eps, ROWS=rows, BLOCK=block,
+                                                         num_warps=8 if block >= 2048 else 4)
+    return y.view(x.shape)
+
+
+@triton.jit
+def _rope_kernel(X, Cos, Sin, Y, T, HEADS, stride_xb, stride_xt, stride_xh, stride_cb, D: tl.constexpr,
+                 H_P2: tl.constexpr):
+    """One token's heads a program: apply_rope's x * cos + cat(-x2, x1) * sin, rounded to x's dtype after each
+    operation as the eager one is."""
+    b = tl.program_id(0) // T
+    t = tl.program_id(0) % T
+    h = tl.arange(0, H_P2)[:, None]
+    d = tl.arange(0, D)[None, :]
+    half: tl.constexpr = D // 2
+    ok = h < HEADS
+    row = X + b.to(tl.int64) * stride_xb + t.to(tl.int64) * stride_xt + h * stride_xh
+    x = tl.load(row + d, mask=ok, other=0.0)
+    partner = tl.load(row + (d + half) % D, mask=ok, other=0.0)  # x2 beside x1, x1 beside x2
+    rotated = tl.where(d < half, -partner, partner)
+    at = b.to(tl.int64) * stride_cb + t.to(tl.int64) * D + d
+    cos, sin = tl.load(Cos + at), tl.load(Sin + at)
+    y = (x * cos).to(x.dtype) + (rotated * sin).to(x.dtype)
+    tl.store(Y + (tl.program_id(0).to(tl.int64) * HEADS + h) * D + d, y.to(Y.dtype.element_ty), mask=ok)
+
+
+def rope(x, cos, sin):
+    """apply_rope(x, cos, sin) in one pass -> a new contiguous [B, T, heads, D]."""
+    B, T, heads, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()  # [B or 1, T, D]
+    y = torch.empty(B, T, heads, D, dtype=torch.result_type(x, cos), device=x.device)
+    _rope_kernel[(B * T,)](x, cos, sin, y, T, heads, x.stride(0), x.stride(1), x.stride(2),
+                           T * D if cos.shape[0] > 1 else 0, D=D, H_P2=triton.next_power_of_2(heads), num_warps=4)
+    return y
+
+
+@triton.jit
+def _silu_mul_kernel(GU, Y, NI, I, BLOCK: tl.constexpr):
+    """BLOCK of the NI = [N, I] outputs a program: silu(gate) * up from one row of [gate | up], rounded to the input's
+    dtype after the silu and after the product, as F.silu(gate) * up is."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NI
+    row, col = offs // I, offs % I
+    gate = tl.load(GU + row * 2 * I + col, mask=ok, other=0.0)
+    up = tl.load(GU + row * 2 * I + I + col, mask=ok, other=0.0)
+    g = gate.to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    tl.store(Y + offs, (s * up).to(Y.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate_up):
+    """F.silu(gate) * up for gate_up [..., 2I] = [gate | up], in one pass -> [..., I]."""
+    I = gate_up.shape[-1] // 2
+    gu = gate_up.reshape(-1, 2 * I).contiguous()
+    y = torch.empty(gu.shape[0], I, dtype=gate_up.dtype, device=gate_up.device)
+    _silu_mul_kernel[(triton.cdiv(y.numel(), 1024),)](gu, y, y.numel(), I, BLOCK=1024, num_warps=4)
+    return y.view(*gate_up.shape[:-1], I)
 
 
 # -----------------------------------------------------------------------------
@@ -148,10 +244,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # on the GPU, where autograd does not record it and torch.compile does not fuse it: one Triton pass (a
-        # prefill; the eager norm below makes six passes over fp32 copies of x)
-        if x.is_cuda and not torch.compiler.is_compiling() and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        if one_pass(x, self.weight):  # the eager norm below makes six passes over fp32 copies of x
             return rms_norm(x, self.weight, self.eps)
         return in_chunks(self.norm, x, self.weight)
 
@@ -160,32 +253,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-@triton.jit
-def _rms_norm_kernel(X, W, Y, N, C, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """ROWS rows of X [N, C] a program: RMSNorm.norm's arithmetic (fp32, then the input dtype times the weight)."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    ok = (rows[:, None] < N) & (cols[None, :] < C)
-    x = tl.load(X + rows[:, None] * C + cols[None, :], mask=ok, other=0.0)
-    xf = x.to(tl.float32)
-    r = tl.math.rsqrt(tl.sum(xf * xf, 1) / C + eps)
-    w = tl.load(W + cols, mask=cols < C, other=0.0)
-    y = (xf * r[:, None]).to(x.dtype) * w[None, :]
-    tl.store(Y + rows[:, None] * C + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
-
-
-def rms_norm(x, weight, eps):
-    """RMSNorm.norm(x) in one pass of a Triton kernel, x [..., C] (any rows; a strided x is copied first)."""
-    C = x.shape[-1]
-    x2 = x.reshape(-1, C).contiguous()
-    y = torch.empty(x2.shape, dtype=torch.result_type(x, weight), device=x.device)
-    block = triton.next_power_of_2(C)
-    rows = max(1, min(16, 4096 // block))
-    _rms_norm_kernel[(triton.cdiv(x2.shape[0], rows),)](x2, weight, y, x2.shape[0], C, eps, ROWS=rows, BLOCK=block,
-                                                         num_warps=8 if block >= 2048 else 4)
-    return y.view(x.shape)
 
 
 class Tap(nn.Module):
@@ -240,7 +307,10 @@ class MLP(nn.Module):
         return in_chunks(self.mlp, x, self.gate_up_proj.weight)
 
     def mlp(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if one_pass(gate_up):
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -140,6 +140,35 @@ def test_fused_rms_norm_equals_the_eager_one(dtype):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+def eager_rope(x, cos, sin):  # apply_rope's eager arithmetic, the definition
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_rope_and_silu_mul_equal_the_eager_ones(dtype):
+    """model.rope and model.silu_mul (one Triton pass each, what a GPU prefill runs; here Triton's interpreter)
+    against apply_rope's and MLP's eager arithmetic: q and k as views of one projection (token-major, strided),
+    an odd head count, cos and sin for one row or each row; gate and up side by side in one tensor."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    torch.manual_seed(0)
+    B, T, H, G, D = 2, 9, 6, 3, 32
+    qkv = torch.randn(B, T, (H + 2 * G) * D, dtype=dtype, device=dev)
+    q, k = qkv[..., :H * D].view(B, T, H, D), qkv[..., H * D:(H + G) * D].view(B, T, G, D)
+    angles = torch.rand(B, T, D // 2, device=dev) * 6
+    cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
+    for x in (q, k):
+        torch.testing.assert_close(model_module.rope(x, cos, sin), eager_rope(x, cos, sin), **tol)
+        torch.testing.assert_close(model_module.rope(x, cos[:1], sin[:1]), eager_rope(x, cos[:1], sin[:1]), **tol)
+    if dev == "cuda":
+        torch.testing.assert_close(model_module.apply_rope(q, cos, sin), eager_rope(q, cos, sin), **tol)
+    gate_up = torch.randn(3, 5, 2 * 40, dtype=dtype, device=dev) * 3
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(model_module.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, **tol)
+
+
 def test_config_reads_both_rope_layouts(tmp_path):
     """transformers 4 wrote rope_theta / rope_scaling at the top level, transformers 5 writes rope_parameters."""
     old = dict(model_type="llama", vocab_size=10, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
