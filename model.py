@@ -114,7 +114,8 @@ def rope_inv_freq(cfg):
 
 def apply_rope(x, cos, sin):
     """x [B, T, heads, D]; cos, sin [B or 1, T, D]. Rotates the two halves of each head (HuggingFace's layout)."""
-    if one_pass(x):
+    D = x.shape[-1]
+    if one_pass(x) and D & (D - 1) == 0:  # the kernel's tiles: head dims that are powers of two (64, 128, ...)
         return rope(x, cos, sin)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B|1, T, 1, D], broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
