@@ -114,9 +114,6 @@ def rope_inv_freq(cfg):
 
 def apply_rope(x, cos, sin):
     """x [B, T, heads, D]; cos, sin [B or 1, T, D]. Rotates the two halves of each head (HuggingFace's layout)."""
-    D = x.shape[-1]
-    if one_pass(x) and D & (D - 1) == 0:  # the kernel's tiles: head dims that are powers of two (64, 128, ...)
-        return rope(x, cos, sin)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B|1, T, 1, D], broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -288,7 +285,8 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         k_pre = k  # what the router reads: key states before RoPE, after Qwen3's k_norm
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rotate = rope if one_pass(q) and D & (D - 1) == 0 else apply_rope  # the kernel's tiles: D a power of two
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if fwd.pos is None:  # a prefill
             self.tap(q, k, k_pre)
