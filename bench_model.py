@@ -414,10 +414,10 @@ def ideal_table(rows, prefill_attn, layers, ring):
     strict ideal) and ours all FA (the same kernel for both modes). Prompts no longer than sink + window (ring) are
     skipped: there SSA is FA."""
     lines = ["", "FA-SSA's first token at B = 1 against Amdahl's ideal: a dense prefill with a share Omega of every "
-             "layer's attention at the SSA speed instead, from one layer's prefill attention timed alone in each mode, on "
-             "q, k and v laid out as the model makes them (median of several runs; the first tokens are single runs "
-             "after a warm-up). Ideal from dense SDPA (the "
-             "FA heads at its speed) and from ours all FA; the ratios: ideal over measured.", "",
+             "layer's attention at the SSA speed instead, from one layer's prefill attention timed alone in each "
+             "mode, on q, k and v laid out as the model makes them (median of several runs; the first tokens are "
+             "single runs after a warm-up). Ideal from dense SDPA (the FA heads at its speed) and from ours all FA; "
+             "the ratios: ideal over measured.", "",
              "| prompt | setup | Omega | attention per layer ms: SDPA / ours FA / ours SSA | first token ms | ideal "
              "from SDPA ms (ratio) | ideal from ours all FA ms (ratio) |", "|---:|---|---:|---|---:|---:|---:|"]
     dense = {(o.T, o.setup): o.ttft for o in rows if o.B == 1}

@@ -226,10 +226,9 @@ def decode_wave(device):
 def decode_split(sizes, programs, multiple=64):
     """Slots per chunk for segments of these sizes (cap + selected slots, Python ints): the shortest length, a
     multiple of `multiple` (the kernel's tile), whose chunks number at most `programs` (whole rounds of it when the
-    segments alone outnumber it). With `programs` one wave (decode_wave), every
-    program reads about as much and all run together. A fixed length does not fit: at B = 1 and Omega 0.7, 1024
-    slots make 84 programs at 32K tokens for an H100's 264 (132 multiprocessors, 2 each), and 276 at 128K, a
-    second wave of 12."""
+    segments alone outnumber it). With `programs` one wave (decode_wave), every program reads about as much and all
+    run together. A fixed length does not fit: at B = 1 and Omega 0.7, 1024 slots make 84 programs at 32K tokens for
+    an H100's 264 (132 multiprocessors, 2 each), and 276 at 128K, a second wave of 12."""
     programs *= triton.cdiv(len(sizes), programs)
 
     def chunks(split):

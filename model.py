@@ -125,10 +125,14 @@ def apply_rope(x, cos, sin):
 # it (a prefill, an eager decode step); the same roundings as the eager code, which stays the definition.
 
 
+def recorded(x, weight=None):
+    """Whether autograd records a call on x (and weight): training, which needs the eager code and every row."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight is not None and weight.requires_grad)
+
+
 def one_pass(x, weight=None):
     """Whether x's norm, RoPE or SiLU-times-up runs as one Triton pass."""
-    recorded = torch.is_grad_enabled() and (x.requires_grad or weight is not None and weight.requires_grad)
-    return x.is_cuda and not recorded and not torch.compiler.is_compiling()
+    return x.is_cuda and not recorded(x, weight) and not torch.compiler.is_compiling()
 
 
 @triton.jit
@@ -225,7 +229,7 @@ def in_chunks(fn, x, weight):
     intermediate] alone would take 14 GiB beside the cache, and a norm's fp32 copies of its input 4 GiB each."""
     rows = x.shape[:-1].numel()
     step = max(1, CHUNK // x.shape[-1])
-    if rows <= step or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if rows <= step or recorded(x, weight):
         return fn(x)
     flat, out = x.reshape(rows, -1), None
     for i in range(0, rows, step):
