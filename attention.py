@@ -48,6 +48,7 @@ class Forward:
     pos:         int [B] on the device: the position of each row's token in a decode step (None: a prefill)
     lengths:     a prefill of rows of several lengths, right-padded to T: the tokens of each row, as Python ints
                  (for the caches) and as lengths_device, int32 [B] on the device (for XA's estimate); None: all T
+    has_xa:      whether the fixed modes hold an XA head (check_modes); None: the routers' mode pair tells
     """
     elastic: ElasticConfig
     routers: object = None
@@ -58,6 +59,7 @@ class Forward:
     pos: torch.Tensor | None = None
     lengths: list | None = None
     lengths_device: torch.Tensor | None = None
+    has_xa: bool | None = None
 
 
 class LayerRouting(NamedTuple):
@@ -117,7 +119,7 @@ def attend(q, k, v, k_pre, fwd: Forward, i: int):
     elif fwd.tau is not None:
         y = mixed_attention(q, k, v, routed.z, fwd.elastic, u)
     else:
-        y = routed_attention(q, k, v, routed.modes, fwd.elastic, u, fwd.lengths_device)
+        y = routed_attention(q, k, v, routed.modes, fwd.elastic, u, fwd.lengths_device, fwd.has_xa)
     if cache is not None:
         cache.prefill(k, v, None if routed is None else routed.modes, u, fwd.lengths)
     return y, routed
@@ -125,7 +127,8 @@ def attend(q, k, v, k_pre, fwd: Forward, i: int):
 
 def check_modes(modes, L, G, has_scorers):
     """Fixed modes int [1 or B, L, G] of FA, SSA, XA, or SK (which needs the routers' scorers), checked once per
-    forward (Transformer.forward; one host sync), so that no layer's kernel waits for a check."""
+    forward (Transformer.forward; one host sync), so that no layer's kernel waits for a check. -> whether a head
+    runs XA (without, the prefill kernel packs a GQA group's query heads: kernel.packed_heads)."""
     if not isinstance(modes, torch.Tensor) or modes.is_floating_point() or modes.dim() != 3 \
             or tuple(modes.shape[1:]) != (L, G):
         raise ValueError(f"modes must be an integer tensor [B or 1, L={L}, G={G}] of FA=0, SSA=1, XA=2, SK=3; got "
@@ -136,6 +139,7 @@ def check_modes(modes, L, G, has_scorers):
     if SK in found and not has_scorers:
         raise ValueError("modes has SK heads, which need their layer's scorer: load routers of an SK mode pair "
                          "(FA-SK), or use FA, SSA and XA")
+    return XA in found
 
 # -----------------------------------------------------------------------------
 # prefill
@@ -146,21 +150,22 @@ def dense_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def routed_attention(q, k, v, modes, ec, sk_scores=None, lengths=None):
+def routed_attention(q, k, v, modes, ec, sk_scores=None, lengths=None, has_xa=None):
     """Inference prefill: each KV head runs its own mode (modes int [B, G]), all heads in one fused launch.
     On the CPU the PyTorch reference runs instead: the same function (test_kernel.py), without the Triton
     interpreter's slowness. SK heads need sk_scores [B, G, T] (the layer's scorer); when given, the kernel's SK
     selection runs for every KV head of the layer (sk_select), then SK heads run in the same launch.
-    lengths int32 [B]: the tokens of right-padded rows (Forward.lengths_device). The modes come from the routers or
-    were checked once
-    per forward (check_modes): the kernel's own check, a host sync per layer, is off."""
+    lengths int32 [B]: the tokens of right-padded rows (Forward.lengths_device). has_xa: whether a head may run XA
+    (fixed modes: check_modes tells); None: whether the routers' pair holds XA (ec.mode_ids). The modes come from
+    the routers or were checked once per forward (check_modes): the kernel's own check, a host sync per layer, is
+    off."""
     if not q.is_cuda:
         return kernel.reference_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
                                           xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lengths)
     def run(q, k, v):
         return kernel.elastic_attention(q, k, v, modes, sink=ec.sink, window=ec.window, xa_threshold=ec.xa_threshold,
                                         xa_stride=ec.xa_stride, sk_scores=sk_scores, sk_k=ec.sk_k, lengths=lengths,
-                                        check_modes=False)
+                                        check_modes=False, has_xa=XA in ec.mode_ids if has_xa is None else has_xa)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sk_scores)):
         return ForwardOnly.apply(q, k, v, sk_scores, run)  # a backward through it raises: no gradient silently lost
     return run(q, k, v)

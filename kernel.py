@@ -119,9 +119,11 @@ def reference_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0
 # -----------------------------------------------------------------------------
 # 2. The attention kernel.
 #
-# A program owns BLOCK_M queries [start_m, start_m + BLOCK_M) of one (batch, query head) and visits
-# its key tiles (BLOCK_N keys each) in two loops. Only tiles where the queries disagree on some key
-# pay for a mask:
+# A program owns BLOCK_M queries [start_m, start_m + BLOCK_M) of HEADS query heads of one KV group (its rows:
+# HEADS x BLOCK_M, head by head) and visits its key tiles (BLOCK_N keys each) in two loops. With HEADS > 1 (GQA
+# packed) each K/V tile loaded serves HEADS times the rows: the heads of a group share the mode and the keys.
+# XA's block lists are per query head, so a launch where any head may run XA takes one head per program.
+# Only tiles where the queries disagree on some key pay for a mask:
 #   masked     SSA, SK: the sink [0, sink_hi) and the window's (local span's) lower edge [edge_lo, full_lo);
 #              every mode: the diagonal [diag_lo, diag_hi), causal (and the end of the sequence);
 #              SK: its block's selected keys, gathered BLOCK_N at a time (sk_select's idx), + log p
@@ -202,28 +204,30 @@ def _elastic_attn_fwd(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     T, NQB, NB, H, G, GROUP, sink, window, sk_k, qk_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
 ):
-    # program -> work item (b, h, m) from the list, sorted by cost: the heaviest programs start first
+    # program -> work item (b, heads h..h + HEADS - 1, m) from the list, sorted by cost: the heaviest start first
     item = tl.load(Order + tl.program_id(0))
     m = (item % NQB).to(tl.int32)
-    bh = (item // NQB).to(tl.int32)
+    bh = (item // NQB).to(tl.int32) * HEADS  # b * H + h, h the first of the program's heads
     b = bh // H
     h = bh % H
     g = h // GROUP  # GQA: the KV head is read in place, never repeated
     mode = tl.load(Modes + b * G + g)
     start_m = m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, HEADS * BLOCK_M)
+    offs_m = start_m + rows % BLOCK_M  # each row's query position
+    heads = (h + rows // BLOCK_M).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_m[:, None] * stride_qt
+                + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
 
-    m_i = tl.full([BLOCK_M], NEG, tl.float32)  # running row max (log2 units); finite: no NaN
-    l_i = tl.zeros([BLOCK_M], tl.float32)       # running row sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)    # running p @ v
+    m_i = tl.full([HEADS * BLOCK_M], NEG, tl.float32)  # running row max (log2 units); finite: no NaN
+    l_i = tl.zeros([HEADS * BLOCK_M], tl.float32)       # running row sum of exp2(score - m_i)
+    acc = tl.zeros([HEADS * BLOCK_M, D], tl.float32)    # running p @ v
 
     sink_hi, edge_lo, full_lo, diag_lo, diag_hi, n_sel = _key_ranges(mode, start_m, T, sink, window, sk_k,
                                                                      BLOCK_M, BLOCK_N)
@@ -247,16 +251,17 @@ def _elastic_attn_fwd(
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
                                    T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=False)
     # 2. (XA) the selected blocks before the diagonal, from the compact ascending list (its last entry
-    # is the diagonal block, done above), no mask
-    xa_row = bh.to(tl.int64) * NB + start_m // _KV_BLOCK
-    count = tl.load(Count + xa_row, mask=mode == _XA, other=1)
-    for i in range(0, count - 1):
-        blk = tl.load(Index + xa_row * NB + i)
-        for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
-            start_n = blk * _KV_BLOCK + sub * BLOCK_N
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
-                                       T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False,
-                                       BIASED=False)
+    # is the diagonal block, done above), no mask; one query head per program (HEADS = 1)
+    if HEADS == 1:
+        xa_row = bh.to(tl.int64) * NB + start_m // _KV_BLOCK
+        count = tl.load(Count + xa_row, mask=mode == _XA, other=1)
+        for i in range(0, count - 1):
+            blk = tl.load(Index + xa_row * NB + i)
+            for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
+                start_n = blk * _KV_BLOCK + sub * BLOCK_N
+                acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
+                                           T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False,
+                                           BIASED=False)
     # 3. (SK) the selected keys of the tile's 128-query block, BLOCK_N at a time: gathered K/V rows, the logits
     # + log p. A selected key lies before the local span, j < c_m = 128 (m + 1) - window: with window >= 128 before
     # every query of the block, so whole tiles need no mask; the last, partial one (and all, for window < 128:
@@ -273,26 +278,35 @@ def _elastic_attn_fwd(
         cols = tl.load(SkIdx + sk_row + t0 + offs_n, mask=ok, other=-1)
         logp = tl.load(SkLogp + sk_row + t0 + offs_n, mask=ok, other=0.0)
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, tl.where(cols >= 0, cols, T), offs_m, offs_d,
-                                   T, sink, tl.zeros([BLOCK_M], tl.int32), logp[None, :] * _LOG2E, qk_scale,
+                                   T, sink, tl.zeros([HEADS * BLOCK_M], tl.int32), logp[None, :] * _LOG2E, qk_scale,
                                    stride_kt, stride_vt, MASKED=True, BIASED=True)
 
     # every query sees at least itself (SK: with window >= 128), so l_i > 0
     o = acc / l_i[:, None]
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
-             mask=offs_m[:, None] < T)
+    tl.store(O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_m[:, None] * stride_ot
+             + offs_d[None, :], o.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
 
 
 # -----------------------------------------------------------------------------
 # The wrapper: check the inputs, run the XA estimate (xattn.py), build the work list, launch.
 
-def _default_config(q):
-    """Tile sizes and launch settings, one naming style (the kernels' constexpr names). GPU: tuned on an H100
-    at 32K (bench.py --sweep). BLOCK_N <= BLOCK_M, both divide 128. The XA estimate's keys (XA_BLOCK_I, XA_BLOCK_J,
-    XA_WARPS, XA_STAGES) come from xattn.default_config."""
+def packed_heads(group, has_xa):
+    """Query heads per program: the largest power of two, at most 4, that divides the GQA group (so that a program's
+    HEADS x BLOCK_M rows are a power of two); 1 when any head may run XA (its block lists are per query head)."""
+    return 1 if has_xa else math.gcd(group, 4)
+
+
+def _default_config(q, heads=1):
+    """Tile sizes and launch settings, one naming style (the kernels' constexpr names), for programs of `heads` query
+    heads (packed_heads). GPU: tuned on an H100 (bench.py --sweep; GQA packed: RESULTS.md).
+    BLOCK_N <= BLOCK_M, both divide 128. The XA estimate's keys (XA_BLOCK_I, XA_BLOCK_J, XA_WARPS, XA_STAGES) come
+    from xattn.default_config."""
     if not q.is_cuda:  # Triton's interpreter: small tiles, one stage
-        return dict(BLOCK_M=128, BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=1, **xattn.default_config(q))
-    return dict(BLOCK_M=128, BLOCK_N=128, NUM_WARPS=8, NUM_STAGES=3, **xattn.default_config(q))
+        bm = 128 // heads
+        return dict(HEADS=heads, BLOCK_M=bm, BLOCK_N=min(bm, 64), NUM_WARPS=4, NUM_STAGES=1, **xattn.default_config(q))
+    if heads == 1:
+        return dict(HEADS=1, BLOCK_M=128, BLOCK_N=128, NUM_WARPS=8, NUM_STAGES=3, **xattn.default_config(q))
+    return dict(HEADS=heads, BLOCK_M=64, BLOCK_N=64, NUM_WARPS=8, NUM_STAGES=3, **xattn.default_config(q))
 
 
 def _check_modes(modes, B, G, device):
@@ -322,7 +336,7 @@ def _check_sk_selection(sel, B, G, T, device):
 
 def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9, xa_stride=16,
                       sm_scale=None, sk_scores=None, sk_k=256, sk_selection=None, lengths=None, out=None,
-                      check_modes=True, _config=None):
+                      check_modes=True, has_xa=True, _config=None):
     """Causal attention where every KV head runs its own mode, one launch for all heads -> o [B, H, T, D].
 
     q [B, H, T, D]; k, v [B, G, T, D] with H % G == 0 (GQA: a KV head is never repeated); modes [B, G] of FA, SSA,
@@ -339,6 +353,10 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     out: an optional [B, H, T, D] tensor to write into (default: new, head-major or token-major as q is).
     check_modes: raise if a mode is not FA, SSA, XA or SK (or is SK without scores), read back after the launches:
     the host waits for the check, not for the kernel.
+    has_xa: whether any head may run XA (one query head a program). False, when no head does (say FA-SSA routers),
+    lets a program take several query heads of a GQA group: each K/V tile loaded serves all their rows (faster); an
+    XA head would then see its diagonal block only (with check_modes: an error). Known to the caller, not read from
+    modes: that would make the host wait for the device.
     """
     B, H, T, D, G = check_qk(q, k)
     if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
@@ -366,9 +384,10 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
             raise ValueError(f"lengths must be an integer tensor [B={B}] (the tokens of each row), got "
                              f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths)}")
         lengths = lengths.to(device=q.device, dtype=torch.int32).clamp(0, T)  # no read past T (and no sync)
-    if check_modes:  # a kernel reads a bad mode as FA (SK without a selection: sink + local span); the
-        # wrapper raises once its launches are queued
-        bad_modes = ((modes < FA) | (modes > (XA if sk_selection is None else SK))).any()
+    if check_modes:  # a kernel reads a bad mode as FA (SK without a selection: sink + local span; XA where has_xa is
+        # False: its diagonal block); the wrapper raises once its launches are queued
+        bad_modes = ((modes < FA) | (modes > (XA if sk_selection is None else SK)) | ((modes == XA) & (not has_xa)))
+        bad_modes = bad_modes.any()
         if q.is_cuda:  # copy the flag without waiting; later the host waits for this copy only
             bad_modes = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(bad_modes, non_blocking=True)
             checked = torch.cuda.Event()
@@ -381,27 +400,32 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
             q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, last dim contiguous")
-    cfg = _config or _default_config(q)
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    cfg = _config or _default_config(q, packed_heads(H // G, has_xa))
+    bm, bn, heads = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEADS"]
     if not (bn <= bm <= KV_BLOCK and KV_BLOCK % bm == 0 == bm % bn):
         raise ValueError(f"config needs BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}; got {cfg}")
+    if (H // G) % heads or heads & (heads - 1) or (heads > 1 and has_xa):
+        raise ValueError(f"config HEADS={heads} must be a power of two dividing the GQA group {H // G}, and 1 where a "
+                         f"head may run XA; got {cfg}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
 
     _, _, count, index = xattn_estimate(q, k, modes, xa_stride, xa_threshold, cfg, lengths, xa=XA)
-    order, _ = _schedule(modes, count, B, H, T, sink, window, cfg["BLOCK_M"], cfg["BLOCK_N"], sk_width)
+    order, _ = _schedule(modes, count, B, H, T, sink, window, bm, bn, sk_width, heads)
     _elastic_attn_fwd[(order.numel(),)](
         q, k, v, out, modes, order, count, index, sk_idx, sk_logp_,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        T, triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
+        T, triton.cdiv(T, bm), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
         sk_width, scale * math.log2(math.e),
-        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        D=D, BLOCK_M=bm, BLOCK_N=bn, HEADS=heads,
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if check_modes:
         if q.is_cuda:
             checked.synchronize()
         if bool(bad_modes):
             bad = sorted(set(modes.flatten().tolist()) - {FA, SSA, XA, SK})
+            if not bad and not has_xa and bool((modes == XA).any()):
+                raise ValueError("modes has XA heads but has_xa=False: pass has_xa=True (or None)")
             if not bad:
                 raise ValueError("modes has SK heads: pass their scores as sk_scores [B, G, T] (sparsek.Scorer), "
                                  "or sk_selection from sk_select")
@@ -415,13 +439,13 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
 
 @triton.jit
 def _schedule_cost_kernel(Modes, Count, Cost, N, T, NQB, NB, H, G, GROUP, sink, window, sk_k,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
-    """Cost (key tiles visited) of each work item (b, h, m): item = (b * H + h) * NQB + m. An SK program's
-    gathered tiles count as tiles."""
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr):
+    """Cost (key tiles visited) of each work item (b, heads h..h + HEADS - 1, m): item = (b * H + h) / HEADS * NQB
+    + m. An SK program's gathered tiles count as tiles."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
     m = offs % NQB
-    bh = offs // NQB
+    bh = offs // NQB * HEADS
     mode = tl.load(Modes + (bh // H) * G + (bh % H) // GROUP, mask=valid, other=0)
     sink_hi, edge_lo, full_lo, diag_lo, diag_hi, n_sel = _key_ranges(mode, m * BLOCK_M, T, sink, window, sk_k,
                                                                      BLOCK_M, BLOCK_N)
@@ -431,16 +455,16 @@ def _schedule_cost_kernel(Modes, Count, Cost, N, T, NQB, NB, H, G, GROUP, sink, 
     tl.store(Cost + offs, tiles, mask=valid)
 
 
-def _schedule(modes, count, B, H, T, sink, window, block_m, block_n, sk_k=0):
-    """Work list: every (b, h, query tile) ordered by the number of key tiles it visits, heaviest
+def _schedule(modes, count, B, H, T, sink, window, block_m, block_n, sk_k=0, heads=1):
+    """Work list: every (b, query heads, query tile) ordered by the number of key tiles it visits, heaviest
     first (a long FA row must not start last). Built on the device, no host sync. -> (order, cost)."""
     G = modes.shape[1]
     NQB, NB = triton.cdiv(T, block_m), triton.cdiv(T, KV_BLOCK)
-    N = B * H * NQB
+    N = B * H // heads * NQB
     cost = torch.empty(N, device=modes.device, dtype=torch.int32)
     _schedule_cost_kernel[(triton.cdiv(N, 1024),)](
         modes, count, cost, N, T, NQB, NB, H, G, H // G, sink, window, sk_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK=1024)
+        BLOCK_M=block_m, BLOCK_N=block_n, HEADS=heads, BLOCK=1024)
     order = torch.argsort(cost, descending=True, stable=True)
     return order, cost
 

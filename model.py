@@ -423,11 +423,13 @@ class Transformer(nn.Module):
             pos = torch.full((B,), pos, dtype=torch.int32, device=idx.device)
         if pos is not None and (caches is None or T != 1):
             raise ValueError("a decode step (pos given) takes one token per row and the caches of a prefill")
+        has_xa = None
         if modes is not None and pos is None:
             has_scorers = self.routers is not None and getattr(self.routers[0], "scorer", None) is not None
-            attention.check_modes(modes, self.config.num_hidden_layers, self.config.num_key_value_heads, has_scorers)
+            has_xa = attention.check_modes(modes, self.config.num_hidden_layers, self.config.num_key_value_heads,
+                                           has_scorers)
         return attention.Forward(self.elastic, self.routers, modes, tau, prompt_lens, caches, pos, lengths,
-                                 lengths_device)
+                                 lengths_device, has_xa)
 
     # -------------------------------------------------------------------------
     # checkpoint loading

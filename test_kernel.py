@@ -52,7 +52,7 @@ def assert_matches_reference(B, H, G, T, D, modes, dtype, config=None, **kw):
     xa_kw = dict(stride=kw.get("xa_stride", 16), threshold=kw.get("xa_threshold", 0.9))
     xa = xattn_block_mask(q, k, **xa_kw) if bool((modes == XA).any()) else None
     out = torch.full_like(q, float("nan"))  # poison
-    o = elastic_attention(q, k, v, modes, out=out, _config=config, **kw)
+    o = elastic_attention(q, k, v, modes, out=out, has_xa=xa is not None, _config=config, **kw)  # no XA: packed
     assert o.data_ptr() == out.data_ptr()
     assert not o.isnan().any(), f"{int(o.isnan().sum())} outputs left unwritten (seed {seed})"
     ref = reference_attention(q, k, v, modes, xa_blocks=xa, **kw)
@@ -76,6 +76,23 @@ def test_lengths_all_modes_mixed(T, dtype):
 @pytest.mark.parametrize("ratio", [1, 3, 4])
 def test_gqa(ratio, dtype):
     assert_matches_reference(2, 2 * ratio, 2, 300, 64, [[FA, XA], [SSA, FA]], dtype, sink=16, window=100)
+
+
+@pytest.mark.parametrize("ratio,heads", [(2, 2), (8, 4), (6, 2)])
+def test_gqa_packed(ratio, heads):
+    # no XA head: a program takes `heads` query heads of a group, their rows against each K/V tile; it computes what
+    # one head a program does, in every mode and on odd lengths (SK: scores of the reference's)
+    assert kernel.packed_heads(ratio, has_xa=False) == heads and kernel.packed_heads(ratio, has_xa=True) == 1
+    B, G, T, D = 2, 2, 333, 32
+    (q, k, v, u), seed = rand((B, G * ratio, T, D), (B, G, T, D), (B, G, T, D), (B, G, T), dtype=DTYPES[0])
+    modes = torch.tensor([[FA, SSA], [SK, FA]], device=DEV)
+    kw = dict(sink=5, window=128, sk_scores=(u.float() * 2).round() / 2, sk_k=40)
+    packed = elastic_attention(q, k, v, modes, has_xa=False, **kw)
+    one = elastic_attention(q, k, v, modes, has_xa=True, **kw)  # one head a program
+    ref = reference_attention(q, k, v, modes, **kw)
+    err, max_abs = rel_err(packed, ref)
+    assert err < TOL[DTYPES[0]], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed})"
+    assert (packed.float() - one.float()).abs().max() <= SAME[DTYPES[0]] * one.float().abs().max()
 
 
 @pytest.mark.parametrize("sink,window", [(500, 100), (0, 10_000), (4, 1), (10**9, 10**9)])
@@ -418,6 +435,10 @@ def test_errors():
         (dict(xa_stride=12), "xa_stride"),
         (dict(xa_threshold=-0.1), "xa_threshold"),
         (dict(out=torch.empty(1, 4, 64, 16, device=DEV, dtype=dt)), "out must be"),
+        (dict(modes=torch.tensor([[FA, XA]], device=DEV), has_xa=False), "XA heads but has_xa=False"),
+        (dict(_config=dict(kernel._default_config(q), HEADS=4)), "HEADS=4 must be a power of two dividing"),
+        (dict(modes=torch.tensor([[FA, XA]], device=DEV), _config=dict(kernel._default_config(q, 2), HEADS=2)),
+         "and 1 where a head may run XA"),
     ]
     for change, message in cases:
         args = dict(q=q, k=k, modes=ok)
@@ -438,6 +459,13 @@ def test_errors():
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_large(T, D):
     assert_matches_reference(1, 8, 4, T, D, [[FA, SSA, XA, SSA]], torch.bfloat16)
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [4096, 8192 + 77])
+def test_gpu_large_gqa_packed(T):  # no XA: 4 query heads a program (the model's prefill at Omega > 0, FA-SSA)
+    assert_matches_reference(1, 16, 4, T, 128, [[FA, SSA, SSA, FA]], torch.bfloat16)
+    assert_matches_reference(1, 16, 8, T, 128, [[FA, SSA, SSA, FA, FA, FA, SSA, SSA]], torch.bfloat16)
 
 
 @gpu_only
