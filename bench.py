@@ -227,10 +227,13 @@ def sdpa(backend, q, k_rep, v_rep, is_causal=True):
         return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=is_causal)
 
 
-def fused(q, k, v, modes, args, config):
-    """The call timed as 'elastic_attention': every head in its mode, one launch."""
-    return lambda: kernel.elastic_attention(q, k, v, modes, sink=args.sink, window=args.window,
-                                            xa_threshold=args.xa_threshold, xa_stride=args.xa_stride, _config=config)
+def fused(q, k, v, modes, args, config, **kw):
+    """The call timed as 'elastic_attention': every head in its mode, one launch (a GQA group's query heads in one
+    program where no head runs XA, as the model runs FA-SSA)."""
+    has_xa = bool((modes == XA).any())
+    return lambda: kernel.elastic_attention(q, k, v, modes, sink=args.sink, window=args.window, has_xa=has_xa,
+                                            xa_threshold=args.xa_threshold, xa_stride=args.xa_stride, _config=config,
+                                            **kw)
 
 
 def xa_kw(args):
@@ -251,7 +254,7 @@ def split_and_merge(q, k, v, modes, fa_with_cudnn, args, config):
             out = sdpa(SDPBackend.CUDNN_ATTENTION, qs, ks.repeat_interleave(H // G, 1), vs.repeat_interleave(H // G, 1))
         else:
             out = kernel.elastic_attention(qs, ks, vs, torch.full((1, groups.numel()), mode, device=q.device),
-                                           sink=args.sink, window=args.window, _config=config)
+                                           sink=args.sink, window=args.window, has_xa=False, _config=config)
         o[:, heads] = out
     return o
 
@@ -269,8 +272,8 @@ def bench_dense(res, args, T, q, k, v, config, flex):
         causal_bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, T, T, device=q.device, _compile=True)
         res.record(T, case, "FlexAttention causal", lambda: flex(q, k, v, block_mask=causal_bm, enable_gqa=True), pairs)
     res.record(T, case, "elastic_attention", fused(q, k, v, all_fa, args, config), pairs)
-    res.record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
-        q, k, v, all_fa, check_modes=False, _config=config), pairs, "no host sync")
+    res.record(T, case, "elastic_attention, check_modes=False", fused(q, k, v, all_fa, args, config,
+                                                                      check_modes=False), pairs, "no host sync")
 
 
 def bench_mixes(res, args, T, q, k, v, config, flex):
@@ -285,9 +288,8 @@ def bench_mixes(res, args, T, q, k, v, config, flex):
         pairs = pairs_per_head(head_modes(modes, H), T, args.sink, args.window).sum().item()
         res.record(T, case, "elastic_attention", fused(q, k, v, modes, args, config), pairs)
         if n_fa == 0:
-            res.record(T, case, "elastic_attention, check_modes=False", lambda: kernel.elastic_attention(
-                q, k, v, modes, sink=args.sink, window=args.window, check_modes=False, _config=config), pairs,
-                "no host sync")
+            res.record(T, case, "elastic_attention, check_modes=False", fused(q, k, v, modes, args, config,
+                                                                              check_modes=False), pairs, "no host sync")
         if flex:
             bm = flex_block_mask(modes, H, T, sink=args.sink, window=args.window)
             res.record(T, case, "FlexAttention (same mask, mode table)",
@@ -320,7 +322,7 @@ def bench_sk(res, args, T, q, k, v, config, flex):
         res.record(T, case, "sk_select alone, scores rising with position", lambda: sk_select(u_rising, **sel_kw),
                    0, "u + 8 j / T: later keys rank first, so each block walks past keys it cannot see yet")
         res.record(T, case, "elastic_attention (selection + attention)", lambda: kernel.elastic_attention(
-            q, k, v, all_sk, sink=args.sink, window=win, sk_scores=u, sk_k=sk_k, _config=config), pairs)
+            q, k, v, all_sk, sink=args.sink, window=win, sk_scores=u, sk_k=sk_k, has_xa=False, _config=config), pairs)
         try:  # out of memory: a line of the log, not a crash (as in Results.record)
             sel = sk_select(u, **sel_kw)
         except Exception as e:
@@ -328,7 +330,7 @@ def bench_sk(res, args, T, q, k, v, config, flex):
             log(f"T={T} {case} sk_select: failed: {str(e).splitlines()[0][:160]}")
         if sel is not None:
             res.record(T, case, "elastic_attention, selection given", lambda: kernel.elastic_attention(
-                q, k, v, all_sk, sink=args.sink, window=win, sk_selection=sel, _config=config), pairs)
+                q, k, v, all_sk, sink=args.sink, window=win, sk_selection=sel, has_xa=False, _config=config), pairs)
         sel = None  # freed before FlexAttention's own selection
         if flex and T <= args.flex_sk_max_len:
             res.record(T, case, "FlexAttention SK (sk_flex_attention)", lambda: sk_flex_attention(
@@ -430,6 +432,7 @@ def prefill_targets(res, args):
 def prefill_report(res, targets, args, config, sweep_lines, device="cuda"):
     """The markdown of bench_results.md (or bench_sk_results.md): one table per length, the targets, the sweep."""
     H, G, D = args.heads, args.kv_heads, args.head_dim
+    empty, packed = torch.empty(0, device=device), kernel.packed_heads(H // G, False)
     lines = [
         "# Elastic attention prefill benchmark (bench.py)",
         "",
@@ -437,8 +440,10 @@ def prefill_report(res, targets, args, config, sweep_lines, device="cuda"):
         "",
         f"Llama-3.1-8B attention shape: B={B}, {H} query / {G} KV heads, D={D}, {str(DTYPE)[6:]}, causal. "
         f"SSA sink {args.sink}, window {args.window}; XA threshold {args.xa_threshold}, stride {args.xa_stride}; "
-        f"SK sink {args.sink}, window + k = {args.window} (random scores). Kernel config: "
-        f"`{json.dumps(config or kernel._default_config(torch.empty(0, device=device)))}`.",
+        f"SK sink {args.sink}, window + k = {args.window} (random scores). Kernel config: " + (
+            f"`{json.dumps(config)}`." if config else
+            f"`{json.dumps(kernel._default_config(empty))}` where a head runs XA, else {packed} query heads a "
+            f"program (GQA packed): `{json.dumps(kernel._default_config(empty, packed))}`."),
         "",
         "Times are medians of CUDA-event timings of the whole call: elastic_attention includes its mode check, "
         "its XA estimate and its work list. TFLOP/s count 4·D flops per (query, key) pair actually computed "
