@@ -204,7 +204,7 @@ def _elastic_attn_fwd(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     T, NQB, NB, H, G, GROUP, sink, window, sk_k, qk_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_XA: tl.constexpr,
 ):
     # program -> work item (b, heads h..h + HEADS - 1, m) from the list, sorted by cost: the heaviest start first
     item = tl.load(Order + tl.program_id(0))
@@ -252,7 +252,7 @@ def _elastic_attn_fwd(
                                    T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=False)
     # 2. (XA) the selected blocks before the diagonal, from the compact ascending list (its last entry
     # is the diagonal block, done above), no mask; one query head per program (HEADS = 1)
-    if HEADS == 1:
+    if HAS_XA:
         xa_row = bh.to(tl.int64) * NB + start_m // _KV_BLOCK
         count = tl.load(Count + xa_row, mask=mode == _XA, other=1)
         for i in range(0, count - 1):
@@ -409,15 +409,18 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
                          f"head may run XA; got {cfg}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
 
-    _, _, count, index = xattn_estimate(q, k, modes, xa_stride, xa_threshold, cfg, lengths, xa=XA)
-    order, _ = _schedule(modes, count, B, H, T, sink, window, bm, bn, sk_width, heads)
+    if has_xa:
+        _, _, count, index = xattn_estimate(q, k, modes, xa_stride, xa_threshold, cfg, lengths, xa=XA)
+    else:  # no estimate (its buffers are B * H * T * T / 2048 floats: 1 GiB a layer at 128K), stand-ins never read
+        count = index = torch.zeros(1, dtype=torch.int32, device=q.device)
+    order, _ = _schedule(modes, count, B, H, T, sink, window, bm, bn, sk_width, heads, has_xa)
     _elastic_attn_fwd[(order.numel(),)](
         q, k, v, out, modes, order, count, index, sk_idx, sk_logp_,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         T, triton.cdiv(T, bm), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
         sk_width, scale * math.log2(math.e),
-        D=D, BLOCK_M=bm, BLOCK_N=bn, HEADS=heads,
+        D=D, BLOCK_M=bm, BLOCK_N=bn, HEADS=heads, HAS_XA=has_xa,
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if check_modes:
         if q.is_cuda:
@@ -439,7 +442,8 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
 
 @triton.jit
 def _schedule_cost_kernel(Modes, Count, Cost, N, T, NQB, NB, H, G, GROUP, sink, window, sk_k,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_XA: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """Cost (key tiles visited) of each work item (b, heads h..h + HEADS - 1, m): item = (b * H + h) / HEADS * NQB
     + m. An SK program's gathered tiles count as tiles."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -449,13 +453,13 @@ def _schedule_cost_kernel(Modes, Count, Cost, N, T, NQB, NB, H, G, GROUP, sink, 
     mode = tl.load(Modes + (bh // H) * G + (bh % H) // GROUP, mask=valid, other=0)
     sink_hi, edge_lo, full_lo, diag_lo, diag_hi, n_sel = _key_ranges(mode, m * BLOCK_M, T, sink, window, sk_k,
                                                                      BLOCK_M, BLOCK_N)
-    count = tl.load(Count + bh * NB + m * BLOCK_M // _KV_BLOCK, mask=valid & (mode == _XA), other=1)
+    count = tl.load(Count + bh * NB + m * BLOCK_M // _KV_BLOCK, mask=valid & (mode == _XA) & HAS_XA, other=1)
     tiles = (sink_hi + diag_hi - edge_lo + BLOCK_N - 1) // BLOCK_N + (count - 1) * (_KV_BLOCK // BLOCK_N)
     tiles += (n_sel + BLOCK_N - 1) // BLOCK_N
     tl.store(Cost + offs, tiles, mask=valid)
 
 
-def _schedule(modes, count, B, H, T, sink, window, block_m, block_n, sk_k=0, heads=1):
+def _schedule(modes, count, B, H, T, sink, window, block_m, block_n, sk_k=0, heads=1, has_xa=True):
     """Work list: every (b, query heads, query tile) ordered by the number of key tiles it visits, heaviest
     first (a long FA row must not start last). Built on the device, no host sync. -> (order, cost)."""
     G = modes.shape[1]
@@ -464,7 +468,7 @@ def _schedule(modes, count, B, H, T, sink, window, block_m, block_n, sk_k=0, hea
     cost = torch.empty(N, device=modes.device, dtype=torch.int32)
     _schedule_cost_kernel[(triton.cdiv(N, 1024),)](
         modes, count, cost, N, T, NQB, NB, H, G, H // G, sink, window, sk_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEADS=heads, BLOCK=1024)
+        BLOCK_M=block_m, BLOCK_N=block_n, HEADS=heads, HAS_XA=has_xa, BLOCK=1024)
     order = torch.argsort(cost, descending=True, stable=True)
     return order, cost
 
