@@ -205,6 +205,7 @@ def _elastic_attn_fwd(
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     T, NQB, NB, H, G, GROUP, sink, window, sk_k, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_XA: tl.constexpr,
+    HAS_SK: tl.constexpr,
 ):
     # program -> work item (b, heads h..h + HEADS - 1, m) from the list, sorted by cost: the heaviest start first
     item = tl.load(Order + tl.program_id(0))
@@ -262,24 +263,27 @@ def _elastic_attn_fwd(
                 acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
                                            T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False,
                                            BIASED=False)
-    # 3. (SK) the selected keys of the tile's 128-query block, BLOCK_N at a time: gathered K/V rows, the logits
-    # + log p. A selected key lies before the local span, j < c_m = 128 (m + 1) - window: with window >= 128 before
-    # every query of the block, so whole tiles need no mask; the last, partial one (and all, for window < 128:
-    # a candidate can lie past a query) are masked causally, with no local-span bound
-    sk_row = ((b * G + g).to(tl.int64) * NB + start_m // _KV_BLOCK) * sk_k
-    n_whole = tl.where(window >= _KV_BLOCK, n_sel // BLOCK_N * BLOCK_N, 0)
-    for t0 in range(0, n_whole, BLOCK_N):
-        cols = tl.load(SkIdx + sk_row + t0 + offs_n)
-        logp = tl.load(SkLogp + sk_row + t0 + offs_n)
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, cols, offs_m, offs_d, T, sink, local_lo,
-                                   logp[None, :] * _LOG2E, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=True)
-    for t0 in range(n_whole, n_sel, BLOCK_N):
-        ok = t0 + offs_n < n_sel
-        cols = tl.load(SkIdx + sk_row + t0 + offs_n, mask=ok, other=-1)
-        logp = tl.load(SkLogp + sk_row + t0 + offs_n, mask=ok, other=0.0)
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, tl.where(cols >= 0, cols, T), offs_m, offs_d,
-                                   T, sink, tl.zeros([HEADS * BLOCK_M], tl.int32), logp[None, :] * _LOG2E, qk_scale,
-                                   stride_kt, stride_vt, MASKED=True, BIASED=True)
+    # 3. (SK; compiled only into launches with a selection, HAS_SK) the selected keys of the tile's 128-query block,
+    # BLOCK_N at a time: gathered K/V rows, the logits + log p. A selected key lies before the local span,
+    # j < c_m = 128 (m + 1) - window: with window >= 128 before every query of the block, so whole tiles need no mask;
+    # the last, partial one (and all, for window < 128: a candidate can lie past a query) are masked causally, with
+    # no local-span bound
+    if HAS_SK:
+        sk_row = ((b * G + g).to(tl.int64) * NB + start_m // _KV_BLOCK) * sk_k
+        n_whole = tl.where(window >= _KV_BLOCK, n_sel // BLOCK_N * BLOCK_N, 0)
+        for t0 in range(0, n_whole, BLOCK_N):
+            cols = tl.load(SkIdx + sk_row + t0 + offs_n)
+            logp = tl.load(SkLogp + sk_row + t0 + offs_n)
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, cols, offs_m, offs_d, T, sink, local_lo,
+                                       logp[None, :] * _LOG2E, qk_scale, stride_kt, stride_vt, MASKED=False,
+                                       BIASED=True)
+        for t0 in range(n_whole, n_sel, BLOCK_N):
+            ok = t0 + offs_n < n_sel
+            cols = tl.load(SkIdx + sk_row + t0 + offs_n, mask=ok, other=-1)
+            logp = tl.load(SkLogp + sk_row + t0 + offs_n, mask=ok, other=0.0)
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, tl.where(cols >= 0, cols, T), offs_m,
+                                       offs_d, T, sink, tl.zeros([HEADS * BLOCK_M], tl.int32), logp[None, :] * _LOG2E,
+                                       qk_scale, stride_kt, stride_vt, MASKED=True, BIASED=True)
 
     # every query sees at least itself (SK: with window >= 128), so l_i > 0
     o = acc / l_i[:, None]
@@ -420,7 +424,7 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         T, triton.cdiv(T, bm), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
         sk_width, scale * math.log2(math.e),
-        D=D, BLOCK_M=bm, BLOCK_N=bn, HEADS=heads, HAS_XA=has_xa,
+        D=D, BLOCK_M=bm, BLOCK_N=bn, HEADS=heads, HAS_XA=has_xa, HAS_SK=sk_width > 0,
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if check_modes:
         if q.is_cuda:
