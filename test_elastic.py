@@ -193,6 +193,11 @@ def test_forward_checks_fixed_modes_and_lengths_once(tiny_dir):
     for lengths in ([20], [0, 20], [20, 21]):
         with pytest.raises(ValueError, match="lengths must give each of the B=2 rows"):
             model(idx, lengths=lengths)
+    # the check also tells the layers whether a head runs XA (without, the prefill kernel packs a GQA group's heads)
+    modes = torch.full((1, L, G), SSA)
+    assert model._forward_spec(idx, None, None, None, modes, None, None).has_xa is False
+    modes[0, L - 1, 0] = XA
+    assert model._forward_spec(idx, None, None, None, modes, None, None).has_xa is True
 
 
 def test_decode_work_lists_only_the_chunks_each_segment_fills(monkeypatch):

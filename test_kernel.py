@@ -81,7 +81,7 @@ def test_gqa(ratio, dtype):
 @pytest.mark.parametrize("ratio,heads", [(2, 2), (8, 4), (6, 2)])
 def test_gqa_packed(ratio, heads):
     # no XA head: a program takes `heads` query heads of a group, their rows against each K/V tile; it computes what
-    # one head a program does, in every mode and on odd lengths (SK: scores of the reference's)
+    # one head a program does, in FA, SSA and SK (scores on a coarse grid, as assert_matches_reference's), odd T
     assert kernel.packed_heads(ratio, has_xa=False) == heads and kernel.packed_heads(ratio, has_xa=True) == 1
     B, G, T, D = 2, 2, 333, 32
     (q, k, v, u), seed = rand((B, G * ratio, T, D), (B, G, T, D), (B, G, T, D), (B, G, T), dtype=DTYPES[0])
@@ -463,7 +463,7 @@ def test_gpu_large(T, D):
 
 @gpu_only
 @pytest.mark.parametrize("T", [4096, 8192 + 77])
-def test_gpu_large_gqa_packed(T):  # no XA: 4 query heads a program (the model's prefill at Omega > 0, FA-SSA)
+def test_gpu_large_gqa_packed(T):  # no XA: 4, then 2 query heads a program (the model's FA-SSA prefill)
     assert_matches_reference(1, 16, 4, T, 128, [[FA, SSA, SSA, FA]], torch.bfloat16)
     assert_matches_reference(1, 16, 8, T, 128, [[FA, SSA, SSA, FA, FA, FA, SSA, SSA]], torch.bfloat16)
 
