@@ -416,7 +416,7 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
     if has_xa:
         _, _, count, index = xattn_estimate(q, k, modes, xa_stride, xa_threshold, cfg, lengths, xa=XA)
     else:  # no estimate (its buffers are B * H * T * T / 2048 floats: 1 GiB a layer at 128K), stand-ins never read
-        count = index = torch.zeros(1, dtype=torch.int32, device=q.device)
+        count = index = torch.empty(1, dtype=torch.int32, device=q.device)
     order, _ = _schedule(modes, count, B, H, T, sink, window, bm, bn, sk_width, heads, has_xa)
     _elastic_attn_fwd[(order.numel(),)](
         q, k, v, out, modes, order, count, index, sk_idx, sk_logp_,
