@@ -515,11 +515,12 @@ def test_gpu_xa_selection_large():
 # the decode kernel (decode_kernel.py) against its reference: every mode is a segment of `cap` slots
 
 def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, window, split, extras=None,
-                                    listed=True):
+                                    listed=True, fused=None):
     """A decode step of B rows over segments of the given caps (FA: prompt + new; SSA: sink + window), at the
     given positions; compares output and written caches with the reference. extras: SK segments' selected slots
     after their rings (a random log p bias each, some slots empty: -inf). listed: the programs from the work list
-    (decode_work, as KVCache runs them), else every chunk of every segment."""
+    (decode_work, as KVCache runs them), else every chunk of every segment. fused: the chunks merged by a segment's
+    last chunk (True) or by a second launch (False); None: the default."""
     from decode_kernel import decode_attention, decode_attention_reference, decode_splits, decode_work
     caps_t = torch.tensor(caps, dtype=torch.int32, device=DEV)
     sizes = [c + e for c, e in zip(caps, extras or [0] * len(caps))]
@@ -539,7 +540,8 @@ def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, wi
     n_splits = decode_splits(max(sizes), split)
     work = torch.tensor(decode_work(sizes, n_splits, split), dtype=torch.int32, device=DEV) if listed else None
     o = decode_attention(q, k_new, v_new, kc2, vc2, base, caps_t, pos, sink=sink, window=window,
-                         n_splits=n_splits, split=split, out=out, work=work, **sk)
+                         n_splits=n_splits, split=split, out=out, work=work, **sk,
+                         _config=None if fused is None else dict(FUSED=fused))
     assert not o.isnan().any(), f"{int(o.isnan().sum())} outputs unwritten (seed {seed})"
     err, max_abs = rel_err(o, ref)
     assert err < TOL[dtype], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed}, caps {caps}, pos {positions})"
@@ -560,14 +562,16 @@ def test_decode_every_mode_gqa(group, dtype):
     assert_decode_matches_reference(2, 2 * group, 2, 32, caps, [19, 0], dtype, sink, window, split=32)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
-def test_decode_splits_and_odd_lengths(dtype):
+def test_decode_splits_and_odd_lengths(dtype, fused):
     # one chunk, a position on a chunk's edge, an odd one, and the first decode step after a 1-token prompt;
-    # every chunk of every segment, and the work list
+    # every chunk of every segment, and the work list; the chunks merged in the split kernel or by a second launch
     for pos in (0, 1, 63, 64, 127, 200):
-        assert_decode_matches_reference(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64, listed=False)
-    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64, listed=False)
-    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64)
+        assert_decode_matches_reference(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64, listed=False,
+                                        fused=fused)
+    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64, listed=False, fused=fused)
+    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64, fused=fused)
 
 
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
@@ -578,14 +582,35 @@ def test_decode_one_chunk_writes_the_output_itself(dtype):
     assert_decode_matches_reference(2, 6, 2, 32, [40, 20, 9, 9], [39, 8], dtype, 4, 16, split=64)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
-def test_decode_sk_segments(dtype):
+def test_decode_sk_segments(dtype, fused):
     # SK heads (sink 4, window 128, 8 selected slots after the ring) beside an FA and an SSA segment: a ring that
     # has wrapped (pos 300, 455) and one that has not (pos 100); the local span starts mid-ring
     sink, window = 4, 128
     caps, extras = [460, 132, 132, 132], [0, 0, 8, 8]
     for pos in (300, 455, 100):
-        assert_decode_matches_reference(1, 4, 4, 32, caps, [pos], dtype, sink, window, split=64, extras=extras)
+        assert_decode_matches_reference(1, 4, 4, 32, caps, [pos], dtype, sink, window, split=64, extras=extras,
+                                        fused=fused)
+
+
+def test_decode_merge_count_is_zero_again():
+    # the last chunk of a segment merges them (a count per segment): the count is zero after every step, so that a
+    # CUDA graph can replay the step; two steps on one count give the reference's output both times
+    from decode_kernel import decode_attention, decode_attention_reference, decode_splits
+    caps = [201, 20]
+    (q, k_new, v_new, kc, vc), seed = rand((1, 4, 32), (1, 2, 32), (1, 2, 32), (221, 32), (221, 32),
+                                           dtype=DECODE_DTYPES[0])
+    base, cap = torch.tensor([0, 201], dtype=torch.int32, device=DEV), torch.tensor(caps, dtype=torch.int32, device=DEV)
+    arrived = torch.zeros(2, dtype=torch.int32, device=DEV)
+    for p in (150, 151):
+        pos = torch.tensor([p], dtype=torch.int32, device=DEV)
+        ref = decode_attention_reference(q, k_new, v_new, kc.clone(), vc.clone(), base, cap, pos, sink=4, window=16)
+        o = decode_attention(q, k_new, v_new, kc, vc, base, cap, pos, sink=4, window=16, split=64, arrived=arrived,
+                             n_splits=decode_splits(201, 64), out=torch.full_like(q, float("nan")),
+                             _config=dict(FUSED=True))
+        assert rel_err(o, ref)[0] < TOL[q.dtype], f"pos {p} (seed {seed})"
+        assert arrived.tolist() == [0, 0], f"pos {p}: count left at {arrived.tolist()}"
 
 
 def test_decode_on_concatenated_caches(monkeypatch):
@@ -633,3 +658,47 @@ def test_gpu_decode_large(T):
     caps = [T + 8] * 5 + [128 + 2048] * 3
     assert_decode_matches_reference(1, 32, 8, 128, caps, [T + 3], torch.bfloat16, 128, 2048, split=512)
     assert_decode_matches_reference(2, 32, 8, 128, caps * 2, [T + 3, T - 1], torch.bfloat16, 128, 2048, split=512)
+
+
+# -----------------------------------------------------------------------------
+# every kernel variant compiles for a Hopper GPU, on any machine: Triton's interpreter runs code that the compiler
+# refuses (a loop-carried variable whose shape changes, say), so the kernels are also compiled for sm_90 here, in a
+# process without the interpreter, down to the GPU's binary (Triton's own ptxas)
+
+_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import decode_kernel, kernel
+
+def build(fn, types, const, **options):
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+bf16 = "*bf16"
+i32 = "*i32"
+f32 = "*fp32"
+dec = dict(Q=bf16, KNew=bf16, VNew=bf16, KC=bf16, VC=bf16, Base=i32, Cap=i32, Pos=i32, Selected=i32, Logp=f32,
+           Work=i32, MOut=f32, LOut=f32, AccOut=f32, O=bf16, Arrived=i32, qk_scale="fp32")
+for fused in (True, False):
+    build(decode_kernel._decode_split_kernel, dec, dict(D=128, GROUP_P2=16, HP=4, BLOCK_N=64, DIRECT=False,
+          LISTED=True, FUSED=fused, S_P2=128, MERGE_S=16), num_warps=4, num_stages=3)
+pre = dict(Q=bf16, K=bf16, V=bf16, O=bf16, Modes=i32, Order="*i64", Count=i32, Index=i32, SkIdx=i32, SkLogp=f32,
+           qk_scale="fp32")
+for heads, xa, sk in ((4, False, False), (1, True, True)):
+    build(kernel._elastic_attn_fwd, pre, dict(D=128, BLOCK_M=128 // heads // (2 if heads > 1 else 1),
+          BLOCK_N=64 if heads > 1 else 128, HEADS=heads, HAS_XA=xa, HAS_SK=sk), num_warps=8, num_stages=3)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
