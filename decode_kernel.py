@@ -26,9 +26,10 @@ about equal work. Each program keeps an online softmax over its chunk and writes
 second kernel merges the chunks (when one chunk covers every segment, the first writes the output itself and the
 second is not launched). Or, with FUSED in the launch's config, the segment's last chunk to finish (a count per
 segment, KVCache's `arrived`) merges them in the same launch: one launch a layer. Off by default: it compiles for
-Hopper and passes the interpreter's tests, but is not yet timed against the two launches on a GPU. A group's query heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x
-[D, BLOCK_N]). Positions are read on the device and the work list is fixed at prefill: a step has no host sync and
-static shapes, so it can be captured once in a CUDA graph and replayed (generate.py).
+Hopper and passes the interpreter's tests, but is not yet timed against the two launches on a GPU. A group's query
+heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x [D, BLOCK_N]). Positions are read on the device
+and the work list is fixed at prefill: a step has no host sync and static shapes, so it can be captured once in a
+CUDA graph and replayed (generate.py).
 
     pytest test_kernel.py -k decode      # CPU (Triton's interpreter, which the tests turn on) and, with CUDA, GPU
     python bench.py --decode             # the kernel alone against SDPA's flash decode, on the GPU
@@ -178,11 +179,11 @@ def _decode_split_kernel(
         tl.store(MOut + out * HP + offs_h, m_i, mask=written)
         tl.store(LOut + out * HP + offs_h, l_i, mask=written)
         tl.store(AccOut + (out * HP + offs_h)[:, None] * D + offs_d[None, :], acc, mask=written[:, None])
-        chunks = (n + n_sel + SPLIT - 1) // SPLIT                      # the segment's chunks with work
         if FUSED:
             # the segment's last chunk to finish merges them all: every thread's stores are done (the barrier)
             # before the count (release), and the last reads after it (acquire); chunks past the filled slots
             # (no work list) are not counted
+            chunks = (n + n_sel + SPLIT - 1) // SPLIT                  # the segment's chunks with work
             if s < chunks:
                 tl.debug_barrier()
                 if tl.atomic_add(Arrived + bg, 1, sem="acq_rel") == chunks - 1:
@@ -349,8 +350,8 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
                          f"{tuple(work.shape)} on {work.device}")
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     fused = cfg["FUSED"] and not direct
-    if arrived is None:
-        arrived = torch.zeros(B * G if fused else 1, dtype=torch.int32, device=dev)
+    if arrived is None:  # without FUSED a stand-in, never read
+        arrived = torch.zeros(B * G, dtype=torch.int32, device=dev) if fused else base
     elif arrived.shape != (B * G,) or arrived.dtype != torch.int32:
         raise ValueError(f"arrived must be int32 [B*G={B * G}] of zeros; got {arrived.dtype} {tuple(arrived.shape)}")
     _decode_split_kernel[(work.numel() if listed else B * G * n_splits,)](

@@ -687,9 +687,9 @@ for fused in (True, False):
           LISTED=True, FUSED=fused, S_P2=128, MERGE_S=16), num_warps=4, num_stages=3)
 pre = dict(Q=bf16, K=bf16, V=bf16, O=bf16, Modes=i32, Order="*i64", Count=i32, Index=i32, SkIdx=i32, SkLogp=f32,
            qk_scale="fp32")
-for heads, xa, sk in ((4, False, False), (1, True, True)):
-    build(kernel._elastic_attn_fwd, pre, dict(D=128, BLOCK_M=128 // heads // (2 if heads > 1 else 1),
-          BLOCK_N=64 if heads > 1 else 128, HEADS=heads, HAS_XA=xa, HAS_SK=sk), num_warps=8, num_stages=3)
+for heads, tile, xa, sk in ((4, 64, False, False), (1, 128, True, True)):  # kernel._default_config's tiles
+    build(kernel._elastic_attn_fwd, pre, dict(D=128, BLOCK_M=tile, BLOCK_N=tile, HEADS=heads, HAS_XA=xa, HAS_SK=sk),
+          num_warps=8, num_stages=3)
 print("compiled")
 """
 
