@@ -433,14 +433,15 @@ def batch_stream(cfg, dataset, pad_id, start, accum, proc):
     firsts = [step * cfg.batch_size + (proc.rank * accum + micro) * cfg.micro_batch
               for step in range(start, cfg.steps) for micro in range(accum)]
     indices = [[(first + b) % len(dataset) for b in range(cfg.micro_batch)] for first in firsts]
-    # the workers come from a fork server, not forked from this process: its threads (the process group's, the
-    # allocator's) may hold a lock at the fork, which the child then waits on forever (seen under torchrun on a CPU)
+    # the workers are spawned, not forked from this process: its threads (the process group's, the allocator's) may
+    # hold a lock at the fork, which the child then waits on forever (seen under torchrun on a CPU). Not from a fork
+    # server either: its workers watch the server, not this process, and outlive a run that is killed
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=indices, num_workers=cfg.workers,
                                          collate_fn=functools.partial(collate, pad_id=pad_id,
                                                                       answer_only=cfg.answer_only,
                                                                       pad_multiple=cfg.pad_multiple),
                                          worker_init_fn=quiet_worker,
-                                         multiprocessing_context="forkserver" if cfg.workers else None)
+                                         multiprocessing_context="spawn" if cfg.workers else None)
     batches = iter(loader)  # the workers start now, ahead of the routers' preparation
     return ((batch.to(proc.device), int(batch.lengths.sum()), first) for batch, first in zip(batches, firsts))
 
