@@ -21,7 +21,7 @@ from router import ElasticConfig, Routers
 
 HERE = Path(__file__).parent
 SHORT = ["--min-len", "160", "--max-len", "260", "--sink", "8", "--window", "32", "--eval-samples", "4",
-         "--pad-multiple", "128", "--calib-samples", "4"]
+         "--pad-multiple", "128", "--calib-samples", "4", "--workers", "0"]  # data workers: one test (spawns cost)
 
 
 def train(*args, nproc=None, timeout=600):
@@ -97,7 +97,8 @@ def test_torchrun_trains_what_one_process_trains(tiny_dir, tmp_path):
     """The same global batch on one process and on torchrun's two: each micro-batch draws the same Gumbel noise (a
     function of the seed and of its samples) and the gradients are averaged over the same micro-batches, so the
     routers and the step lines agree up to the order of the sums."""
-    common = ["--model", tiny_dir, "--steps", 3, "--batch-size", 4, "--eval-every", 0, "--device", "cpu", *SHORT]
+    common = ["--model", tiny_dir, "--steps", 3, "--batch-size", 4, "--eval-every", 0, "--device", "cpu", *SHORT,
+              "--workers", 2]  # batches built by spawned workers, as by default
     train(*common, "--out-dir", tmp_path / "one")
     train(*common, "--out-dir", tmp_path / "two", nproc=2)
     one, two = (load_file(tmp_path / d / "routers.safetensors") for d in ("one", "two"))
@@ -110,7 +111,7 @@ def test_torchrun_resumes_exactly_after_one_rank_is_killed(tiny_dir, tmp_path):
     """SIGKILL of one of torchrun's two processes mid-run: torchrun stops the other, the last checkpoint loads, and
     --resume ends with the routers of the run that was never killed, bit for bit."""
     common = ["--model", tiny_dir, "--steps", 4, "--batch-size", 4, "--save-every", 1, "--eval-every", 0, "--device",
-              "cpu", "--workers", 0, *SHORT]
+              "cpu", *SHORT]
     train(*common, "--out-dir", tmp_path / "whole", nproc=2)
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
