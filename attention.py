@@ -374,7 +374,6 @@ class KVCache:
         self.split = decode_split(self.sizes, decode_wave(dev))
         self.n_splits = decode_splits(max(self.sizes), self.split)
         self.work = torch.tensor(decode_work(self.sizes, self.n_splits, self.split), dtype=torch.int32, device=dev)
-        self.arrived = torch.zeros(len(self.sizes), dtype=torch.int32, device=dev)  # chunks done, per segment
 
     def slots(self, j, segments=None):
         """The flat slots of positions j in the segments (b * G + g; all B * G when None), broadcast against j."""
@@ -416,7 +415,7 @@ class KVCache:
         if q.is_cuda:
             y = decode_attention_op(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k, self.v, self.base, self.cap, pos,
                                     self.sink, self.window, self.n_splits, self.split, self.selected, self.sk.logp,
-                                    self.work, self.arrived)
+                                    self.work)
             return y[:, :, None]
         B, H, _, D = q.shape
         G = k.shape[1]

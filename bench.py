@@ -584,20 +584,15 @@ def decode_rows(args, q, k_new, v_new, pos, T, share, bandwidth):
     # slots per program from 128 to 2048, and the length KVCache fits to one wave (decode_kernel.decode_split): at
     # B = 1 few segments are long, and the best split balances the programs over the multiprocessors
     fit = decode_split(caps.tolist(), decode_wave(q.device))
-    arrived = torch.zeros(Bm * G, dtype=torch.int32, device=q.device)  # the merge's count, as KVCache keeps it
-    # the fit's split also with the merge in the last chunk of each segment (one launch; FUSED)
-    for split, bn, warps, stages, fused in [(fit, 64, 4, 3, False), (fit, 64, 4, 3, True), (128, 64, 4, 2, False),
-                                            (256, 64, 4, 2, False), (512, 64, 4, 2, False), (1024, 64, 4, 3, False),
-                                            (2048, 64, 4, 3, False), (2048, 128, 8, 3, False)]:
+    for split, bn, warps, stages in [(fit, 64, 4, 3), (128, 64, 4, 2), (256, 64, 4, 2), (512, 64, 4, 2),
+                                     (1024, 64, 4, 3), (2048, 64, 4, 3), (2048, 128, 8, 3)]:
         n_splits = decode_splits(int(caps.max()), split)
         work = torch.tensor(decode_work(caps.tolist(), n_splits, split), dtype=torch.int32, device=q.device)
-        cfg = dict(BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages, FUSED=fused)
         ms, ms_grid = (graphed_ms(lambda: decode_attention(
             q, k_new, v_new, kc, vc, base, caps, pos, sink=args.sink, window=args.window, n_splits=n_splits,
-            split=split, work=w, arrived=arrived, _config=cfg)) for w in (work, None))
+            split=split, work=w, _config=dict(BLOCK_N=bn, NUM_WARPS=warps, NUM_STAGES=stages))) for w in (work, None))
         lines.append(f"- B={Bm} T={T} SSA share {share}: split {split} BLOCK_N {bn} warps {warps} stages "
-                     f"{stages}{', merge fused' if fused else ''}: {ms * 1e3:.1f} us with the work list "
-                     f"({work.numel()} programs; every chunk of every "
+                     f"{stages}: {ms * 1e3:.1f} us with the work list ({work.numel()} programs; every chunk of every "
                      f"segment: {ms_grid * 1e3:.1f} us, {Bm * G * n_splits}), floor {floor * 1e3:.1f} us "
                      f"({floor / ms:.0%} of bandwidth)")
         log(lines[-1])

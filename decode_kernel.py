@@ -24,10 +24,8 @@ each segment's own chunks (decode_work: an SSA ring of 2K slots beside 32K-token
 as the longest). The length is chosen per cache (decode_split) so that all chunks run in one wave of programs of
 about equal work. Each program keeps an online softmax over its chunk and writes (max, sum, partial output); a
 second kernel merges the chunks (when one chunk covers every segment, the first writes the output itself and the
-second is not launched). Or, with FUSED in the launch's config, the segment's last chunk to finish (a count per
-segment, KVCache's `arrived`) merges them in the same launch: one launch a layer. Off by default: it compiles for
-Hopper and passes the interpreter's tests, but is not yet timed against the two launches on a GPU. A group's query
-heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x [D, BLOCK_N]). Positions are read on the device
+second is not launched). (A merge inside the split kernel, by each segment's last chunk to finish, was slower on an
+H100: RESULTS.md.) A group's query heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x [D, BLOCK_N]). Positions are read on the device
 and the work list is fixed at prefill: a step has no host sync and static shapes, so it can be captured once in a
 CUDA graph and replayed (generate.py).
 
@@ -98,11 +96,11 @@ def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, base, cap, pos
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KNew, VNew, KC, VC, Base, Cap, Pos, Selected, Logp, Work, MOut, LOut, AccOut, O, Arrived,
+    Q, KNew, VNew, KC, VC, Base, Cap, Pos, Selected, Logp, Work, MOut, LOut, AccOut, O,
     stride_qb, stride_qh, stride_nb, stride_ng, stride_ob, stride_oh,
     G, GROUP, N_SPLITS, SPLIT, sink, window, qk_scale,
     D: tl.constexpr, GROUP_P2: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-    LISTED: tl.constexpr, FUSED: tl.constexpr, S_P2: tl.constexpr, MERGE_S: tl.constexpr,
+    LISTED: tl.constexpr,
 ):
     # program -> (row b and KV head g, chunk s of the segment): from the work list (the chunks each segment can
     # fill, no program for chunks past a short ring), or every (b, g) with every chunk of the longest segment
@@ -179,44 +177,6 @@ def _decode_split_kernel(
         tl.store(MOut + out * HP + offs_h, m_i, mask=written)
         tl.store(LOut + out * HP + offs_h, l_i, mask=written)
         tl.store(AccOut + (out * HP + offs_h)[:, None] * D + offs_d[None, :], acc, mask=written[:, None])
-        if FUSED:
-            # the segment's last chunk to finish merges them all: every thread's stores are done (the barrier)
-            # before the count (release), and the last reads after it (acquire); chunks past the filled slots
-            # (no work list) are not counted
-            chunks = (n + n_sel + SPLIT - 1) // SPLIT                  # the segment's chunks with work
-            if s < chunks:
-                tl.debug_barrier()
-                if tl.atomic_add(Arrived + bg, 1, sem="acq_rel") == chunks - 1:
-                    tl.atomic_xchg(Arrived + bg, 0, sem="relaxed")    # zero again for the next step
-                    _merge(MOut, LOut, AccOut, O, bg.to(tl.int64) * N_SPLITS, chunks, b.to(tl.int64) * stride_ob,
-                           g * GROUP, stride_oh, GROUP, D, HP, S_P2, MERGE_S)
-
-
-@triton.jit
-def _merge(MOut, LOut, AccOut, O, first, chunks, o_row, h0, stride_oh, GROUP, D: tl.constexpr, HP: tl.constexpr,
-           S_P2: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge a segment's chunks (their max, sum and partial output, rows first * HP + s * HP + h) for the HP (>=
-    GROUP) query heads of its group into softmax(q K^T) V, BLOCK_S chunks a step."""
-    offs_g = tl.arange(0, HP)
-    offs_d = tl.arange(0, D)
-    g_ok = offs_g < GROUP
-    every = tl.arange(0, S_P2)                                         # every chunk's max at once
-    m_max = tl.max(tl.load(MOut + (first + every)[:, None] * HP + offs_g[None, :],
-                           mask=(every < chunks)[:, None] & g_ok[None, :], other=-float("inf")), 0)
-    m_max = tl.where(g_ok, m_max, 0.0)                                 # finite: chunk 0 holds the new token
-    denom = tl.zeros([HP], tl.float32)
-    o = tl.zeros([HP, D], tl.float32)
-    for s0 in range(0, chunks, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        ok = (offs_s < chunks)[:, None] & g_ok[None, :]
-        rows = (first + offs_s)[:, None] * HP + offs_g[None, :]
-        w = tl.where(ok, tl.math.exp2(tl.load(MOut + rows, mask=ok, other=0.0) - m_max[None, :]), 0.0)
-        denom += tl.sum(w * tl.load(LOut + rows, mask=ok, other=0.0), 0)
-        part = tl.load(AccOut + rows[:, :, None] * D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0)
-        o += tl.sum(part * w[:, :, None], 0)                           # [HP, D]
-    o = o / tl.where(g_ok, denom, 1.0)[:, None]
-    tl.store(O + o_row + (h0 + offs_g)[:, None] * stride_oh + offs_d[None, :], o.to(O.dtype.element_ty),
-             mask=g_ok[:, None])
 
 
 @triton.jit
@@ -295,16 +255,14 @@ def decode_work(sizes, n_splits, split):
 
 
 def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink, window, n_splits, split=None,
-                     sm_scale=None, out=None, selected=None, logp=None, work=None, arrived=None, _config=None):
+                     sm_scale=None, out=None, selected=None, logp=None, work=None, _config=None):
     """The kernel version of decode_attention_reference (same arguments, same result), in two launches (one when
-    a single chunk covers every segment, n_splits == 1, or with FUSED in _config: the module docstring).
+    a single chunk covers every segment: n_splits == 1).
     n_splits: chunks per segment, decode_splits(max(cap + selected), split), passed in so that the launch needs nothing
     from the device (CUDA graphs); split: slots per chunk (default 512 on the GPU, 64 in the interpreter).
     work: int32 [n] on the device, the programs to run, each b * G * n_splits + g * n_splits + chunk (decode_work):
     with it a short segment beside long ones gets no program for chunks it never fills; None: every chunk of every
-    segment, B * G * n_splits programs. fp16 / bf16 (fp32 for the CPU tests); D a power of two >= 16.
-    arrived: int32 [B * G] zeros, each segment's finished chunks, for the merge in the split kernel (FUSED): every
-    launch leaves it zero again, so a CUDA graph can replay the call (KVCache keeps one); None: a new one a call."""
+    segment, B * G * n_splits programs. fp16 / bf16 (fp32 for the CPU tests); D a power of two >= 16."""
     B, H, D = q.shape
     G = k_new.shape[1]
     if k_new.shape != (B, G, D) or v_new.shape != (B, G, D) or H % G:
@@ -325,7 +283,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
     # the merge's programs take 32 dims of a query head and 64 chunks a step: at B = 1 on an H100 one layer's FA-SSA
     # attention took 60.4 us instead of 66.1 at 128K, 21.7 instead of 26.2 at 32K, with all 128 dims and 16 chunks
     cfg = {"BLOCK_N": 64, "NUM_WARPS": 4, "NUM_STAGES": 3 if q.is_cuda else 1, "MERGE_BLOCK_D": 32, "MERGE_BLOCK_S": 64,
-           "FUSED": False, "FUSED_S": 16, **(_config or {})}  # bench.py --decode
+           **(_config or {})}  # bench.py --decode
     block_n = min(cfg["BLOCK_N"], split)
     group_p2 = max(16, triton.next_power_of_2(H // G))  # tl.dot needs 16 rows
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * math.log2(math.e)
@@ -349,19 +307,13 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
         raise ValueError(f"work must be int32 [n] on {q.device} (decode_work); got {work.dtype} "
                          f"{tuple(work.shape)} on {work.device}")
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    fused = cfg["FUSED"] and not direct
-    if arrived is None:  # without FUSED a stand-in, never read
-        arrived = torch.zeros(B * G, dtype=torch.int32, device=dev) if fused else base
-    elif arrived.shape != (B * G,) or arrived.dtype != torch.int32:
-        raise ValueError(f"arrived must be int32 [B*G={B * G}] of zeros; got {arrived.dtype} {tuple(arrived.shape)}")
     _decode_split_kernel[(work.numel() if listed else B * G * n_splits,)](
         q, k_new, v_new, k_cache, v_cache, base, cap, pos, selected, logp, work if listed else base, m, l, acc, out,
-        arrived, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), out.stride(0), out.stride(1),
         G, H // G, n_splits, split, sink, window, scale,
-        D=D, GROUP_P2=group_p2, HP=hp, BLOCK_N=block_n, DIRECT=direct, LISTED=listed, FUSED=fused,
-        S_P2=max(2, triton.next_power_of_2(n_splits)), MERGE_S=cfg["FUSED_S"],
+        D=D, GROUP_P2=group_p2, HP=hp, BLOCK_N=block_n, DIRECT=direct, LISTED=listed,
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
-    if direct or fused:
+    if direct:
         return out
     block_d = min(D, cfg["MERGE_BLOCK_D"])
     _decode_merge_kernel[(B * G, H // G, D // block_d)](
@@ -375,17 +327,16 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
 # 4. The kernel as a torch operator, so that torch.compile (generate.py, compile=True) keeps it as one opaque call
 # and fuses what lies around it (norms, RoPE, residuals) instead of tracing into the wrapper.
 
-@torch.library.custom_op("elastic::decode_attention", mutates_args=("k_cache", "v_cache", "arrived"))
+@torch.library.custom_op("elastic::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, base: torch.Tensor, cap: torch.Tensor, pos: torch.Tensor,
                         sink: int, window: int, n_splits: int, split: int, selected: torch.Tensor | None = None,
-                        logp: torch.Tensor | None = None, work: torch.Tensor | None = None,
-                        arrived: torch.Tensor | None = None) -> torch.Tensor:
+                        logp: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     return decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink=sink, window=window,
-                            n_splits=n_splits, split=split, selected=selected, logp=logp, work=work, arrived=arrived)
+                            n_splits=n_splits, split=split, selected=selected, logp=logp, work=work)
 
 
 @decode_attention_op.register_fake
 def _(q, k_new, v_new, k_cache, v_cache, base, cap, pos, sink, window, n_splits, split, selected=None, logp=None,
-      work=None, arrived=None):
+      work=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

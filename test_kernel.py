@@ -515,12 +515,11 @@ def test_gpu_xa_selection_large():
 # the decode kernel (decode_kernel.py) against its reference: every mode is a segment of `cap` slots
 
 def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, window, split, extras=None,
-                                    listed=True, fused=None):
+                                    listed=True):
     """A decode step of B rows over segments of the given caps (FA: prompt + new; SSA: sink + window), at the
     given positions; compares output and written caches with the reference. extras: SK segments' selected slots
     after their rings (a random log p bias each, some slots empty: -inf). listed: the programs from the work list
-    (decode_work, as KVCache runs them), else every chunk of every segment. fused: the chunks merged by a segment's
-    last chunk (True) or by a second launch (False); None: the default."""
+    (decode_work, as KVCache runs them), else every chunk of every segment."""
     from decode_kernel import decode_attention, decode_attention_reference, decode_splits, decode_work
     caps_t = torch.tensor(caps, dtype=torch.int32, device=DEV)
     sizes = [c + e for c, e in zip(caps, extras or [0] * len(caps))]
@@ -540,8 +539,7 @@ def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, wi
     n_splits = decode_splits(max(sizes), split)
     work = torch.tensor(decode_work(sizes, n_splits, split), dtype=torch.int32, device=DEV) if listed else None
     o = decode_attention(q, k_new, v_new, kc2, vc2, base, caps_t, pos, sink=sink, window=window,
-                         n_splits=n_splits, split=split, out=out, work=work, **sk,
-                         _config=None if fused is None else dict(FUSED=fused))
+                         n_splits=n_splits, split=split, out=out, work=work, **sk)
     assert not o.isnan().any(), f"{int(o.isnan().sum())} outputs unwritten (seed {seed})"
     err, max_abs = rel_err(o, ref)
     assert err < TOL[dtype], f"rel err {err:.2e}, max abs {max_abs:.2e} (seed {seed}, caps {caps}, pos {positions})"
@@ -562,16 +560,14 @@ def test_decode_every_mode_gqa(group, dtype):
     assert_decode_matches_reference(2, 2 * group, 2, 32, caps, [19, 0], dtype, sink, window, split=32)
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
-def test_decode_splits_and_odd_lengths(dtype, fused):
+def test_decode_splits_and_odd_lengths(dtype):
     # one chunk, a position on a chunk's edge, an odd one, and the first decode step after a 1-token prompt;
-    # every chunk of every segment, and the work list; the chunks merged in the split kernel or by a second launch
+    # every chunk of every segment, and the work list
     for pos in (0, 1, 63, 64, 127, 200):
-        assert_decode_matches_reference(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64, listed=False,
-                                        fused=fused)
-    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64, listed=False, fused=fused)
-    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64, fused=fused)
+        assert_decode_matches_reference(1, 4, 2, 64, [201, 201], [pos], dtype, 8, 32, split=64, listed=False)
+    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64, listed=False)
+    assert_decode_matches_reference(1, 4, 2, 64, [201, 20], [130], dtype, 4, 16, split=64)
 
 
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
@@ -582,35 +578,14 @@ def test_decode_one_chunk_writes_the_output_itself(dtype):
     assert_decode_matches_reference(2, 6, 2, 32, [40, 20, 9, 9], [39, 8], dtype, 4, 16, split=64)
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
-def test_decode_sk_segments(dtype, fused):
+def test_decode_sk_segments(dtype):
     # SK heads (sink 4, window 128, 8 selected slots after the ring) beside an FA and an SSA segment: a ring that
     # has wrapped (pos 300, 455) and one that has not (pos 100); the local span starts mid-ring
     sink, window = 4, 128
     caps, extras = [460, 132, 132, 132], [0, 0, 8, 8]
     for pos in (300, 455, 100):
-        assert_decode_matches_reference(1, 4, 4, 32, caps, [pos], dtype, sink, window, split=64, extras=extras,
-                                        fused=fused)
-
-
-def test_decode_merge_count_is_zero_again():
-    # the last chunk of a segment merges them (a count per segment): the count is zero after every step, so that a
-    # CUDA graph can replay the step; two steps on one count give the reference's output both times
-    from decode_kernel import decode_attention, decode_attention_reference, decode_splits
-    caps = [201, 20]
-    (q, k_new, v_new, kc, vc), seed = rand((1, 4, 32), (1, 2, 32), (1, 2, 32), (221, 32), (221, 32),
-                                           dtype=DECODE_DTYPES[0])
-    base, cap = torch.tensor([0, 201], dtype=torch.int32, device=DEV), torch.tensor(caps, dtype=torch.int32, device=DEV)
-    arrived = torch.zeros(2, dtype=torch.int32, device=DEV)
-    for p in (150, 151):
-        pos = torch.tensor([p], dtype=torch.int32, device=DEV)
-        ref = decode_attention_reference(q, k_new, v_new, kc.clone(), vc.clone(), base, cap, pos, sink=4, window=16)
-        o = decode_attention(q, k_new, v_new, kc, vc, base, cap, pos, sink=4, window=16, split=64, arrived=arrived,
-                             n_splits=decode_splits(201, 64), out=torch.full_like(q, float("nan")),
-                             _config=dict(FUSED=True))
-        assert rel_err(o, ref)[0] < TOL[q.dtype], f"pos {p} (seed {seed})"
-        assert arrived.tolist() == [0, 0], f"pos {p}: count left at {arrived.tolist()}"
+        assert_decode_matches_reference(1, 4, 4, 32, caps, [pos], dtype, sink, window, split=64, extras=extras)
 
 
 def test_decode_on_concatenated_caches(monkeypatch):
@@ -663,10 +638,11 @@ def test_gpu_decode_large(T):
 # -----------------------------------------------------------------------------
 # every kernel variant compiles for a Hopper GPU, on any machine: Triton's interpreter runs code that the compiler
 # refuses (a loop-carried variable whose shape changes, say), so the kernels are also compiled for sm_90 here, in a
-# process without the interpreter, down to the GPU's binary (Triton's own ptxas)
+# process without the interpreter, down to the GPU's binary (Triton's own ptxas). Pointers and strides are marked
+# multiples of 16, as Triton's launcher marks them on a GPU: without, loads are not vectorised nor pipelined, and the
+# code compiled would not be the code the GPU runs
 
 _COMPILE = r"""
-import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -674,17 +650,21 @@ import decode_kernel, kernel
 
 def build(fn, types, const, **options):
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    aligned = [i for i, n in enumerate(fn.arg_names) if sig[n].startswith("*") or n.startswith("stride")]
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 bf16 = "*bf16"
 i32 = "*i32"
 f32 = "*fp32"
 dec = dict(Q=bf16, KNew=bf16, VNew=bf16, KC=bf16, VC=bf16, Base=i32, Cap=i32, Pos=i32, Selected=i32, Logp=f32,
-           Work=i32, MOut=f32, LOut=f32, AccOut=f32, O=bf16, Arrived=i32, qk_scale="fp32")
-for fused in (True, False):
-    build(decode_kernel._decode_split_kernel, dec, dict(D=128, GROUP_P2=16, HP=4, BLOCK_N=64, DIRECT=False,
-          LISTED=True, FUSED=fused, S_P2=128, MERGE_S=16), num_warps=4, num_stages=3)
+           Work=i32, MOut=f32, LOut=f32, AccOut=f32, O=bf16, qk_scale="fp32")
+for direct in (True, False):
+    build(decode_kernel._decode_split_kernel, dec, dict(D=128, GROUP_P2=16, HP=4, BLOCK_N=64, DIRECT=direct,
+          LISTED=True), num_warps=4, num_stages=3)
+build(decode_kernel._decode_merge_kernel, dict(MOut=f32, LOut=f32, AccOut=f32, O=bf16, Cap=i32, Pos=i32, Selected=i32),
+      dict(D=128, BLOCK_D=32, HP=4, S_P2=128, BLOCK_S=64), num_warps=4)
 pre = dict(Q=bf16, K=bf16, V=bf16, O=bf16, Modes=i32, Order="*i64", Count=i32, Index=i32, SkIdx=i32, SkLogp=f32,
            qk_scale="fp32")
 for heads, tile, xa, sk in ((4, 64, False, False), (1, 128, True, True)):  # kernel._default_config's tiles
