@@ -24,10 +24,10 @@ each segment's own chunks (decode_work: an SSA ring of 2K slots beside 32K-token
 as the longest). The length is chosen per cache (decode_split) so that all chunks run in one wave of programs of
 about equal work. Each program keeps an online softmax over its chunk and writes (max, sum, partial output); a
 second kernel merges the chunks (when one chunk covers every segment, the first writes the output itself and the
-second is not launched). (A merge inside the split kernel, by each segment's last chunk to finish, was slower on an
-H100: RESULTS.md.) A group's query heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x [D, BLOCK_N]). Positions are read on the device
-and the work list is fixed at prefill: a step has no host sync and static shapes, so it can be captured once in a
-CUDA graph and replayed (generate.py).
+second is not launched; a merge inside the split kernel, by each segment's last chunk to finish, was slower on an
+H100: RESULTS.md). A group's query heads share each K/V tile (GQA native, one tl.dot of [GROUP, D] x [D, BLOCK_N]).
+Positions are read on the device and the work list is fixed at prefill: a step has no host sync and static shapes, so
+it can be captured once in a CUDA graph and replayed (generate.py).
 
     pytest test_kernel.py -k decode      # CPU (Triton's interpreter, which the tests turn on) and, with CUDA, GPU
     python bench.py --decode             # the kernel alone against SDPA's flash decode, on the GPU
