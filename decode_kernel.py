@@ -99,7 +99,7 @@ def _decode_split_kernel(
     Q, KNew, VNew, KC, VC, Base, Cap, Pos, Selected, Logp, Work, MOut, LOut, AccOut, O,
     stride_qb, stride_qh, stride_nb, stride_ng, stride_ob, stride_oh,
     G, GROUP, N_SPLITS, SPLIT, sink, window, qk_scale,
-    D: tl.constexpr, GROUP_P2: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
+    D: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
     LISTED: tl.constexpr,
 ):
     # program -> (row b and KV head g, chunk s of the segment): from the work list (the chunks each segment can
@@ -174,14 +174,14 @@ def _decode_split_kernel(
     else:
         out = bg.to(tl.int64) * N_SPLITS + s                           # this chunk's partial results
         written = busy & h_ok                                          # the real heads, the ones the merge reads
-        tl.store(MOut + out * HP + offs_h, m_i, mask=written)
-        tl.store(LOut + out * HP + offs_h, l_i, mask=written)
-        tl.store(AccOut + (out * HP + offs_h)[:, None] * D + offs_d[None, :], acc, mask=written[:, None])
+        tl.store(MOut + out * GROUP_P2 + offs_h, m_i, mask=written)
+        tl.store(LOut + out * GROUP_P2 + offs_h, l_i, mask=written)
+        tl.store(AccOut + (out * GROUP_P2 + offs_h)[:, None] * D + offs_d[None, :], acc, mask=written[:, None])
 
 
 @triton.jit
 def _decode_merge_kernel(MOut, LOut, AccOut, O, Cap, Pos, Selected, stride_ob, stride_oh, G, GROUP, N_SPLITS, SPLIT,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, HP: tl.constexpr, S_P2: tl.constexpr,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_P2: tl.constexpr, S_P2: tl.constexpr,
                          BLOCK_S: tl.constexpr):
     # program -> BLOCK_D dims of one query head: merge its chunks' (max, sum, partial output) into softmax(q K^T) V.
     # Split along D, so that the merge of a long segment's hundred chunks is many short programs, not a few long ones
@@ -194,15 +194,15 @@ def _decode_merge_kernel(MOut, LOut, AccOut, O, Cap, Pos, Selected, stride_ob, s
     chunks = (n + SPLIT - 1) // SPLIT                                  # the chunks of this segment that ran
     offs_s = tl.arange(0, S_P2)
     ok = offs_s < chunks
-    m = tl.load(MOut + (first + offs_s) * HP + h, mask=ok, other=-float("inf"))
-    l = tl.load(LOut + (first + offs_s) * HP + h, mask=ok, other=0.0)
+    m = tl.load(MOut + (first + offs_s) * GROUP_P2 + h, mask=ok, other=-float("inf"))
+    l = tl.load(LOut + (first + offs_s) * GROUP_P2 + h, mask=ok, other=0.0)
     m_max = tl.max(m, 0)                                               # finite: chunk 0 holds the new token
     denom = tl.sum(tl.where(ok, tl.math.exp2(m - m_max), 0.0) * l, 0)
     o = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(0, chunks, BLOCK_S):  # the partial outputs, BLOCK_S chunks at a time (registers)
         offs = s0 + tl.arange(0, BLOCK_S)
         ok_s = offs < chunks
-        rows = (first + offs) * HP + h
+        rows = (first + offs) * GROUP_P2 + h
         w = tl.where(ok_s, tl.math.exp2(tl.load(MOut + rows, mask=ok_s, other=-float("inf")) - m_max), 0.0)
         part = tl.load(AccOut + rows[:, None] * D + offs_d[None, :], mask=ok_s[:, None], other=0.0)  # [BLOCK_S, BD]
         o += tl.sum(part * w[:, None], 0)
@@ -289,8 +289,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * math.log2(math.e)
     dev = q.device
     direct = n_splits == 1
-    hp = triton.next_power_of_2(H // G)
-    parts = 1 if direct else B * G * n_splits * hp  # the chunks' partial results, for the merge
+    parts = 1 if direct else B * G * n_splits * group_p2  # the chunks' partial results, for the merge
     m = torch.empty(parts, device=dev, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(parts, D, device=dev, dtype=torch.float32)
@@ -311,14 +310,14 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, base, cap, pos, *, sink,
         q, k_new, v_new, k_cache, v_cache, base, cap, pos, selected, logp, work if listed else base, m, l, acc, out,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), out.stride(0), out.stride(1),
         G, H // G, n_splits, split, sink, window, scale,
-        D=D, GROUP_P2=group_p2, HP=hp, BLOCK_N=block_n, DIRECT=direct, LISTED=listed,
+        D=D, GROUP_P2=group_p2, BLOCK_N=block_n, DIRECT=direct, LISTED=listed,
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if direct:
         return out
     block_d = min(D, cfg["MERGE_BLOCK_D"])
     _decode_merge_kernel[(B * G, H // G, D // block_d)](
         m, l, acc, out, cap, pos, selected, out.stride(0), out.stride(1), G, H // G, n_splits, split,
-        D=D, BLOCK_D=block_d, HP=hp, S_P2=max(2, triton.next_power_of_2(n_splits)),
+        D=D, BLOCK_D=block_d, GROUP_P2=group_p2, S_P2=max(2, triton.next_power_of_2(n_splits)),
         BLOCK_S=cfg["MERGE_BLOCK_S"], num_warps=4)
     return out
 

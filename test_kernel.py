@@ -661,10 +661,10 @@ f32 = "*fp32"
 dec = dict(Q=bf16, KNew=bf16, VNew=bf16, KC=bf16, VC=bf16, Base=i32, Cap=i32, Pos=i32, Selected=i32, Logp=f32,
            Work=i32, MOut=f32, LOut=f32, AccOut=f32, O=bf16, qk_scale="fp32")
 for direct in (True, False):
-    build(decode_kernel._decode_split_kernel, dec, dict(D=128, GROUP_P2=16, HP=4, BLOCK_N=64, DIRECT=direct,
+    build(decode_kernel._decode_split_kernel, dec, dict(D=128, GROUP_P2=16, BLOCK_N=64, DIRECT=direct,
           LISTED=True), num_warps=4, num_stages=3)
 build(decode_kernel._decode_merge_kernel, dict(MOut=f32, LOut=f32, AccOut=f32, O=bf16, Cap=i32, Pos=i32, Selected=i32),
-      dict(D=128, BLOCK_D=32, HP=4, S_P2=128, BLOCK_S=64), num_warps=4)
+      dict(D=128, BLOCK_D=32, GROUP_P2=16, S_P2=128, BLOCK_S=64), num_warps=4)
 pre = dict(Q=bf16, K=bf16, V=bf16, O=bf16, Modes=i32, Order="*i64", Count=i32, Index=i32, SkIdx=i32, SkLogp=f32,
            qk_scale="fp32")
 for heads, tile, xa, sk in ((4, 64, False, False), (1, 128, True, True)):  # kernel._default_config's tiles
