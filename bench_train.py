@@ -230,9 +230,10 @@ def train_report(args, rows, device="cuda", weights_gib=float("nan")):
              f"frozen weights hold {cell(weights_gib, '{:.1f}')} GiB of each peak. Routed step: train.py's "
              "train_step (both branches of every head, Gumbel straight-through z, Eq. 8) and the router optimiser. "
              "Dense: every head FA (SDPA), forward and backward to the embeddings. Attention: both branches of every "
-             "layer, fwd + bwd, as training runs them (SDPA for FA, FlexAttention for the sparse mode) and in FlexAttention "
-             "only. Rest: the routed step less attention and routers (projections, MLPs, norms, the head, and the "
-             "recompute of every block's forward, its attention included, that checkpointing costs).", "",
+             "layer, fwd + bwd, as training runs them (SDPA for FA, FlexAttention for the sparse mode) and in "
+             "FlexAttention only. Rest: the routed step less attention and routers (projections, MLPs, norms, the "
+             "head, and the recompute of every block's forward, its attention included, that checkpointing costs).",
+             "",
              "| T | checkpointing | routed step ms | tokens/s | peak GiB | dense fwd+bwd ms | peak GiB "
              "| routed / dense | attention ms (ours) | attention ms (Flex only) | ours vs Flex | routers ms "
              "| rest ms |",

@@ -1,6 +1,6 @@
 """
-train.py, eval.py and sample.py against bad input and interruption, as a user meets them, on the CPU: every user error is one
-line on stderr that names the bad value (no traceback, exit status != 0); a run killed at any moment leaves a
+train.py, eval.py and sample.py against bad input and interruption, as a user meets them, on the CPU: every user error
+is one line on stderr that names the bad value (no traceback, exit status != 0); a run killed at any moment leaves a
 checkpoint that --resume loads; --resume restores the run's own arguments; two processes converting the default
 model at once. Most argument errors are checked in this process (main() exits before loading a model); a few end
 to end, in a subprocess.
@@ -72,8 +72,8 @@ def test_importing_the_scripts_runs_nothing():
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stdout + r.stderr
 
 
-MODULES = ("model, attention, router, kernel, decode_kernel, sparsek, generate, static_hybrid, default_model, cli, data, "
-           "tasks, train, sample, bench, bench_model")
+MODULES = ("model, attention, router, kernel, decode_kernel, sparsek, generate, static_hybrid, default_model, cli, "
+           "data, tasks, train, sample, bench, bench_model")
 
 
 @pytest.mark.parametrize("order", [f"transformers, triton, {MODULES}", f"{MODULES}, triton, transformers"])

@@ -58,7 +58,8 @@ def test_encode_equals_the_chat_template(tok):
         "single_qa": "CTX\n\nQ?", "multi_hop_qa": "CTX\n\nQ?", "icl": "CTX\n\nQ?",
         "synthetic": "Some special numbers are hidden inside the following text. Make sure to memorize them. "
                      "I will quiz you about the numbers afterwards.\n\nCTX\n\nQ?",
-        "summarization": "You are given several news passages. Write a one-page summary of all news.\n\nCTX\n\nSummary:",
+        "summarization": "You are given several news passages. Write a one-page summary of all news."
+                         "\n\nCTX\n\nSummary:",
         "code": "Please complete the code given below.\n\nCTX",
         "continuation": "Continue the text given below.\n\nCTX",
         "passkey": "CTX\n\nQ?",  # a kind of the built-in mix: no default instruction
@@ -123,7 +124,8 @@ def test_jsonl_reader(tok, tmp_path):
     path = tmp_path / "data.jsonl"
     rows = [record(), record("summarization", context="Long news.", question="", answer="Short."),
             {**record("code", context="def f():", question="", answer="    pass"), "id": 7}]
-    path.write_text(json.dumps(rows[0]) + "\n\n" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows[1:]) + "\n")
+    rest = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows[1:])
+    path.write_text(json.dumps(rows[0]) + "\n\n" + rest + "\n")
     data = JsonlDataset(path, tok, max_len=512)
     assert len(data) == 3 and data.tasks == ["single_qa", "summarization", "code"]
     for r, s in zip(rows, (data[i] for i in range(3))):
@@ -157,7 +159,8 @@ def test_synthetic_is_deterministic(tok, mix):
     order = [7, 3, 0, 12, 5]
     for i in order:                                   # any order, a fresh instance: the same samples
         a, b = mix[i], again[i]
-        assert torch.equal(a.input_ids, b.input_ids) and (a.prompt_len, a.task, a.keys) == (b.prompt_len, b.task, b.keys)
+        assert torch.equal(a.input_ids, b.input_ids)
+        assert (a.prompt_len, a.task, a.keys) == (b.prompt_len, b.task, b.keys)
     assert sum(torch.equal(mix[i].input_ids, other[i].input_ids) for i in range(10)) == 0
 
 

@@ -57,7 +57,8 @@ def assert_matches_reference(B, H, G, T, D, modes, dtype, config=None, **kw):
     assert not o.isnan().any(), f"{int(o.isnan().sum())} outputs left unwritten (seed {seed})"
     ref = reference_attention(q, k, v, modes, xa_blocks=xa, **kw)
     err, max_abs = rel_err(o, ref)
-    assert err < TOL[dtype], f"rel err {err:.2e}, max abs err {max_abs:.2e} (seed {seed}, T={T}, modes {modes.tolist()})"
+    assert err < TOL[dtype], \
+        f"rel err {err:.2e}, max abs err {max_abs:.2e} (seed {seed}, T={T}, modes {modes.tolist()})"
     return q, k, v, o
 
 
@@ -418,7 +419,8 @@ def test_errors():
         (dict(k=torch.randn(1, 2, 65, 32, device=DEV, dtype=dt)), "to match q"),
         (dict(k=k.to(torch.float64)), "dtype"),
         (dict(q=q.double(), k=k.double()), "not supported"),
-        (dict(q=torch.randn(1, 4, 64, 48, device=DEV, dtype=dt), k=torch.randn(1, 2, 64, 48, device=DEV, dtype=dt)), "head dim"),
+        (dict(q=torch.randn(1, 4, 64, 48, device=DEV, dtype=dt), k=torch.randn(1, 2, 64, 48, device=DEV, dtype=dt)),
+         "head dim"),
         (dict(modes=torch.tensor([[FA, 4]], device=DEV)), "FA=0, SSA=1, XA=2 or SK=3; got \\[4\\]"),
         (dict(modes=torch.tensor([[FA, SK]], device=DEV)), "SK heads: pass their scores as sk_scores"),
         (dict(sk_scores=torch.zeros(1, 2, 64, device=DEV), sk_k=0), "sk_k=0 .* pass sk_k >= 1"),
@@ -523,7 +525,8 @@ def assert_decode_matches_reference(B, H, G, D, caps, positions, dtype, sink, wi
     from decode_kernel import decode_attention, decode_attention_reference, decode_splits, decode_work
     caps_t = torch.tensor(caps, dtype=torch.int32, device=DEV)
     sizes = [c + e for c, e in zip(caps, extras or [0] * len(caps))]
-    base = torch.cat([torch.zeros(1, dtype=torch.int32, device=DEV), torch.tensor(sizes, device=DEV).cumsum(0)[:-1].int()])
+    starts = torch.tensor(sizes, device=DEV).cumsum(0)[:-1].int()
+    base = torch.cat([torch.zeros(1, dtype=torch.int32, device=DEV), starts])
     N = sum(sizes)
     (q, k_new, v_new, kc, vc), seed = rand((B, H, D), (B, G, D), (B, G, D), (N, D), (N, D), dtype=dtype)
     pos = torch.tensor(positions, dtype=torch.int32, device=DEV)

@@ -33,7 +33,8 @@ def tiny_checkpoint(tmp_path, kind):
                                                                     original_max_position_embeddings=64))
         cls = LlamaForCausalLM
     elif kind == "qwen3":  # q/k norms, head_dim != hidden/heads, GQA 4:1, tied
-        config = Qwen3Config(**TINY, num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
+        config = Qwen3Config(**TINY, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                             tie_word_embeddings=True)
         cls = Qwen3ForCausalLM
     elif kind == "qwen2":  # q/k/v biases, GQA 6:3, untied
         config = Qwen2Config(**TINY, num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False)
