@@ -274,31 +274,31 @@ def test_a_run_killed_at_any_moment_resumes(tiny_dir, tmp_path):
     cfg = Transformer.from_pretrained(tiny_dir).config
     state_file = out / "train_state.pt"
 
-    def start(i, *args):  # output to a file (no pipe to fill up), one a run: a killed run's multiprocessing resource
+    def start(log, *args):  # output to a file (no pipe to fill up), one a run: a killed run's multiprocessing resource
         # tracker outlives it by seconds and may still write there; SIGINT at its default even where pytest ignores it
-        with open(tmp_path / f"stderr{i}.txt", "w") as log:
+        with open(log, "w") as stderr:
             return subprocess.Popen([sys.executable, "train.py", "--out-dir", str(out), *map(str, args)], cwd=HERE,
-                                    env=ENV, stdout=subprocess.DEVNULL, stderr=log,
+                                    env=ENV, stdout=subprocess.DEVNULL, stderr=stderr,
                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def saved_step():
         return torch.load(state_file)["step"] if state_file.exists() else 0
 
-    def wait_past(step, proc, i):
+    def wait_past(step, proc, log):
         deadline = time.time() + 120
         while saved_step() <= step:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / f"stderr{i}.txt").read_text()[-3000:]
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
 
     first = ["--model", tiny_dir, "--steps", 10_000, "--batch-size", 1, "--save-every", 1, "--eval-every", 0, *SHORT]
     for i, sig in enumerate([signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGINT]):
-        before = saved_step()
-        proc = start(i, *first) if i == 0 else start(i, "--resume")
-        wait_past(before, proc, i)
+        before, log = saved_step(), tmp_path / f"stderr{i}.txt"
+        proc = start(log, *first) if i == 0 else start(log, "--resume")
+        wait_past(before, proc, log)
         time.sleep(rng.uniform(0, 0.5))
         proc.send_signal(sig)
         proc.wait(timeout=60)
-        err = (tmp_path / f"stderr{i}.txt").read_text()
+        err = log.read_text()
         after = saved_step()  # it loads
         assert after > before
         Routers.load(out, cfg)  # so do the routers
