@@ -131,6 +131,9 @@ def reference_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0
 #              XA: the selected 128-key blocks before the diagonal, from a compact list
 # Work is proportional to the tiles visited; a mode's other ranges are empty loops. A query tile lies in one
 # 128-query block (BLOCK_M divides 128), so SK's local span start and selection are the same for all its rows.
+# With SPLIT (rows enough for two halves that each stack the warps along their rows: the packed launches) the rows
+# are two halves a and b, so that one half's softmax runs while the other's matrix products are on the tensor cores
+# (_attn_tile; compiled schedule in RESULTS.md).
 
 @triton.jit
 def _key_ranges(mode, start_m, T, sink, window, sk_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -161,17 +164,12 @@ def _key_ranges(mode, start_m, T, sink, window, sk_k, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
-def _attn_tile(acc, l_i, m_i, q, k_base, v_base, cols, offs_m, offs_d,
-               T, sink, local_lo, bias, qk_scale, stride_kt, stride_vt, MASKED: tl.constexpr, BIASED: tl.constexpr):
-    """One tile of BLOCK_N keys (positions cols: consecutive, or SK's selected keys, T for none): scores,
-    online-softmax update, acc += p @ v. Masked: query i keeps key j <= i, j < T, if j < sink or
-    j >= local_lo[i], with the logit + bias (log2 units: SK's log p; 0 elsewhere). Unmasked: every query keeps
-    every key, with + bias if BIASED (SK's selected keys that lie before all the tile's queries)."""
-    if MASKED:
-        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
-    else:
-        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])  # [D, BLOCK_N]
-    qk = tl.dot(q, k)
+def _softmax_tile(qk, m_i, l_i, cols, offs_m, T, sink, local_lo, bias, qk_scale, MASKED: tl.constexpr,
+                  BIASED: tl.constexpr):
+    """Scores qk = q k^T of one tile (keys at positions cols) -> p = exp2(logit - new row max), the factor alpha
+    that rescales what was summed before, and the updated row sum and max (online softmax, log2 units). Masked:
+    query i keeps key j <= i, j < T, if j < sink or j >= local_lo[i], with the logit + bias (SK's log p; 0
+    elsewhere). Unmasked: every query keeps every key, with + bias if BIASED."""
     if MASKED:
         keep = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T)
         keep = keep & ((cols[None, :] < sink) | (cols[None, :] >= local_lo[:, None]))
@@ -186,16 +184,37 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, cols, offs_m, offs_d,
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         qk = qk * qk_scale - m_ij[:, None]
     p = tl.math.exp2(qk)
-    # online softmax: the running max grew from m_i to m_ij, so rescale what was summed so far
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    alpha = tl.math.exp2(m_i - m_ij)  # the running max grew from m_i to m_ij: rescale what was summed so far
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_ij
+
+
+@triton.jit
+def _attn_tile(acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k_base, v_base, cols, offs_m_a, offs_m_b, offs_d,
+               T, sink, local_lo_a, local_lo_b, bias, qk_scale, stride_kt, stride_vt, MASKED: tl.constexpr,
+               BIASED: tl.constexpr, SPLIT: tl.constexpr):
+    """One tile of BLOCK_N keys (positions cols: consecutive, or SK's selected keys, T for none) for the program's
+    two halves of rows, a and b: both halves' scores, then a's softmax and P @ V, then b's. The P @ V of half a
+    runs on the tensor cores while b's softmax runs (independent rows): with one block of rows, the tensor cores
+    wait for each tile's whole softmax. Without SPLIT, half a holds every row and b is not touched."""
+    if MASKED:
+        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
+    else:
+        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])  # [D, BLOCK_N]
+    qk_a = tl.dot(q_a, k)
+    if SPLIT:
+        qk_b = tl.dot(q_b, k)
+    p, alpha, l_a, m_a = _softmax_tile(qk_a, m_a, l_a, cols, offs_m_a, T, sink, local_lo_a, bias, qk_scale,
+                                       MASKED, BIASED)
     if MASKED:
         v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
     else:
         v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_ij
+    acc_a = tl.dot(p.to(v.dtype), v, acc_a * alpha[:, None])
+    if SPLIT:
+        p, alpha, l_b, m_b = _softmax_tile(qk_b, m_b, l_b, cols, offs_m_b, T, sink, local_lo_b, bias, qk_scale,
+                                           MASKED, BIASED)
+        acc_b = tl.dot(p.to(v.dtype), v, acc_b * alpha[:, None])
+    return acc_a, l_a, m_a, acc_b, l_b, m_b
 
 
 @triton.jit
@@ -205,7 +224,7 @@ def _elastic_attn_fwd(
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     T, NQB, NB, H, G, GROUP, sink, window, sk_k, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_XA: tl.constexpr,
-    HAS_SK: tl.constexpr,
+    HAS_SK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # program -> work item (b, heads h..h + HEADS - 1, m) from the list, sorted by cost: the heaviest start first
     item = tl.load(Order + tl.program_id(0))
@@ -216,25 +235,39 @@ def _elastic_attn_fwd(
     g = h // GROUP  # GQA: the KV head is read in place, never repeated
     mode = tl.load(Modes + b * G + g)
     start_m = m * BLOCK_M
-    rows = tl.arange(0, HEADS * BLOCK_M)
-    offs_m = start_m + rows % BLOCK_M  # each row's query position
-    heads = (h + rows // BLOCK_M).to(tl.int64)
+    # the program's HEADS x BLOCK_M rows, head by head, in two halves a and b (_attn_tile); without SPLIT all in a
+    HALF: tl.constexpr = HEADS * BLOCK_M // 2 if SPLIT else HEADS * BLOCK_M
+    rows_a = tl.arange(0, HALF)
+    rows_b = HALF + rows_a  # (SPLIT only)
+    offs_m_a = start_m + rows_a % BLOCK_M  # each row's query position
+    offs_m_b = start_m + rows_b % BLOCK_M
+    heads_a = (h + rows_a // BLOCK_M).to(tl.int64)
+    heads_b = (h + rows_b // BLOCK_M).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_m[:, None] * stride_qt
-                + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    q_base = Q + b.to(tl.int64) * stride_qb + offs_d[None, :]
+    q_a = tl.load(q_base + heads_a[:, None] * stride_qh + offs_m_a[:, None] * stride_qt, mask=offs_m_a[:, None] < T,
+                  other=0.0)
+    q_b = q_a  # (SPLIT only)
+    if SPLIT:
+        q_b = tl.load(q_base + heads_b[:, None] * stride_qh + offs_m_b[:, None] * stride_qt,
+                      mask=offs_m_b[:, None] < T, other=0.0)
 
-    m_i = tl.full([HEADS * BLOCK_M], NEG, tl.float32)  # running row max (log2 units); finite: no NaN
-    l_i = tl.zeros([HEADS * BLOCK_M], tl.float32)       # running row sum of exp2(score - m_i)
-    acc = tl.zeros([HEADS * BLOCK_M, D], tl.float32)    # running p @ v
+    m_a = tl.full([HALF], NEG, tl.float32)  # running row max (log2 units); finite: no NaN
+    l_a = tl.zeros([HALF], tl.float32)      # running row sum of exp2(score - m)
+    acc_a = tl.zeros([HALF, D], tl.float32)  # running p @ v
+    m_b = tl.full([HALF], NEG, tl.float32)
+    l_b = tl.zeros([HALF], tl.float32)
+    acc_b = tl.zeros([HALF, D], tl.float32)
 
     sink_hi, edge_lo, full_lo, diag_lo, diag_hi, n_sel = _key_ranges(mode, start_m, T, sink, window, sk_k,
                                                                      BLOCK_M, BLOCK_N)
     # where each query's local keys start: SSA its window, SK its block's local span; FA and XA: key 0
     c = tl_span_start(start_m // _KV_BLOCK, window)
-    local_lo = tl.where(mode == _SSA, offs_m - window + 1, tl.where(mode == _SK, c, 0))
+    local_lo_a = tl.where(mode == _SSA, offs_m_a - window + 1, tl.where(mode == _SK, c, 0))
+    local_lo_b = tl.where(mode == _SSA, offs_m_b - window + 1, tl.where(mode == _SK, c, 0))
 
     # 1. masked tiles, one loop over three ranges: the sink, the window's edge (SSA, SK), the diagonal
     n_sink = sink_hi // BLOCK_N
@@ -244,13 +277,17 @@ def _elastic_attn_fwd(
         start_n = tl.where(t < n_sink, t * BLOCK_N,
                            tl.where(t < n_sink + n_edge, edge_lo + (t - n_sink) * BLOCK_N,
                                     diag_lo + (t - n_sink - n_edge) * BLOCK_N))
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
-                                   T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=True, BIASED=False)
+        acc_a, l_a, m_a, acc_b, l_b, m_b = _attn_tile(
+            acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k_base, v_base, start_n + offs_n, offs_m_a, offs_m_b, offs_d,
+            T, sink, local_lo_a, local_lo_b, 0.0, qk_scale, stride_kt, stride_vt, MASKED=True, BIASED=False,
+            SPLIT=SPLIT)
     # 2. unmasked tiles every query of the tile sees whole (FA: all earlier keys, SSA: inside the window,
     # SK: inside the local span)
     for start_n in range(full_lo, diag_lo, BLOCK_N):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
-                                   T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=False)
+        acc_a, l_a, m_a, acc_b, l_b, m_b = _attn_tile(
+            acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k_base, v_base, start_n + offs_n, offs_m_a, offs_m_b, offs_d,
+            T, sink, local_lo_a, local_lo_b, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=False,
+            SPLIT=SPLIT)
     # 2. (XA) the selected blocks before the diagonal, from the compact ascending list (its last entry
     # is the diagonal block, done above), no mask; one query head per program (HEADS = 1)
     if HAS_XA:
@@ -259,10 +296,11 @@ def _elastic_attn_fwd(
         for i in range(0, count - 1):
             blk = tl.load(Index + xa_row * NB + i)
             for sub in tl.static_range(_KV_BLOCK // BLOCK_N):
-                start_n = blk * _KV_BLOCK + sub * BLOCK_N
-                acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, start_n + offs_n, offs_m, offs_d,
-                                           T, sink, local_lo, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False,
-                                           BIASED=False)
+                cols = blk * _KV_BLOCK + sub * BLOCK_N + offs_n
+                acc_a, l_a, m_a, acc_b, l_b, m_b = _attn_tile(
+                    acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k_base, v_base, cols, offs_m_a, offs_m_b, offs_d,
+                    T, sink, local_lo_a, local_lo_b, 0.0, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=False,
+                    SPLIT=SPLIT)
     # 3. (SK; compiled only into launches with a selection, HAS_SK) the selected keys of the tile's 128-query block,
     # BLOCK_N at a time: gathered K/V rows, the logits + log p. A selected key lies before the local span,
     # j < c_m = 128 (m + 1) - window: with window >= 128 before every query of the block, so whole tiles need no mask;
@@ -273,22 +311,28 @@ def _elastic_attn_fwd(
         n_whole = tl.where(window >= _KV_BLOCK, n_sel // BLOCK_N * BLOCK_N, 0)
         for t0 in range(0, n_whole, BLOCK_N):
             cols = tl.load(SkIdx + sk_row + t0 + offs_n)
-            logp = tl.load(SkLogp + sk_row + t0 + offs_n)
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, cols, offs_m, offs_d, T, sink, local_lo,
-                                       logp[None, :] * _LOG2E, qk_scale, stride_kt, stride_vt, MASKED=False,
-                                       BIASED=True)
+            bias = tl.load(SkLogp + sk_row + t0 + offs_n)[None, :] * _LOG2E
+            acc_a, l_a, m_a, acc_b, l_b, m_b = _attn_tile(
+                acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k_base, v_base, cols, offs_m_a, offs_m_b, offs_d,
+                T, sink, local_lo_a, local_lo_b, bias, qk_scale, stride_kt, stride_vt, MASKED=False, BIASED=True,
+                SPLIT=SPLIT)
+        no_bound = tl.zeros([HALF], tl.int32)
         for t0 in range(n_whole, n_sel, BLOCK_N):
             ok = t0 + offs_n < n_sel
             cols = tl.load(SkIdx + sk_row + t0 + offs_n, mask=ok, other=-1)
-            logp = tl.load(SkLogp + sk_row + t0 + offs_n, mask=ok, other=0.0)
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, tl.where(cols >= 0, cols, T), offs_m,
-                                       offs_d, T, sink, tl.zeros([HEADS * BLOCK_M], tl.int32), logp[None, :] * _LOG2E,
-                                       qk_scale, stride_kt, stride_vt, MASKED=True, BIASED=True)
+            bias = tl.load(SkLogp + sk_row + t0 + offs_n, mask=ok, other=0.0)[None, :] * _LOG2E
+            acc_a, l_a, m_a, acc_b, l_b, m_b = _attn_tile(
+                acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k_base, v_base, tl.where(cols >= 0, cols, T), offs_m_a,
+                offs_m_b, offs_d, T, sink, no_bound, no_bound, bias, qk_scale, stride_kt, stride_vt, MASKED=True,
+                BIASED=True, SPLIT=SPLIT)
 
-    # every query sees at least itself (SK: with window >= 128), so l_i > 0
-    o = acc / l_i[:, None]
-    tl.store(O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_m[:, None] * stride_ot
-             + offs_d[None, :], o.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    # every query sees at least itself (SK: with window >= 128), so l > 0
+    o_base = O + b.to(tl.int64) * stride_ob + offs_d[None, :]
+    tl.store(o_base + heads_a[:, None] * stride_oh + offs_m_a[:, None] * stride_ot,
+             (acc_a / l_a[:, None]).to(O.dtype.element_ty), mask=offs_m_a[:, None] < T)
+    if SPLIT:
+        tl.store(o_base + heads_b[:, None] * stride_oh + offs_m_b[:, None] * stride_ot,
+                 (acc_b / l_b[:, None]).to(O.dtype.element_ty), mask=offs_m_b[:, None] < T)
 
 
 # -----------------------------------------------------------------------------
@@ -406,8 +450,9 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, last dim contiguous")
     cfg = _config or _default_config(q, packed_heads(H // G, has_xa))
     bm, bn, heads = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEADS"]
-    if not (bn <= bm <= KV_BLOCK and KV_BLOCK % bm == 0 == bm % bn):
-        raise ValueError(f"config needs BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}; got {cfg}")
+    if not (bn <= bm <= KV_BLOCK and KV_BLOCK % bm == 0 == bm % bn and bn >= 16 and heads * bm >= 32):
+        raise ValueError(f"config needs 16 <= BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}, and HEADS x BLOCK_M >= 32 "
+                         f"(two halves of 16 rows or more); got {cfg}")
     if (H // G) % heads or heads & (heads - 1) or (heads > 1 and has_xa):
         raise ValueError(f"config HEADS={heads} must be a power of two dividing the GQA group {H // G}, and 1 where a "
                          f"head may run XA; got {cfg}")
@@ -425,6 +470,7 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
         T, triton.cdiv(T, bm), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
         sk_width, scale * math.log2(math.e),
         D=D, BLOCK_M=bm, BLOCK_N=bn, HEADS=heads, HAS_XA=has_xa, HAS_SK=sk_width > 0,
+        SPLIT=heads * bm >= 32 * cfg["NUM_WARPS"],
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if check_modes:
         if q.is_cuda:

@@ -670,9 +670,9 @@ build(decode_kernel._decode_merge_kernel, dict(MOut=f32, LOut=f32, AccOut=f32, O
       dict(D=128, BLOCK_D=32, GROUP_P2=16, S_P2=128, BLOCK_S=64), num_warps=4)
 pre = dict(Q=bf16, K=bf16, V=bf16, O=bf16, Modes=i32, Order="*i64", Count=i32, Index=i32, SkIdx=i32, SkLogp=f32,
            qk_scale="fp32")
-for heads, tile, xa, sk in ((4, 64, False, False), (1, 128, True, True)):  # kernel._default_config's tiles
-    build(kernel._elastic_attn_fwd, pre, dict(D=128, BLOCK_M=tile, BLOCK_N=tile, HEADS=heads, HAS_XA=xa, HAS_SK=sk),
-          num_warps=8, num_stages=3)
+for heads, tile, xa, sk in ((4, 64, False, False), (4, 64, False, True), (1, 128, True, True)):  # _default_config's
+    build(kernel._elastic_attn_fwd, pre, dict(D=128, BLOCK_M=tile, BLOCK_N=tile, HEADS=heads, HAS_XA=xa, HAS_SK=sk,
+                                              SPLIT=heads > 1), num_warps=8, num_stages=3)
 print("compiled")
 """
 
