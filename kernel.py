@@ -448,14 +448,8 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
             q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, last dim contiguous")
-    cfg = _config or _default_config(q, packed_heads(H // G, has_xa))
+    cfg = _launch_config(_config or _default_config(q, packed_heads(H // G, has_xa)), H // G, has_xa)
     bm, bn, heads = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEADS"]
-    if not (bn <= bm <= KV_BLOCK and KV_BLOCK % bm == 0 == bm % bn and bn >= 16 and heads * bm >= 32):
-        raise ValueError(f"config needs 16 <= BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}, and HEADS x BLOCK_M >= 32 "
-                         f"(two halves of 16 rows or more); got {cfg}")
-    if (H // G) % heads or heads & (heads - 1) or (heads > 1 and has_xa):
-        raise ValueError(f"config HEADS={heads} must be a power of two dividing the GQA group {H // G}, and 1 where a "
-                         f"head may run XA; got {cfg}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
 
     if has_xa:
@@ -470,20 +464,43 @@ def elastic_attention(q, k, v, modes, *, sink=128, window=2048, xa_threshold=0.9
         T, triton.cdiv(T, bm), triton.cdiv(T, KV_BLOCK), H, G, H // G, sink, window,
         sk_width, scale * math.log2(math.e),
         D=D, BLOCK_M=bm, BLOCK_N=bn, HEADS=heads, HAS_XA=has_xa, HAS_SK=sk_width > 0,
-        SPLIT=heads * bm >= 32 * cfg["NUM_WARPS"],
+        SPLIT=splits_rows(heads, bm, cfg["NUM_WARPS"]),
         num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     if check_modes:
         if q.is_cuda:
             checked.synchronize()
         if bool(bad_modes):
-            bad = sorted(set(modes.flatten().tolist()) - {FA, SSA, XA, SK})
-            if not bad and not has_xa and bool((modes == XA).any()):
-                raise ValueError("modes has XA heads but has_xa=False: pass has_xa=True (or None)")
-            if not bad:
-                raise ValueError("modes has SK heads: pass their scores as sk_scores [B, G, T] (sparsek.Scorer), "
-                                 "or sk_selection from sk_select")
-            raise ValueError(f"modes must be FA=0, SSA=1, XA=2 or SK=3; got {bad}")
+            _raise_bad_modes(modes, has_xa)
     return out
+
+
+def _launch_config(cfg, group, has_xa):
+    """cfg (kernel._default_config's keys), checked against the tiles' rules and the GQA group -> cfg."""
+    bm, bn, heads = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEADS"]
+    if not (bn <= bm <= KV_BLOCK and KV_BLOCK % bm == 0 == bm % bn and bn >= 16 and heads * bm >= 32):
+        raise ValueError(f"config needs 16 <= BLOCK_N <= BLOCK_M, both dividing {KV_BLOCK}, and HEADS x BLOCK_M >= 32 "
+                         f"(two halves of 16 rows or more); got {cfg}")
+    if group % heads or heads & (heads - 1) or (heads > 1 and has_xa):
+        raise ValueError(f"config HEADS={heads} must be a power of two dividing the GQA group {group}, and 1 where a "
+                         f"head may run XA; got {cfg}")
+    return cfg
+
+
+def splits_rows(heads, block_m, num_warps):
+    """Whether a program's HEADS x BLOCK_M rows run as two halves (_attn_tile's SPLIT): when each half still stacks
+    every warp along its rows (the packed launches); a one-head 128-row program on 8 warps keeps one block."""
+    return heads * block_m >= 32 * num_warps
+
+
+def _raise_bad_modes(modes, has_xa):
+    """The error for modes that the check flagged (read back after the launches)."""
+    bad = sorted(set(modes.flatten().tolist()) - {FA, SSA, XA, SK})
+    if not bad and not has_xa and bool((modes == XA).any()):
+        raise ValueError("modes has XA heads but has_xa=False: pass has_xa=True (or None)")
+    if not bad:
+        raise ValueError("modes has SK heads: pass their scores as sk_scores [B, G, T] (sparsek.Scorer), "
+                         "or sk_selection from sk_select")
+    raise ValueError(f"modes must be FA=0, SSA=1, XA=2 or SK=3; got {bad}")
 
 
 # -----------------------------------------------------------------------------

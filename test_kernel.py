@@ -672,7 +672,7 @@ pre = dict(Q=bf16, K=bf16, V=bf16, O=bf16, Modes=i32, Order="*i64", Count=i32, I
            qk_scale="fp32")
 for heads, tile, xa, sk in ((4, 64, False, False), (4, 64, False, True), (1, 128, True, True)):  # _default_config's
     build(kernel._elastic_attn_fwd, pre, dict(D=128, BLOCK_M=tile, BLOCK_N=tile, HEADS=heads, HAS_XA=xa, HAS_SK=sk,
-                                              SPLIT=heads > 1), num_warps=8, num_stages=3)
+                                              SPLIT=kernel.splits_rows(heads, tile, 8)), num_warps=8, num_stages=3)
 print("compiled")
 """
 
