@@ -444,10 +444,44 @@ def sk_pools(u, *, k, sink, window):
     return pos, u_pool, n
 
 
+try:  # how flex_attention returns the log-sum-exp of each row's scores (natural log)
+    from torch.nn.attention.flex_attention import AuxRequest
+    LSE = dict(return_aux=AuxRequest(lse=True))
+except ImportError:
+    LSE = dict(return_lse=True)
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention)  # compiled once: uncompiled, Flex materialises the scores
+
+
+def _sk_block_mask(pos, sk_k, c, T, sink, group, mask_mod):
+    """FlexAttention's block mask for SK heads, from the pools' positions pos [B, G, NB, P] (the first sk_k: the
+    selected keys) and the local spans' starts c [NB]. A (query block, key block) pair is full when the key block
+    lies whole in the sink or the local span and holds no selected key (no mask_mod), partial when some of its pairs
+    may be kept: the diagonal, a span's edge, a block holding a selected key (mask_mod decides). Built per KV head,
+    then repeated for its group of query heads."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, G, NB, P = pos.shape
+    blocks = torch.arange(NB, device=pos.device)
+    m, n = blocks[:, None], blocks[None, :]
+    whole = ((m + 1) * BLOCK <= T) & ((n + 1) * BLOCK <= T)
+    local_any = (n <= m) & ((n * BLOCK < sink) | ((n + 1) * BLOCK > c[:, None]))
+    local_full = (n < m) & whole & (((n + 1) * BLOCK <= sink) | (n * BLOCK >= c[:, None]))
+    at = torch.where((pos >= 0) & (torch.arange(P, device=pos.device) < sk_k), pos // BLOCK, NB)
+    sel = torch.zeros(B, G, NB, NB + 1, dtype=torch.bool, device=pos.device).scatter(-1, at, True)[..., :NB]
+    full = local_full & ~sel  # a block with a selected key needs mask_mod (a partial candidate block)
+
+    def as_lists(blocks_):  # [B, G, NB, NB] -> counts and indices of each query head's kept key blocks
+        counts = blocks_.sum(-1, dtype=torch.int32)
+        indices = torch.argsort((~blocks_).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts.repeat_interleave(group, dim=1), indices.repeat_interleave(group, dim=1)
+
+    return BlockMask.from_kv_blocks(*as_lists((local_any | sel) & ~full), *as_lists(full), BLOCK, mask_mod,
+                                    seq_lengths=(T, T))
 
 
 def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
@@ -460,16 +494,12 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     gradient in log p, and through SPARSEK's analytic backward in u, comes from SKLogpGrad on the gathered selected
     keys (a score_mod gradient in a captured tensor is summed by Flex over every (query, key) pair with atomics:
     FA-SK training steps took 5x those of FA-SSA). window must be a multiple of 128 (ElasticConfig checks it)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     B, H, T, _ = q.shape
     G = k.shape[1]
     group = H // G
     if window % BLOCK:
         raise ValueError(f"SK through FlexAttention needs a window that is a multiple of {BLOCK}, got {window}")
-    dev = q.device
     NB = -(-T // BLOCK)
-    blocks = torch.arange(NB, device=dev)
     u = u.float()
     pos, u_pool, n = sk_pools(u, k=sk_k, sink=sink, window=window)  # [B, G, NB, P]
     logp, tau = sk_logp(u_pool, n, sk_k, return_tau=True)         # differentiable in u (SPARSEK)
@@ -478,7 +508,7 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
         last = (n.clamp(max=sk_k) - 1).clamp(min=0).expand(B, G, NB)[..., None]
         kth_u = torch.where(n > sk_k, u_pool.gather(-1, last)[..., 0], float("-inf"))
         kth_j = torch.where(n > sk_k, pos.gather(-1, last)[..., 0], T)
-    c = span_start(blocks, window)  # [NB] start of each query block's local span
+    c = span_start(torch.arange(NB, device=q.device), window)  # [NB] start of each query block's local span
 
     u_sel = u.detach()  # the selection is discrete: no gradient through it (nor through the score_mod)
 
@@ -496,27 +526,7 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
         p = (u_sel[b, h // group, kv_idx] - tau[b, h // group, q_idx // BLOCK]).clamp(SK_P_FLOOR, 1.0)
         return score + torch.where(selected(b, h, q_idx, kv_idx), p.log(), 0.0)
 
-    # blocks: the sink and the local span (whole, except the diagonal and partial ones), the selected keys' blocks
-    m = blocks[:, None]
-    nn_ = blocks[None, :]
-    whole = ((m + 1) * BLOCK <= T) & ((nn_ + 1) * BLOCK <= T)
-    local_any = (nn_ <= m) & ((nn_ * BLOCK < sink) | ((nn_ + 1) * BLOCK > c[:, None]))
-    local_full = (nn_ < m) & whole & (((nn_ + 1) * BLOCK <= sink) | (nn_ * BLOCK >= c[:, None]))
-    with torch.no_grad():
-        sel_blocks = torch.zeros(B, G, NB, NB + 1, dtype=torch.bool, device=dev)
-        rank_ok = torch.arange(pos.shape[-1], device=dev) < sk_k
-        at = torch.where((pos >= 0) & rank_ok, pos // BLOCK, NB)
-        sel_blocks = sel_blocks.scatter(-1, at, True)[..., :NB].repeat_interleave(group, dim=1)  # [B, H, NB, NB]
-    any_ = local_any | sel_blocks
-    full = local_full & ~sel_blocks  # a block with a selected key needs mask_mod (a partial candidate block)
-
-    def as_lists(blocks_):
-        counts = blocks_.sum(-1, dtype=torch.int32)
-        indices = torch.argsort((~blocks_).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return counts, indices
-
-    mask = BlockMask.from_kv_blocks(*as_lists(any_ & ~full), *as_lists(full.expand(B, H, NB, NB)), BLOCK,
-                                    mask_mod, seq_lengths=(T, T))
+    mask = _sk_block_mask(pos, sk_k, c, T, sink, group, mask_mod)
     o, aux = (_flex or _compiled_flex())(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True, **LSE)
     lse = getattr(aux, "lse", aux)  # AuxOutput, or the lse itself (older torch)
     if not logp.requires_grad:
@@ -524,13 +534,6 @@ def sk_flex_attention(q, k, v, u, *, sk_k, sink, window, _flex=None):
     K = min(sk_k, pos.shape[-1])  # the pool's first K: the selected keys (log p -inf for none)
     return SKLogpGrad.apply(o, logp[..., :K], lse, q.detach(), k.detach(), v.detach(), pos[..., :K],
                             q.shape[-1] ** -0.5)
-
-
-try:  # how flex_attention returns the log-sum-exp of each row's scores (natural log)
-    from torch.nn.attention.flex_attention import AuxRequest
-    LSE = dict(return_aux=AuxRequest(lse=True))
-except ImportError:
-    LSE = dict(return_lse=True)
 
 
 class SKLogpGrad(torch.autograd.Function):
